@@ -1,0 +1,299 @@
+"""`quantyard` command line: run the service's processes, and talk to a running service.
+
+Server-side commands import the API or worker lazily so that client commands stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from quantyard.settings import get_settings
+
+
+def _configure(**overrides) -> None:
+    """Apply command-line overrides as QUANTYARD_* variables, so child processes see them too."""
+    for name, value in overrides.items():
+        if value is not None:
+            os.environ[f"QUANTYARD_{name.upper()}"] = str(value)
+    get_settings.cache_clear()
+
+
+@click.group()
+@click.version_option(package_name="quantyard")
+def main() -> None:
+    """Quantyard: convert and quantize models (GGUF, ONNX), with a catalog."""
+
+
+# ---------------------------------------------------------------- server side
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8600).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the embedded catalog, object store and queue live (~/.quantyard).")
+def serve(host, port, data_dir) -> None:
+    """API, dashboard and one worker on this machine (embedded default: no servers needed)."""
+    _configure(host=host, port=port, data_dir=data_dir.resolve() if data_dir else None)
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from quantyard.catalog import upgrade_database
+
+    upgrade_database(settings.resolved_database_url)
+    worker = subprocess.Popen([sys.executable, "-m", "quantyard.cli", "worker",
+                               "--hardware-class", "cpu", "--loglevel", "warning"])
+    try:
+        click.echo(f"Quantyard catalog {settings.resolved_database_url}")
+        click.echo(f"Quantyard objects {settings.resolved_storage_url}")
+        click.echo(f"Quantyard broker  {settings.resolved_broker_url}")
+        _run_api(settings)
+    finally:
+        _stop(worker)
+
+
+def _run_api(settings) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    app = create_app(settings)
+    click.echo(f"Quantyard listening on http://{settings.host}:{settings.port}", err=False)
+    sys.stdout.flush()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)  # warm shutdown: finish or requeue the current task
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+def api(host, port) -> None:
+    """Run the HTTP API only (production: several replicas behind a load balancer)."""
+    _configure(host=host, port=port)
+    _run_api(get_settings())
+
+
+@main.command()
+@click.option("--hardware-class", "hardware_classes", multiple=True, default=["cpu"],
+              show_default=True, help="Queue(s) to consume: convert.<class>.")
+@click.option("--concurrency", type=int, default=None, help="Parallel jobs (default 1).")
+@click.option("--loglevel", default="info", show_default=True)
+def worker(hardware_classes, concurrency, loglevel) -> None:
+    """Run a conversion worker for one or more hardware classes."""
+    from quantyard.engine.manifest import MANIFEST
+    from quantyard.queue import queue_name
+    from worker import hardware
+    from worker.celery_app import create_worker_app
+    from worker.runtime import worker_identity
+
+    settings = get_settings()
+    info = hardware.detect()
+    for hardware_class in hardware_classes:
+        if hardware_class not in MANIFEST["hardware_classes"]:
+            raise click.UsageError(f"unknown hardware class {hardware_class!r}; "
+                                   f"valid: {', '.join(MANIFEST['hardware_classes'])}")
+        ok, why = hardware.can_serve(info, hardware_class)
+        if not ok:
+            raise click.ClickException(f"this machine cannot serve {hardware_class!r}: {why}")
+    if concurrency:
+        _configure(worker_concurrency=concurrency)
+        settings = get_settings()
+    worker_id = worker_identity("+".join(hardware_classes))
+    app = create_worker_app(settings, hardware_classes=list(hardware_classes), worker_id=worker_id)
+    app.worker_main([
+        "worker", "-Q", ",".join(queue_name(c) for c in hardware_classes),
+        "-c", str(settings.worker_concurrency), "--loglevel", loglevel,
+        "-n", f"quantyard-{'-'.join(hardware_classes)}-{os.getpid()}@%h",
+        "--without-gossip", "--without-mingle", "-P", "prefork",
+    ])
+
+
+@main.group()
+def db() -> None:
+    """Catalog database maintenance."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations to QUANTYARD_DATABASE_URL (or the embedded SQLite)."""
+    from quantyard.catalog import upgrade_database
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.resolved_database_url)
+    click.echo(f"catalog at head: {settings.resolved_database_url.split('@')[-1]}")
+
+
+# ---------------------------------------------------------------- client side
+
+server_option = click.option("--server", envvar="QUANTYARD_SERVER", default=None,
+                             help="API address (env QUANTYARD_SERVER).")
+
+
+def _client(server):
+    from quantyard.client import QuantyardClient
+
+    return QuantyardClient(server or get_settings().server)
+
+
+def _fail(exc) -> None:
+    raise click.ClickException(str(exc))
+
+
+@main.command()
+@click.argument("source")
+@click.option("--target", "targets", multiple=True, required=True,
+              help="FORMAT:QUANT, e.g. gguf:Q8_0 (repeat for several).")
+@click.option("--hardware-class", default="cpu", show_default=True)
+@click.option("--label", "labels", multiple=True, help="key=value (repeatable).")
+@click.option("--name", default=None, help="Source name (default: the folder name).")
+@click.option("--wait", is_flag=True, help="Wait for the job, with a progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
+@server_option
+def submit(source, targets, hardware_class, labels, name, wait, as_json, server) -> None:
+    """Submit SOURCE (a model folder, an archive, a source id or a storage URI) for conversion."""
+    from quantyard.client import ApiError
+
+    client = _client(server)
+    try:
+        source_ref = _resolve_source(client, source, name, quiet=as_json)
+        job = client.create_job(source=source_ref, targets=list(targets),
+                                hardware_class=hardware_class, labels=_parse_labels(labels))
+        if not as_json:
+            click.echo(f"job {job['id']} {job['status']}", err=True)
+        if wait:
+            job = _wait_with_bar(client, job["id"], quiet=as_json)
+    except ApiError as exc:
+        _fail(exc)
+    click.echo(json.dumps(job, indent=2) if as_json else _job_line(job))
+    if wait and job["status"] != "succeeded":
+        sys.exit(1)
+
+
+def _parse_labels(labels) -> dict:
+    out = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"label {item!r} is not key=value", param_hint="--label")
+        out[key] = value
+    return out
+
+
+def _resolve_source(client, source: str, name: str | None, *, quiet: bool) -> str:
+    path = Path(source)
+    if not path.exists():
+        return source  # a source id or a storage URI: the API resolves it
+    from tqdm import tqdm
+
+    from quantyard.archive import pack_directory
+
+    with tempfile.TemporaryDirectory(prefix="quantyard-upload-") as tmp:
+        archive = path
+        if path.is_dir():
+            archive = Path(tmp) / "source.tar.gz"
+            pack_directory(path, archive)
+        with tqdm(total=archive.stat().st_size, unit="B", unit_scale=True, desc="upload",
+                  disable=quiet, file=sys.stderr) as bar:
+            uploaded = client.upload_source(archive, name=name or path.name.split(".")[0],
+                                            on_bytes=bar.update)
+    return uploaded["id"]
+
+
+def _wait_with_bar(client, job_id: str, *, quiet: bool) -> dict:
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", desc=job_id[:16], disable=quiet, file=sys.stderr,
+              bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}") as bar:
+        def update(job: dict) -> None:
+            bar.n = round(100 * (job.get("progress") or 0))
+            bar.set_postfix_str(f"{job['status']} {job.get('progress_message') or ''}"[:60])
+
+        return client.wait(job_id, on_update=update)
+
+
+def _job_line(job: dict) -> str:
+    line = f"{job['id']} {job['status']} progress={job.get('progress', 0):.0%}"
+    if job.get("error"):
+        line += f" error={job['error']['code']}: {job['error']['message']}"
+    if job.get("artifact_ids"):
+        line += " artifacts=" + ",".join(job["artifact_ids"])
+    return line
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@server_option
+def status(job_id, as_json, server) -> None:
+    """Show a job."""
+    from quantyard.client import ApiError
+
+    try:
+        job = _client(server).get_job(job_id)
+    except ApiError as exc:
+        _fail(exc)
+    click.echo(json.dumps(job, indent=2) if as_json else _job_line(job))
+
+
+@main.command()
+@click.option("--format", "fmt", default=None)
+@click.option("--quantization", default=None)
+@click.option("--source", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@server_option
+def artifacts(fmt, quantization, source, as_json, server) -> None:
+    """List artifacts in the catalog."""
+    from quantyard.client import ApiError
+
+    try:
+        page = _client(server).list_artifacts(format=fmt, quantization=quantization, source=source)
+    except ApiError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(page, indent=2))
+        return
+    for a in page["items"]:
+        click.echo(f"{a['id']}  {a['format']}:{a['quantization']:<8} {a['size_bytes']:>14,d}  "
+                   f"{a['sha256'][:16]}  {a['filename']}")
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@server_option
+def download(artifact_id, output, server) -> None:
+    """Download an artifact's bytes."""
+    from tqdm import tqdm
+
+    from quantyard.client import ApiError
+
+    client = _client(server)
+    try:
+        meta = client.get_artifact(artifact_id)
+        if output.is_dir():
+            output = output / meta["filename"]
+        with tqdm(total=meta["size_bytes"], unit="B", unit_scale=True, desc="download",
+                  file=sys.stderr) as bar:
+            client.download(artifact_id, output, on_bytes=bar.update)
+    except ApiError as exc:
+        _fail(exc)
+    click.echo(str(output))
+
+
+if __name__ == "__main__":
+    main()

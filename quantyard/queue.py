@@ -1,0 +1,76 @@
+"""Celery configuration shared by the API (which only sends) and the workers (which consume).
+
+Kept in the core so the API can enqueue work by task name without importing the worker package.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from quantyard.settings import Settings
+
+CONVERT_TASK = "quantyard.convert_job"
+
+
+def queue_name(hardware_class: str) -> str:
+    return f"convert.{hardware_class}"
+
+
+def celery_config(settings: Settings) -> dict:
+    visibility = settings.visibility_timeout_s
+    transport_options: dict = {"visibility_timeout": visibility}
+    if settings.resolved_broker_url.startswith("filesystem"):
+        # The embedded broker: messages are files in one folder that sender and worker share.
+        folder = settings.broker_folder
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        # Job state lives in the catalog; Celery results are neither durable nor needed.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # A task is acknowledged only when done, and requeued if its process dies; the hard
+        # limit stays below the visibility timeout so Redis never hands a live task to a second
+        # worker. The attempt counter in the catalog stops redelivery loops.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(settings.task_time_limit_s - 60, 1),
+        "task_default_queue": queue_name("cpu"),
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def make_celery(settings: Settings, *, name: str = "quantyard") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueue_job(app: Celery, *, job_id: str, hardware_class: str) -> None:
+    """Send a conversion job to the queue of its hardware class (raises if the broker is down)."""
+    app.send_task(
+        CONVERT_TASK,
+        args=[job_id],
+        queue=queue_name(hardware_class),
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+
+
+def broker_ping(app: Celery, *, timeout: float = 2.0) -> None:
+    """Raise if the broker cannot be reached (used by /readyz)."""
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=timeout)

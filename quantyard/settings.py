@@ -1,0 +1,73 @@
+"""The one settings class: every QUANTYARD_* environment variable is read here and nowhere else."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 8600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUANTYARD_", extra="ignore")
+
+    # Where the embedded default keeps its SQLite catalog, object store and broker folders.
+    data_dir: Path = Field(default_factory=lambda: Path.home() / ".quantyard")
+
+    # Unset means "embedded": SQLite, a local directory, a filesystem broker.
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+    # S3-compatible endpoint (MinIO, SeaweedFS); credentials come from the usual AWS_* variables.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    # Where CLI client commands send requests.
+    server: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+    max_upload_bytes: int = 50 * 1024**3
+    max_unpacked_bytes: int = 200 * 1024**3
+    max_archive_members: int = 10_000
+
+    job_max_attempts: int = 3
+    # Hard time limit of one conversion task; the broker's visibility timeout is kept above it
+    # so Redis never redelivers a task that is still running.
+    task_time_limit_s: int = 6 * 3600
+    job_lease_s: int = 300
+    worker_heartbeat_s: float = 10.0
+    worker_stale_after_s: float = 60.0
+    worker_concurrency: int = 1
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'catalog.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.data_dir / 'objects'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        return self.task_time_limit_s + 600
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.broker_url is None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Celery worker: thin tasks that hand job ids to the conversion pipeline."""

@@ -1,0 +1,92 @@
+"""The worker's Celery app: shared config, the conversion task, and a catalog heartbeat.
+
+Built by `create_worker_app()` when `quantyard worker` starts, never at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery, bootsteps
+
+from quantyard import catalog
+from quantyard.queue import CONVERT_TASK, make_celery, queue_name
+from quantyard.settings import Settings, get_settings
+from worker import hardware
+from worker.pipeline import run_job
+from worker.runtime import build_runtime, runtime_for_this_process
+
+log = logging.getLogger(__name__)
+
+
+def create_worker_app(settings: Settings | None = None, *, hardware_classes: list[str],
+                      worker_id: str) -> Celery:
+    settings = settings or get_settings()
+    app = make_celery(settings, name="quantyard-worker")
+    app.conf.task_queues = None
+    app.conf.task_create_missing_queues = True
+    _register_task(app, worker_id)
+    _HeartbeatStep.config = (settings, hardware_classes, worker_id)
+    app.steps["consumer"].add(_HeartbeatStep)
+    return app
+
+
+def _register_task(app: Celery, worker_id: str) -> None:
+    @app.task(name=CONVERT_TASK, bind=True, max_retries=None)
+    def convert_job(self, job_id: str) -> str:
+        # Tasks stay thin: everything about the job lives in the pipeline and the catalog.
+        runtime = runtime_for_this_process(worker_id)
+        outcome = run_job(runtime, job_id)
+        if outcome == "leased":
+            # Another worker holds a live lease: either it is still working (this is a
+            # duplicate delivery) or it just died and its lease will lapse. Look again once
+            # the lease could have expired, until the job ends one way or the other.
+            raise self.retry(countdown=runtime.settings.job_lease_s)
+        return outcome
+
+
+class _HeartbeatStep(bootsteps.StartStopStep):
+    """Writes this worker's heartbeat to the catalog while the consumer is running.
+
+    It lives in the consumer blueprint, so it starts only once the consumer does and stops with
+    it: a worker whose consumer died stops heartbeating and drops out of `live_workers`.
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+    config: tuple = ()
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, consumer) -> None:
+        settings, classes, worker_id = self.config
+        runtime = build_runtime(settings, worker_id=worker_id)
+        info = hardware.detect().to_dict()
+        info["queues"] = [queue_name(c) for c in classes]
+        info["concurrency"] = settings.worker_concurrency
+
+        def beat() -> None:
+            while True:
+                try:
+                    with runtime.session() as s:
+                        for hardware_class in classes:
+                            catalog.worker_heartbeat(
+                                s, worker_id=f"{worker_id}" if len(classes) == 1
+                                else f"{worker_id}:{hardware_class}",
+                                hostname=worker_id.split(":")[0], hardware_class=hardware_class,
+                                capabilities=info,
+                            )
+                        s.commit()
+                except Exception:
+                    log.exception("heartbeat failed")
+                if self._stop.wait(settings.worker_heartbeat_s):
+                    return
+
+        self._thread = threading.Thread(target=beat, name="quantyard-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, consumer) -> None:
+        self._stop.set()
