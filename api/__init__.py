@@ -1,0 +1,1 @@
+"""Quantyard HTTP API (FastAPI). Build the app with :func:`api.app.create_app`."""

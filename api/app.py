@@ -1,0 +1,92 @@
+"""The FastAPI application factory.
+
+Nothing happens at import time: the catalog engine and session factory, the object store and
+the Celery client (send-only) are made in :func:`create_app` and kept on ``app.state``.
+Migrations are a separate step (``quantyard db upgrade``); ``auto_migrate=True`` is for the
+embedded ``quantyard serve`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from quantyard import catalog
+from quantyard.queue import make_celery
+from quantyard.settings import Settings, get_settings
+from quantyard.storage import open_store
+
+from api import dashboard
+from api.errors import install_error_handlers
+from api.metrics import make_registry
+from api.middleware import RequestIdMiddleware
+from api.routes import artifacts, capabilities, health, jobs, sources
+
+log = logging.getLogger("quantyard.api")
+
+API_VERSION = "0.1.0"
+
+
+def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrate: bool = False,
+               store=None) -> FastAPI:
+    """Build the API.
+
+    ``celery_app``: a Celery app used only to send tasks (default: one made from ``settings``
+    with :func:`quantyard.queue.make_celery`). ``store``: an object store (default: opened
+    from ``settings.resolved_storage_url``).
+    """
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db_url = settings.resolved_database_url
+    if auto_migrate:
+        catalog.upgrade_database(db_url)
+
+    engine = catalog.make_engine(db_url)
+    session_factory = catalog.make_session_factory(engine)
+    if store is None:
+        store = open_store(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url,
+                           region=settings.s3_region)
+    owns_celery = celery_app is None
+    if celery_app is None:
+        celery_app = make_celery(settings, name="quantyard-api")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            if owns_celery:
+                try:
+                    celery_app.close()
+                except Exception:  # pragma: no cover
+                    log.debug("closing celery app failed", exc_info=True)
+            engine.dispose()
+
+    app = FastAPI(
+        title="Quantyard",
+        version=API_VERSION,
+        description="Convert and quantize Hugging Face models (GGUF, ...) with a catalog of artifacts.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db_engine = engine
+    app.state.session_factory = session_factory
+    app.state.store = store
+    app.state.celery = celery_app
+    app.state.metrics_registry = make_registry(session_factory, settings)
+
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+
+    app.include_router(sources.router)
+    app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    app.include_router(capabilities.router)
+    app.include_router(health.router)
+    app.include_router(dashboard.router)
+    return app
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,65 @@
+"""Request-scoped helpers: catalog sessions, the object store, request identity for audit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from quantyard import catalog
+
+log = logging.getLogger("quantyard.api")
+
+# Until authentication lands every caller is the same principal.
+ANONYMOUS = "anonymous"
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One catalog session per request; rolled back if the route did not commit."""
+    session = request.app.state.session_factory()
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def actor(request: Request) -> str:
+    return getattr(request.state, "actor", None) or ANONYMOUS
+
+
+def request_info(request: Request) -> "catalog.RequestInfo":
+    ua = request.headers.get("user-agent")
+    return catalog.RequestInfo(
+        request_id=getattr(request.state, "request_id", None) or "",
+        source_ip=request.client.host if request.client else None,
+        user_agent=ua[:512] if ua else None,
+    )
+
+
+def mark_audit(request: Request, action: str, resource_type: str, resource_id: str | None = None) -> None:
+    """Name the audit action of a mutating route, so a refusal is recorded as a failure event."""
+    request.state.audit_action = (action, resource_type, resource_id)
+
+
+def record_failure(request: Request, action: tuple, *, status: int, code: str) -> None:
+    name, resource_type, resource_id = action
+    try:
+        with request.app.state.session_factory() as s:
+            catalog.record_audit(
+                s,
+                actor=actor(request),
+                action=name,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                outcome="failure",
+                request=request_info(request),
+                details={"status": status, "code": code},
+            )
+            s.commit()
+    except Exception:  # auditing a refusal must not turn it into a 500
+        log.warning("could not record audit failure event for %s", name, exc_info=True)

@@ -1,0 +1,1 @@
+"""One module per resource; routes stay thin and call the catalog, the store and the queue."""

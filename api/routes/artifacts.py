@@ -1,0 +1,93 @@
+"""The artifact catalog: list, get, download, lineage."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from quantyard import catalog
+
+from api.deps import actor, get_session, request_info
+from api.errors import ApiError, not_found
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+
+def _get(s: Session, artifact_id: str):
+    art = catalog.get_artifact(s, artifact_id=artifact_id)
+    if art is None:
+        raise not_found("artifact", artifact_id)
+    return art
+
+
+def lineage_summary(graph: dict) -> dict:
+    def ids(nodes):
+        return [n.get("id") if isinstance(n, dict) else n for n in nodes]
+
+    up, down = graph.get("upstream", []), graph.get("downstream", [])
+    return {"upstream": ids(up), "downstream": ids(down)}
+
+
+@router.get("", summary="Browse the artifact catalog (newest first)")
+def list_artifacts(format: str | None = Query(None), quantization: str | None = Query(None),
+                   source: str | None = Query(None, description="source id"),
+                   q: str | None = Query(None, max_length=200, description="free text"),
+                   limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None),
+                   s: Session = Depends(get_session)):
+    try:
+        items, next_cursor = catalog.list_artifacts(s, format=format, quantization=quantization, source_id=source,
+                                                    q=q, limit=limit, cursor=cursor)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_cursor", f"invalid cursor: {exc}") from None
+    return {"items": [a.to_dict() for a in items], "next_cursor": next_cursor}
+
+
+@router.get("/{artifact_id}", summary="An artifact's metadata, metrics and lineage summary")
+def get_artifact(artifact_id: str, s: Session = Depends(get_session)):
+    art = _get(s, artifact_id)
+    data = art.to_dict()
+    data.setdefault("download_url", f"/v1/artifacts/{artifact_id}/download")
+    data["lineage"] = lineage_summary(catalog.lineage(s, artifact_id=artifact_id))
+    return data
+
+
+def _content_disposition(filename: str) -> str:
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
+@router.get("/{artifact_id}/download", summary="The artifact's bytes (a redirect to a presigned URL on S3)")
+def download_artifact(artifact_id: str, request: Request, s: Session = Depends(get_session)):
+    art = _get(s, artifact_id)
+    store = request.app.state.store
+    key = art.storage_key
+    filename = art.filename or key.rsplit("/", 1)[-1]
+    url = store.presigned_url(key, expires_s=3600, filename=filename)
+    size = None
+    if url is None:
+        size = store.stat(key)
+        if size is None:
+            raise ApiError(404, "object_missing", f"the bytes of artifact {artifact_id} are missing from the store")
+    catalog.record_audit(s, actor=actor(request), action="artifact.download", resource_type="artifact",
+                         resource_id=artifact_id, outcome="success", request=request_info(request),
+                         details={"mode": "redirect" if url else "stream"})
+    s.commit()
+    if url is not None:
+        return RedirectResponse(url, status_code=307)
+    headers = {
+        "Content-Disposition": _content_disposition(filename),
+        "Content-Length": str(size),
+        "ETag": f'"{art.sha256}"',
+        "X-Content-SHA256": art.sha256,
+    }
+    return StreamingResponse(store.iter_bytes(key), media_type="application/octet-stream", headers=headers)
+
+
+@router.get("/{artifact_id}/lineage", summary="Upstream and downstream lineage graph")
+def artifact_lineage(artifact_id: str, s: Session = Depends(get_session)):
+    _get(s, artifact_id)
+    graph = catalog.lineage(s, artifact_id=artifact_id)
+    return {"artifact_id": artifact_id, **graph}

@@ -1,0 +1,157 @@
+"""POST /v1/sources (upload a model archive or files), GET /v1/sources/{id}."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from quantyard import archive, catalog
+
+from api import uploads
+from api.deps import actor, get_session, mark_audit, request_info
+from api.errors import ApiError, not_found
+
+router = APIRouter(prefix="/v1/sources", tags=["sources"])
+
+
+def source_json(source) -> dict:
+    return source.to_dict()
+
+
+def store_source(request: Request, path: Path, *, name: str | None, received: uploads.Received | None = None,
+                 uri: str | None = None, storage_key: str | None = None) -> dict:
+    """Check the archive at ``path``, store it (unless it already lives at ``storage_key``) and
+    record the source. Runs in a worker thread."""
+    app = request.app
+    settings = app.state.settings
+    checked = uploads.check_source_archive(path, settings)
+    store = app.state.store
+    if received is None:
+        sha256, size = uploads.hash_file(path)
+    else:
+        sha256, size = received.sha256, received.size_bytes
+    with app.state.session_factory() as s:
+        existing = catalog.get_source_by_sha256(s, sha256=sha256)
+    if storage_key is None:
+        key = f"sources/{sha256}/source.{archive.EXTENSIONS[checked.kind]}"
+        if existing is not None and existing.storage_key == key and store.stat(key) == size:
+            # Same bytes already stored (content-addressed key): record a new source, skip the upload.
+            uri, storage_key = existing.uri, key
+        else:
+            stored = store.put_file(key, path)
+            if stored.sha256 != sha256:  # the store hashed what it uploaded; it must match what we got
+                store.delete(key)
+                raise ApiError(500, "internal_error", "stored bytes differ from the uploaded bytes")
+            uri, storage_key = stored.uri, stored.key
+    elif existing is not None and existing.storage_key == storage_key:
+        return source_json(existing)  # this object was registered before
+    display_name = name or _default_name(checked, sha256)
+    with app.state.session_factory() as s:
+        source = catalog.create_source(
+            s,
+            name=display_name,
+            sha256=sha256,
+            size_bytes=size,
+            uri=uri,
+            storage_key=storage_key,
+            architecture=checked.architecture,
+            metadata=uploads.source_metadata(checked),
+            actor=actor(request),
+            request=request_info(request),
+        )
+        s.commit()
+        return source_json(source)
+
+
+def _default_name(checked: uploads.CheckedSource, sha256: str) -> str:
+    guess = checked.config.get("_name_or_path")
+    if isinstance(guess, str) and guess.strip() and not guess.startswith("/"):
+        return guess.strip()[:200]
+    if checked.root:
+        return checked.root[:200]
+    return f"source-{sha256[:12]}"
+
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A model folder as one archive (.tar, .tar.gz or .zip; the kind is detected from "
+                       "the bytes), or multipart/form-data with one 'files' part per model file.",
+        "content": {
+            "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        },
+    }
+}
+
+
+@router.post("", status_code=201, summary="Upload a model (an archive body, or multipart 'files')",
+             openapi_extra=_UPLOAD_BODY)
+async def upload_source(request: Request, name: str | None = Query(None, max_length=200)):
+    mark_audit(request, "source.create", "source")
+    settings = request.app.state.settings
+    limit = settings.max_upload_bytes
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in uploads.ARCHIVE_TYPES and content_type != uploads.MULTIPART:
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type {content_type or '(none)'!r} is not accepted; send "
+                       "application/gzip, application/x-tar or application/zip (or multipart/form-data "
+                       "with 'files' parts)")
+    uploads.check_content_length(request, limit)
+    workdir = uploads.new_workdir(settings)
+    try:
+        if content_type == uploads.MULTIPART:
+            path = await uploads.receive_multipart(request, workdir, limit)
+            received = None
+        else:
+            path = workdir / "upload"
+            received = await uploads.receive_body(request, path, limit)
+            if received.size_bytes == 0:
+                raise ApiError(400, "invalid_archive", "the request body is empty")
+        result = await run_in_threadpool(store_source, request, path, name=name, received=received)
+    finally:
+        await run_in_threadpool(uploads.remove, workdir)
+    return JSONResponse(result, status_code=201, headers={"Location": f"/v1/sources/{result['id']}"})
+
+
+@router.get("/{source_id}", summary="A source model's metadata")
+def get_source(source_id: str, s: Session = Depends(get_session)):
+    source = catalog.get_source(s, source_id=source_id)
+    if source is None:
+        raise not_found("source", source_id)
+    return source_json(source)
+
+
+def register_uri_source(request: Request, uri: str) -> dict:
+    """Register an object that already lives in this store as a source (used by POST /v1/jobs
+    when ``source`` is a URI): it is downloaded to a temporary file, hashed and checked like an
+    upload, and recorded pointing at its existing key. Runs in a worker thread."""
+    from quantyard.storage import uri_to_key
+
+    app = request.app
+    store = app.state.store
+    try:
+        key = uri_to_key(store, uri)
+    except ValueError:
+        raise ApiError(422, "invalid_source", f"{uri!r} is neither a source id nor a URI in this object store "
+                       f"({store.url})") from None
+    size = store.stat(key)
+    if size is None:
+        raise ApiError(404, "source_not_found", f"no object at {uri!r}")
+    if size > app.state.settings.max_upload_bytes:
+        raise ApiError(413, "payload_too_large", f"{uri!r} is larger than the limit of "
+                       f"{app.state.settings.max_upload_bytes} bytes")
+    workdir = uploads.new_workdir(app.state.settings)
+    try:
+        path = workdir / "object"
+        store.download_file(key, path)
+        return store_source(request, path, name=key.rstrip("/").rsplit("/", 1)[-1], uri=uri, storage_key=key)
+    finally:
+        uploads.remove(workdir)

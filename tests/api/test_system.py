@@ -1,0 +1,156 @@
+"""healthz, readyz, metrics, capabilities, dashboard, error shapes, import isolation."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from quantyard import catalog
+
+from tests.api.conftest import build_client, make_settings
+from tests.api.test_jobs import submit
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_healthz(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_readyz_ok(client):
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"] == {"catalog": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_readyz_broker_down(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings(tmp_path / "d", broker_url=f"redis://127.0.0.1:{port}/0")
+    with build_client(settings) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["error"]["code"] == "not_ready"
+        assert "broker" in body["error"]["message"]
+        assert body["checks"]["catalog"] == "ok" and body["checks"]["storage"] == "ok"
+        assert body["checks"]["broker"] != "ok"
+
+
+def test_metrics(client, app, source):
+    text = client.get("/metrics").text
+    for name in ("quantyard_jobs_submitted_total", "quantyard_jobs_finished_total",
+                 "quantyard_job_duration_seconds_bucket", "quantyard_queue_depth"):
+        assert name in text
+    assert 'quantyard_jobs_submitted_total{hardware_class="cpu"} 0.0' in text
+    job = submit(client, source["id"]).json()
+    submit(client, source["id"], hardware_class="cuda")
+    text = client.get("/metrics").text
+    assert 'quantyard_jobs_submitted_total{hardware_class="cpu"} 1.0' in text
+    assert 'quantyard_queue_depth{hardware_class="cuda"} 1.0' in text
+    with app.state.session_factory() as s:
+        catalog.claim_job(s, job_id=job["id"], worker_id="w", lease_s=60, max_attempts=3)
+        s.commit()
+        catalog.finish_job(s, job_id=job["id"], status="succeeded")
+        s.commit()
+    text = client.get("/metrics").text
+    assert 'quantyard_jobs_finished_total{outcome="succeeded"} 1.0' in text
+    assert 'quantyard_job_duration_seconds_count{outcome="succeeded"} 1.0' in text
+
+
+def test_metrics_registry_is_per_app(tmp_path):
+    with build_client(make_settings(tmp_path / "a")) as a, build_client(make_settings(tmp_path / "b")) as b:
+        assert a.app.state.metrics_registry is not b.app.state.metrics_registry
+        assert a.get("/metrics").status_code == 200 and b.get("/metrics").status_code == 200
+
+
+def test_capabilities(client, app):
+    with app.state.session_factory() as s:
+        catalog.worker_heartbeat(s, worker_id="w1", hostname="h", hardware_class="cpu", capabilities={})
+        s.commit()
+    caps = client.get("/v1/capabilities").json()
+    assert "Q8_0" in caps["formats"]["gguf"]["quantizations"]
+    assert caps["engine_version"]
+    by_name = {h["name"]: h for h in caps["hardware_classes"]}
+    assert by_name["cpu"]["live_workers"] == 1 and by_name["cuda"]["live_workers"] == 0
+
+
+def test_dashboard(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    assert "text/html" in r.headers["content-type"]
+    assert "/v1/jobs" in r.text and "/v1/artifacts" in r.text
+
+
+def test_openapi(client):
+    spec = client.get("/openapi.json").json()
+    assert "/v1/jobs" in spec["paths"] and "/v1/sources" in spec["paths"]
+
+
+def test_error_shapes(client):
+    r = client.get("/v1/jobs/job_missing")
+    assert r.status_code == 404
+    assert set(r.json()) == {"error"} and r.json()["error"]["code"] == "job_not_found"
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.post("/v1/jobs", json={"source": "x", "targets": "gguf:Q8_0", "surprise": 1})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "validation_error" and "surprise" in err["message"]
+    r = client.get("/v1/jobs", params={"limit": "many"})
+    assert r.status_code == 422 and "limit" in r.json()["error"]["message"]
+    r = client.delete("/v1/jobs")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_unhandled_error_is_500_json_without_trace(client, app, caplog):
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret internals /etc/passwd")
+
+    r = client.get("/boom", headers={"X-Request-ID": "req-500"})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert r.headers["x-request-id"] == "req-500"
+    assert any("secret internals" in str(rec.exc_info) for rec in caplog.records if rec.exc_info)
+
+
+def test_api_import_does_not_load_heavy_modules():
+    code = textwrap.dedent("""
+        import sys
+        import api.app
+        from api.app import create_app
+        heavy = [m for m in ("torch", "numpy", "gguf", "llama_cpp", "worker", "transformers",
+                             "onnxruntime", "safetensors") if m in sys.modules]
+        print(",".join(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"api.app pulled in heavy modules: {out.stdout.strip()}"
+
+
+def test_serving_does_not_load_heavy_modules(tmp_path):
+    """The same after building the app and answering requests (lazy imports count too)."""
+    code = textwrap.dedent(f"""
+        import sys
+        from fastapi.testclient import TestClient
+        from quantyard import catalog
+        from quantyard.settings import Settings
+        from api.app import create_app
+        s = Settings(data_dir={str(tmp_path / 'x')!r}, database_url=None, broker_url=None, storage_url=None)
+        catalog.upgrade_database(s.resolved_database_url)
+        with TestClient(create_app(s)) as c:
+            for p in ("/v1/capabilities", "/v1/jobs", "/v1/artifacts", "/metrics", "/readyz", "/"):
+                assert c.get(p).status_code == 200, p
+        heavy = [m for m in ("torch", "numpy", "gguf", "llama_cpp", "worker") if m in sys.modules]
+        print(",".join(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"serving pulled in heavy modules: {out.stdout.strip()}"
