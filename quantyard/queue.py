@@ -22,13 +22,15 @@ def celery_config(settings: Settings) -> dict:
     if settings.resolved_broker_url.startswith("filesystem"):
         # The embedded broker: messages are files in one folder that sender and worker share.
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            # kombu otherwise writes its exchange bindings to ./control in the working directory.
+            "control_folder": str(folder / "control"),
         }
     return {
         "broker_url": settings.resolved_broker_url,

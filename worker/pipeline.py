@@ -131,6 +131,7 @@ def _convert_target(rt, job_id, source, source_dir, target: TargetWork, index, c
                     work_dir, watch) -> None:
     from quantyard import engine
 
+    watch.raise_if_cancelled()
     with rt.session() as s:
         catalog.set_target_status(s, target_id=target.target_id, status="running")
         s.commit()

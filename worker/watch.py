@@ -75,8 +75,11 @@ class JobWatch:
             return
         self._last_write = now
         with self.runtime.session() as s:
-            catalog.set_progress(
+            stop = catalog.set_progress(
                 s, job_id=self.job_id, progress=min(max(fraction, 0.0), 1.0), message=message,
                 target_id=target_id, target_progress=target_fraction,
             )
             s.commit()
+        if stop:
+            self.cancelled.set()
+            self.raise_if_cancelled()

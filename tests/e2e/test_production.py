@@ -61,9 +61,11 @@ def test_two_targets_become_validated_artifacts_in_s3(production_stack, tiny_lla
             assert body[:4] == b"GGUF"
 
             lineage = client.get(f"/v1/artifacts/{artifact['id']}/lineage").json()
-            parents = [e for e in lineage["upstream"] if e.get("parent_id") == source["id"]]
-            assert parents, lineage
-            assert parents[0]["recipe"]["target"]["quantization"] == artifact["quantization"]
+            assert [(n["type"], n["id"]) for n in lineage["upstream"]] == [("source",
+                                                                          source["id"])]
+            edge = lineage["upstream"][0]
+            assert edge["recipe"]["target"]["quantization"] == artifact["quantization"]
+            assert edge["recipe"]["input_sha256"] == source["sha256"]
 
         # Nothing is left under temporary keys once the job is done.
         leftovers = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="tmp/").get("KeyCount", 0)

@@ -1,0 +1,77 @@
+"""The catalog: sources, jobs, targets, artifacts, lineage, the audit chain and workers.
+
+Transaction rule: **the caller owns the transaction.** Every function here takes a ``Session``
+first and keyword-only arguments after it; it flushes its changes but never commits or rolls
+back. Each mutating function writes its audit event in that same transaction, so the change and
+its audit record are committed (or rolled back) together::
+
+    factory = make_session_factory(make_engine(url))
+    with factory.begin() as s:            # commits on success, rolls back on an exception
+        job = create_job(s, source_id=..., targets=[...], hardware_class="cpu", labels={}, actor="key:ci")
+
+Keep transactions short and do one audited mutation per transaction where you can: appending to
+the audit chain takes a lock (Postgres advisory lock / SQLite write lock) held until commit, and
+``claim_job``/``request_cancel``/``finish_job``/``record_artifact`` hold the job's row lock on
+Postgres until commit.
+
+Audited: create_source, create_job, request_cancel, claim_job (claims, and the failures or
+cancellations it decides), set_target_status (when the status changes), record_artifact,
+finish_job. Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
+
+Lookups by id return ``None`` when missing (``get_*``); mutations of a missing row raise
+``NotFound``. Bad arguments raise ``InvalidArgument`` (a ValueError), bad cursors ``InvalidCursor``.
+"""
+
+from .artifacts import (
+    add_lineage_edge,
+    create_source,
+    find_artifact_by_recipe,
+    get_artifact,
+    get_source,
+    get_source_by_sha256,
+    lineage,
+    list_artifacts,
+    record_artifact,
+)
+from .audit import AuditVerification, RequestInfo, audit_events, canonical_json, record_audit, verify_audit_chain
+from .db import make_engine, make_session_factory, normalize_url, upgrade_database
+from .errors import CatalogError, InvalidArgument, InvalidCursor, InvalidState, NotFound
+from .jobs import (
+    ClaimOutcome,
+    claim_job,
+    create_job,
+    finish_job,
+    get_job,
+    list_jobs,
+    queue_depth,
+    renew_lease,
+    request_cancel,
+    set_progress,
+    set_target_status,
+)
+from .models import (
+    JOB_STATUSES,
+    TARGET_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    Artifact,
+    AuditEvent,
+    Base,
+    Job,
+    JobTarget,
+    LineageEdge,
+    Source,
+    Worker,
+)
+from .workers import live_workers, worker_heartbeat
+
+__all__ = [
+    "JOB_STATUSES", "TARGET_STATUSES", "TERMINAL_JOB_STATUSES",
+    "Artifact", "AuditEvent", "AuditVerification", "Base", "CatalogError", "ClaimOutcome",
+    "InvalidArgument", "InvalidCursor", "InvalidState", "Job", "JobTarget", "LineageEdge", "NotFound",
+    "RequestInfo", "Source", "Worker",
+    "add_lineage_edge", "audit_events", "canonical_json", "claim_job", "create_job", "create_source",
+    "find_artifact_by_recipe", "finish_job", "get_artifact", "get_job", "get_source", "get_source_by_sha256",
+    "lineage", "list_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",
+    "normalize_url", "queue_depth", "record_artifact", "record_audit", "renew_lease", "request_cancel",
+    "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
+]

@@ -1,0 +1,420 @@
+"""Jobs and their targets: creation, listing, cancellation, claiming by workers, progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from .audit import RequestInfo, record_audit
+from .errors import InvalidArgument, NotFound
+from .models import (
+    JOB_STATUSES,
+    TARGET_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    TERMINAL_TARGET_STATUSES,
+    Job,
+    JobTarget,
+    Source,
+    new_id,
+    utcnow,
+)
+from .pagination import paginate
+
+CLAIM_KINDS = ("claimed", "gone", "finished", "cancelled", "exhausted", "leased")
+
+
+@dataclass
+class ClaimOutcome:
+    """``kind``: claimed | gone | finished | cancelled | exhausted | leased.
+
+    ``leased``: another worker holds an unexpired lease; ``retry_after_s`` says when it runs out."""
+
+    kind: str
+    job: Job | None = None
+    attempt: int = 0
+    retry_after_s: float | None = None
+
+    @property
+    def claimed(self) -> bool:
+        return self.kind == "claimed"
+
+
+def _worker_actor(worker_id: str | None) -> str:
+    return f"worker:{worker_id}" if worker_id else "system"
+
+
+def _clamp01(value: float) -> float:
+    return max(0.0, min(1.0, float(value)))
+
+
+def _lock_job(s: Session, job_id: str) -> Job | None:
+    """Load a job fresh from the database; on Postgres its row stays locked until the tx ends."""
+    q = select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+    return s.execute(q).scalars().first()
+
+
+def _target_dict(t: Any) -> dict[str, Any]:
+    if hasattr(t, "to_dict") and not isinstance(t, Mapping):
+        t = t.to_dict()
+    if isinstance(t, str):
+        fmt, _, quant = t.partition(":")
+        t = {"format": fmt, "quantization": quant}
+    if not isinstance(t, Mapping) or not t.get("format") or not t.get("quantization"):
+        raise InvalidArgument(f"a target needs a format and a quantization, got {t!r}")
+    return {"format": str(t["format"]), "quantization": str(t["quantization"]), "params": dict(t.get("params") or {})}
+
+
+# ---------------------------------------------------------------------------------------- create
+
+
+def create_job(
+    s: Session,
+    *,
+    source_id: str,
+    targets: list[Any],
+    hardware_class: str = "cpu",
+    labels: Mapping[str, Any] | None = None,
+    actor: str,
+    request: RequestInfo | None = None,
+    max_attempts: int = 3,
+    warnings: list[Any] | None = None,
+) -> Job:
+    """A queued job with one pending JobTarget per entry of ``targets`` (dicts as
+    ``TargetSpec.to_dict()`` gives, TargetSpec objects, or "format:quantization" strings)."""
+    if s.get(Source, source_id) is None:
+        raise NotFound(f"source {source_id} not found")
+    specs = [_target_dict(t) for t in targets]
+    if not specs:
+        raise InvalidArgument("a job needs at least one target")
+    job = Job(
+        id=new_id("job"),
+        source_id=source_id,
+        status="queued",
+        progress=0.0,
+        hardware_class=hardware_class,
+        labels={str(k): str(v) for k, v in (labels or {}).items()},
+        attempts=0,
+        max_attempts=max_attempts,
+        cancel_requested=False,
+        warnings=list(warnings or []),
+        created_by=actor,
+        created_at=utcnow(),
+    )
+    job.targets = [
+        JobTarget(id=new_id("tgt"), position=i, status="pending", progress=0.0, **spec) for i, spec in enumerate(specs)
+    ]
+    s.add(job)
+    s.flush()
+    record_audit(
+        s,
+        actor=actor,
+        action="job.create",
+        resource_type="job",
+        resource_id=job.id,
+        request=request,
+        details={
+            "source_id": source_id,
+            "targets": [t.key for t in job.targets],
+            "hardware_class": hardware_class,
+            "labels": job.labels,
+        },
+    )
+    return job
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+def get_job(s: Session, *, job_id: str) -> Job | None:
+    return s.get(Job, job_id)
+
+
+def _parse_labels(label: str | Iterable[str] | Mapping[str, Any] | None) -> dict[str, str]:
+    if label is None:
+        return {}
+    if isinstance(label, Mapping):
+        return {str(k): str(v) for k, v in label.items()}
+    items = [label] if isinstance(label, str) else list(label)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label filter must be key=value, got {item!r}")
+        out[key] = value
+    return out
+
+
+def list_jobs(
+    s: Session,
+    *,
+    status: str | Iterable[str] | None = None,
+    label: str | Iterable[str] | Mapping[str, Any] | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    hardware_class: str | None = None,
+    source_id: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Newest first. ``label`` is "key=value" (or several; all must match)."""
+    q = select(Job)
+    if status:
+        statuses = [status] if isinstance(status, str) else list(status)
+        bad = [x for x in statuses if x not in JOB_STATUSES]
+        if bad:
+            raise InvalidArgument(f"unknown job status {bad[0]!r}; valid: {', '.join(JOB_STATUSES)}")
+        q = q.where(Job.status.in_(statuses))
+    for key, value in _parse_labels(label).items():
+        q = q.where(Job.labels[key].as_string() == value)
+    if hardware_class:
+        q = q.where(Job.hardware_class == hardware_class)
+    if source_id:
+        q = q.where(Job.source_id == source_id)
+    return paginate(s, q, Job, limit=limit, cursor=cursor)
+
+
+def queue_depth(s: Session) -> dict[str, int]:
+    rows = s.execute(
+        select(Job.hardware_class, func.count()).where(Job.status == "queued").group_by(Job.hardware_class)
+    )
+    return {hw: int(n) for hw, n in rows}
+
+
+# -------------------------------------------------------------------------------------- mutate
+
+
+def _close_targets(job: Job, status: str, error_code: str | None = None, error_message: str | None = None) -> None:
+    for t in job.targets:
+        if t.status in TERMINAL_TARGET_STATUSES:
+            continue
+        if status == "failed" and t.status == "pending":
+            t.status = "cancelled"
+        else:
+            t.status = status
+            if status == "failed":
+                t.error_code, t.error_message = error_code, error_message
+
+
+def _finish(job: Job, status: str, error_code: str | None, error_message: str | None) -> None:
+    job.status = status
+    job.finished_at = utcnow()
+    job.lease_expires_at = None
+    job.error_code, job.error_message = error_code, error_message
+    if status == "succeeded":
+        job.progress = 1.0
+    if status in ("failed", "cancelled"):
+        _close_targets(job, status, error_code, error_message)
+
+
+def request_cancel(s: Session, *, job_id: str, actor: str, request: RequestInfo | None = None) -> Job:
+    """Queued: cancelled at once. Running: ``cancel_requested`` (the worker stops cooperatively).
+    Finished: unchanged (the audit event records outcome ``noop``)."""
+    job = _lock_job(s, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    previous = job.status
+    outcome = "success"
+    if job.status == "queued":
+        job.cancel_requested = True
+        _finish(job, "cancelled", None, None)
+    elif job.status == "running":
+        job.cancel_requested = True
+    else:
+        outcome = "noop"
+    s.flush()
+    record_audit(
+        s,
+        actor=actor,
+        action="job.cancel",
+        resource_type="job",
+        resource_id=job.id,
+        outcome=outcome,
+        request=request,
+        details={"from": previous, "to": job.status},
+    )
+    return job
+
+
+def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_attempts: int) -> ClaimOutcome:
+    """Take the job for ``worker_id``. Exactly one of several concurrent claimers wins: the row is
+    locked (Postgres ``FOR UPDATE``) and the change is a conditional UPDATE on (status, attempts),
+    which is what makes it atomic on SQLite. A running job whose lease has expired (its worker
+    died) can be claimed again; when ``attempts >= max_attempts`` it is failed instead
+    (``attempts_exhausted``). Commit promptly: on Postgres the row lock lasts until then."""
+    job: Job | None = None
+    for _ in range(5):
+        now = utcnow()
+        job = _lock_job(s, job_id)
+        if job is None:
+            return ClaimOutcome("gone")
+        if job.status in ("succeeded", "failed"):
+            return ClaimOutcome("finished", job, job.attempts)
+        if job.status == "cancelled":
+            return ClaimOutcome("cancelled", job, job.attempts)
+        if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at > now:
+            return ClaimOutcome("leased", job, job.attempts, (job.lease_expires_at - now).total_seconds())
+        # Queued, or running under an expired lease (the worker that held it is gone).
+        actor = _worker_actor(worker_id)
+        if job.cancel_requested:
+            _finish(job, "cancelled", None, None)
+            s.flush()
+            record_audit(s, actor=actor, action="job.finish", resource_type="job", resource_id=job.id,
+                         outcome="cancelled", details={"reason": "cancel requested before redelivery"})
+            return ClaimOutcome("cancelled", job, job.attempts)
+        if job.attempts >= max_attempts:
+            message = f"gave up after {job.attempts} attempt(s) (max_attempts={max_attempts})"
+            _finish(job, "failed", "attempts_exhausted", message)
+            s.flush()
+            record_audit(s, actor=actor, action="job.finish", resource_type="job", resource_id=job.id,
+                         outcome="failed", details={"error_code": "attempts_exhausted", "attempts": job.attempts})
+            return ClaimOutcome("exhausted", job, job.attempts)
+        previous_status, seen_attempts, previous_worker = job.status, job.attempts, job.worker_id
+        result = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == previous_status, Job.attempts == seen_attempts)
+            .values(
+                status="running",
+                attempts=seen_attempts + 1,
+                max_attempts=max_attempts,
+                worker_id=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                started_at=job.started_at or now,
+                error_code=None,
+                error_message=None,
+            )
+        )
+        if result.rowcount != 1:
+            continue  # another claimer changed the row between our read and our update: re-read
+        # Targets a dead worker left running start again; finished targets stay finished.
+        for t in job.targets:
+            if t.status == "running":
+                t.status, t.progress = "pending", 0.0
+        s.flush()
+        record_audit(
+            s,
+            actor=actor,
+            action="job.claim",
+            resource_type="job",
+            resource_id=job.id,
+            details={"attempt": seen_attempts + 1, "redelivery": previous_status == "running",
+                     "previous_worker": previous_worker},
+        )
+        return ClaimOutcome("claimed", job, job.attempts)
+    return ClaimOutcome("leased", job, job.attempts if job else 0)
+
+
+def renew_lease(s: Session, *, job_id: str, worker_id: str, lease_s: float) -> bool:
+    """Extend the lease; False when this worker no longer holds the job."""
+    result = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    return result.rowcount == 1
+
+
+def set_progress(
+    s: Session,
+    *,
+    job_id: str,
+    progress: float,
+    message: str | None = None,
+    target_id: str | None = None,
+    target_progress: float | None = None,
+) -> bool:
+    """Record progress (clamped to 0..1; not audited). Returns True when the job should stop:
+    a cancel was requested or it is already cancelled."""
+    values: dict[str, Any] = {"progress": _clamp01(progress)}
+    if message is not None:
+        values["progress_message"] = message
+    s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL_JOB_STATUSES)).values(**values))
+    if target_id is not None and target_progress is not None:
+        s.execute(
+            update(JobTarget)
+            .where(JobTarget.id == target_id, JobTarget.job_id == job_id)
+            .values(progress=_clamp01(target_progress))
+        )
+    row = s.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    return bool(row.cancel_requested) or row.status == "cancelled"
+
+
+def set_target_status(
+    s: Session,
+    *,
+    target_id: str,
+    status: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    estimate: dict[str, Any] | None = None,
+    progress: float | None = None,
+    actor: str | None = None,
+) -> JobTarget:
+    """Set one target's status (audited when it changes); ``estimate`` is stored when given."""
+    if status not in TARGET_STATUSES:
+        raise InvalidArgument(f"unknown target status {status!r}; valid: {', '.join(TARGET_STATUSES)}")
+    target = s.get(JobTarget, target_id)
+    if target is None:
+        raise NotFound(f"target {target_id} not found")
+    previous = target.status
+    target.status = status
+    target.error_code, target.error_message = error_code, error_message
+    if estimate is not None:
+        target.estimate = dict(estimate)
+    if progress is not None:
+        target.progress = _clamp01(progress)
+    elif status == "succeeded":
+        target.progress = 1.0
+    s.flush()
+    if previous != status:
+        job = s.get(Job, target.job_id)
+        record_audit(
+            s,
+            actor=actor or _worker_actor(job.worker_id if job else None),
+            action="job.target_status",
+            resource_type="job",
+            resource_id=target.job_id,
+            outcome="failed" if status == "failed" else "success",
+            details={"target_id": target.id, "target": target.key, "from": previous, "to": status,
+                     "error_code": error_code},
+        )
+    return target
+
+
+def finish_job(
+    s: Session,
+    *,
+    job_id: str,
+    status: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    actor: str | None = None,
+    warnings: list[Any] | None = None,
+) -> Job:
+    """Move a job to succeeded | failed | cancelled. A job that is already finished is returned
+    unchanged (redelivered tasks may finish twice)."""
+    if status not in TERMINAL_JOB_STATUSES:
+        raise InvalidArgument(f"finish_job status must be one of {sorted(TERMINAL_JOB_STATUSES)}, got {status!r}")
+    job = _lock_job(s, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    if job.is_terminal:
+        return job
+    _finish(job, status, error_code, error_message)
+    if warnings:
+        job.warnings = list(job.warnings or []) + list(warnings)
+    s.flush()
+    record_audit(
+        s,
+        actor=actor or _worker_actor(job.worker_id),
+        action="job.finish",
+        resource_type="job",
+        resource_id=job.id,
+        outcome=status,
+        details={"error_code": error_code, "attempts": job.attempts},
+    )
+    return job

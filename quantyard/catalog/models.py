@@ -1,0 +1,391 @@
+"""SQLAlchemy 2 models of the catalog. Portable between SQLite and Postgres.
+
+Timestamps are timezone-aware UTC in Python (naive values are refused on write); JSON columns are
+JSONB on Postgres and JSON text on SQLite. ``to_dict()`` gives the JSON the API returns.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+TARGET_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+TERMINAL_TARGET_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+NODE_TYPES = ("source", "artifact")
+GENESIS_HASH = "0" * 64
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it as naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def _in(column: str, values) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Source(Base):
+    __tablename__ = "sources"
+    __table_args__ = (
+        Index(None, "sha256"),
+        Index(None, "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("src"))
+    name: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    uri: Mapped[str] = mapped_column(Text)
+    storage_key: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str | None] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "uri": self.uri,
+            "storage_key": self.storage_key,
+            "architecture": self.architecture,
+            "metadata": dict(self.meta or {}),
+            "created_by": self.created_by,
+            "created_at": iso(self.created_at),
+        }
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        Index(None, "created_at", "id"),
+        Index(None, "status", "created_at"),
+        Index(None, "hardware_class", "status"),
+        Index(None, "source_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
+    source_id: Mapped[str] = mapped_column(ForeignKey("sources.id"))
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_message: Mapped[str | None] = mapped_column(Text)
+    hardware_class: Mapped[str] = mapped_column(String(50), default="cpu")
+    labels: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_code: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    warnings: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    source: Mapped[Source] = relationship()
+    targets: Mapped[list[JobTarget]] = relationship(
+        back_populates="job", order_by="JobTarget.position", lazy="selectin", cascade="all, delete-orphan"
+    )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        lazy="selectin", order_by="Artifact.created_at", viewonly=True
+    )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_JOB_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source_id": self.source_id,
+            "status": self.status,
+            "progress": self.progress,
+            "progress_message": self.progress_message,
+            "hardware_class": self.hardware_class,
+            "labels": dict(self.labels or {}),
+            "targets": [t.to_dict() for t in self.targets],
+            "artifact_ids": [a.id for a in self.artifacts],
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "cancel_requested": self.cancel_requested,
+            "worker_id": self.worker_id,
+            "lease_expires_at": iso(self.lease_expires_at),
+            "error": {"code": self.error_code, "message": self.error_message} if self.error_code else None,
+            "warnings": list(self.warnings or []),
+            "created_by": self.created_by,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+class JobTarget(Base):
+    __tablename__ = "job_targets"
+    __table_args__ = (
+        UniqueConstraint("job_id", "position"),
+        CheckConstraint(_in("status", TARGET_STATUSES), name="status"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tgt"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(50))
+    quantization: Mapped[str] = mapped_column(String(50))
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error_code: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # No FK: artifacts reference targets, a cycle would complicate inserts on every backend.
+    artifact_id: Mapped[str | None] = mapped_column(String(40))
+
+    job: Mapped[Job] = relationship(back_populates="targets")
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}:{self.quantization}"
+
+    def to_spec_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "quantization": self.quantization, "params": dict(self.params or {})}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "position": self.position,
+            "key": self.key,
+            "format": self.format,
+            "quantization": self.quantization,
+            "params": dict(self.params or {}),
+            "status": self.status,
+            "progress": self.progress,
+            "estimate": self.estimate,
+            "error": {"code": self.error_code, "message": self.error_message} if self.error_code else None,
+            "artifact_id": self.artifact_id,
+        }
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    __table_args__ = (
+        Index(None, "created_at", "id"),
+        Index(None, "format", "quantization"),
+        Index(None, "source_id"),
+        Index(None, "job_id"),
+        Index(None, "sha256"),
+        Index(None, "recipe_hash"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    target_id: Mapped[str | None] = mapped_column(ForeignKey("job_targets.id"))
+    source_id: Mapped[str] = mapped_column(ForeignKey("sources.id"))
+    format: Mapped[str] = mapped_column(String(50))
+    quantization: Mapped[str] = mapped_column(String(50))
+    filename: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    uri: Mapped[str] = mapped_column(Text)
+    storage_key: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    engine_version: Mapped[str] = mapped_column(String(100))
+    recipe_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}:{self.quantization}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "target_id": self.target_id,
+            "source_id": self.source_id,
+            "format": self.format,
+            "quantization": self.quantization,
+            "key": self.key,
+            "filename": self.filename,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "uri": self.uri,
+            "storage_key": self.storage_key,
+            "metrics": dict(self.metrics or {}),
+            "metadata": dict(self.meta or {}),
+            "engine_version": self.engine_version,
+            "recipe_hash": self.recipe_hash,
+            "created_at": iso(self.created_at),
+        }
+
+
+class LineageEdge(Base):
+    __tablename__ = "lineage_edges"
+    __table_args__ = (
+        CheckConstraint(_in("parent_type", NODE_TYPES), name="parent_type"),
+        CheckConstraint(_in("child_type", NODE_TYPES), name="child_type"),
+        Index(None, "parent_type", "parent_id"),
+        Index(None, "child_type", "child_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("edg"))
+    parent_type: Mapped[str] = mapped_column(String(20))
+    parent_id: Mapped[str] = mapped_column(String(40))
+    child_type: Mapped[str] = mapped_column(String(20))
+    child_id: Mapped[str] = mapped_column(String(40))
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    recipe_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "parent": {"type": self.parent_type, "id": self.parent_id},
+            "child": {"type": self.child_type, "id": self.child_id},
+            "recipe": dict(self.recipe or {}),
+            "recipe_hash": self.recipe_hash,
+            "created_at": iso(self.created_at),
+        }
+
+
+class AuditEvent(Base):
+    """One append-only, hash-chained audit record. ``seq`` is gapless (1, 2, 3, ...)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        UniqueConstraint("id"),
+        # A hash can be the predecessor of one row only: a forked chain cannot be stored.
+        UniqueConstraint("prev_hash"),
+        Index(None, "resource_type", "resource_id"),
+        Index(None, "at"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
+    id: Mapped[str] = mapped_column(String(40), default=lambda: new_id("aud"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    resource_type: Mapped[str] = mapped_column(String(50))
+    resource_id: Mapped[str | None] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(50))
+    request_id: Mapped[str | None] = mapped_column(String(200))
+    source_ip: Mapped[str | None] = mapped_column(String(100))
+    user_agent: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """The fields the chain hash covers (everything except ``hash`` itself)."""
+        return hashed_fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.hashed_fields(), "hash": self.hash}
+
+
+HASHED_COLUMNS = (
+    "seq", "id", "at", "actor", "action", "resource_type", "resource_id", "outcome",
+    "request_id", "source_ip", "user_agent", "details", "prev_hash",
+)
+
+
+def hashed_fields(row) -> dict[str, Any]:
+    """What an audit event's hash covers, from an AuditEvent or a row mapping keyed by column."""
+    get = row.__getitem__ if hasattr(row, "__getitem__") else row.__getattribute__
+    fields = {c: get(c) for c in HASHED_COLUMNS}
+    fields["at"] = iso(fields["at"])
+    fields["details"] = fields["details"] or {}
+    return fields
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+    __table_args__ = (Index(None, "hardware_class", "last_heartbeat_at"),)
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    hardware_class: Mapped[str] = mapped_column(String(50))
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "hostname": self.hostname,
+            "hardware_class": self.hardware_class,
+            "capabilities": dict(self.capabilities or {}),
+            "started_at": iso(self.started_at),
+            "last_heartbeat_at": iso(self.last_heartbeat_at),
+        }

@@ -1,0 +1,71 @@
+"""Quantyard's conversion engine: a pure library, file in, file out.
+
+Importing this package is cheap (stdlib only); the heavy modules (numpy, gguf, torch,
+llama_cpp) are imported inside preflight()/convert() through the converter registry, so the
+API can import the package, the manifest and the spec without pulling them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from .errors import (
+    Cancelled, ConversionError, InvalidModel, ResourceExhausted, UnsupportedArchitecture,
+    UnsupportedTarget, ValidationFailed,
+)
+from .manifest import ENGINE_VERSION, MANIFEST, capabilities, supported_architectures
+from .registry import get_converter, lazy_factory, register_converter, registered_formats
+from .results import ConversionResult, PreflightReport
+from .spec import TargetSpec, parse_target
+
+register_converter("gguf", lazy_factory("quantyard.engine.gguf.converter", "GGUFConverter"))
+
+
+def _check_architecture(source_dir: Path, targets: Sequence[TargetSpec]) -> None:
+    """Fail on the architecture from config.json alone, before any weights are looked at."""
+    from .hf.source import load_config
+
+    config = load_config(Path(source_dir))
+    archs = config.get("architectures") or [config.get("model_type", "unknown")]
+    for target in targets:
+        supported = supported_architectures(target.format)
+        if archs[0] not in supported:
+            raise UnsupportedArchitecture(
+                f"architecture {archs[0]!r} cannot be converted to {target.format}; "
+                f"supported architectures: {', '.join(supported)}",
+                details={"architecture": archs[0], "supported": supported},
+            )
+
+
+def _load(source_dir: Path, targets: Sequence[TargetSpec]):
+    from .hf.source import open_source
+
+    targets = [parse_target(t) for t in targets]  # re-canonicalise; raises UnsupportedTarget
+    _check_architecture(source_dir, targets)
+    return open_source(Path(source_dir)), targets
+
+
+def preflight(source_dir: Path, targets: Sequence[TargetSpec]) -> PreflightReport:
+    """Check a source against targets from config.json and headers; estimate each target."""
+    source, targets = _load(source_dir, targets)
+    estimates = {t.key: get_converter(t.format).estimate(source, t) for t in targets}
+    return PreflightReport(architecture=source.architecture, parameter_count=source.parameter_count,
+                           source_dtype=source.source_dtype, estimates=estimates)
+
+
+def convert(source_dir: Path, target: TargetSpec, out_dir: Path, *,
+            progress: Callable[[float, str], None] | None = None,
+            provenance: Mapping[str, str] | None = None) -> ConversionResult:
+    """Write one validated artifact for `target` into out_dir (see docs/contracts.md)."""
+    source, (target,) = _load(source_dir, [target])
+    return get_converter(target.format).convert(source, target, Path(out_dir), progress=progress,
+                                                provenance=provenance)
+
+
+__all__ = [
+    "preflight", "convert", "PreflightReport", "ConversionResult", "TargetSpec", "parse_target",
+    "MANIFEST", "ENGINE_VERSION", "capabilities", "register_converter", "get_converter",
+    "registered_formats", "ConversionError", "InvalidModel", "UnsupportedArchitecture",
+    "UnsupportedTarget", "ValidationFailed", "Cancelled", "ResourceExhausted",
+]

@@ -1,0 +1,1 @@
+"""GGUF output (llama.cpp's format). Heavy: imports numpy and gguf; load through the registry."""

@@ -1,0 +1,96 @@
+"""ggml's own quantizers, called through ctypes from the libggml-base that llama-cpp-python ships.
+
+Using the reference C code (not a re-implementation) is what makes our quantized tensors
+byte-identical to llama.cpp's. The functions are generic over ggml types: F16, BF16, Q8_0 and
+every k-/i-quant go through the same `ggml_quantize_chunk` entry point.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+
+_LIB_NAME = "libggml-base.so"
+
+
+def _find_library() -> Path:
+    """The libggml-base bundled in the installed llama_cpp package (found without importing it,
+    which would load the whole llama runtime)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llama-cpp-python is not installed; it provides ggml's quantizers")
+    for base in spec.submodule_search_locations:
+        for candidate in sorted((Path(base) / "lib").glob(_LIB_NAME + "*")):
+            return candidate
+    raise ImportError(f"{_LIB_NAME} not found under the llama_cpp package")
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_find_library()))
+    i64, sz, ty = ctypes.c_int64, ctypes.c_size_t, ctypes.c_int
+    lib.ggml_quantize_chunk.argtypes = [ty, ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = sz
+    lib.ggml_quantize_init.argtypes = [ty]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_requires_imatrix.argtypes = [ty]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_row_size.argtypes = [ty, i64]
+    lib.ggml_row_size.restype = sz
+    lib.ggml_blck_size.argtypes = [ty]
+    lib.ggml_blck_size.restype = i64
+    lib.ggml_type_name.argtypes = [ty]
+    lib.ggml_type_name.restype = ctypes.c_char_p
+    return lib
+
+
+def type_name(ggml_type: int) -> str:
+    return _lib().ggml_type_name(int(ggml_type)).decode()
+
+
+def block_size(ggml_type: int) -> int:
+    return int(_lib().ggml_blck_size(int(ggml_type)))
+
+
+def row_size(ggml_type: int, n_per_row: int) -> int:
+    """Bytes of one quantized row of `n_per_row` values."""
+    return int(_lib().ggml_row_size(int(ggml_type), int(n_per_row)))
+
+
+def requires_imatrix(ggml_type: int) -> bool:
+    return bool(_lib().ggml_quantize_requires_imatrix(int(ggml_type)))
+
+
+def quantize(data: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize a float32 array (rows = last axis) to `ggml_type`; returns the raw bytes as uint8
+    with shape (*data.shape[:-1], row_bytes), the layout GGUFWriter expects for quantized data."""
+    src = np.ascontiguousarray(data, dtype=np.float32)
+    n_per_row = src.shape[-1] if src.ndim else 1
+    nrows = src.size // n_per_row if n_per_row else 0
+    if n_per_row % block_size(ggml_type):
+        raise ValueError(f"row of {n_per_row} values is not a multiple of {type_name(ggml_type)}'s block")
+    if requires_imatrix(ggml_type) and imatrix is None:
+        raise ValueError(f"{type_name(ggml_type)} requires an importance matrix")
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if qw.shape != (n_per_row,):
+            raise ValueError(f"imatrix has shape {qw.shape}, expected ({n_per_row},)")
+    out = np.empty((*src.shape[:-1], row_size(ggml_type, n_per_row)), dtype=np.uint8)
+    lib = _lib()
+    lib.ggml_quantize_init(int(ggml_type))  # builds lookup tables the i-quants need; idempotent
+    written = lib.ggml_quantize_chunk(
+        int(ggml_type), src.ctypes.data, out.ctypes.data, 0, nrows, n_per_row,
+        qw.ctypes.data if qw is not None else None,
+    )
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out
+
+
+__all__ = ["quantize", "row_size", "block_size", "type_name", "requires_imatrix"]

@@ -1,0 +1,1 @@
+"""Reading Hugging Face model folders (config.json, safetensors headers, tensors on demand)."""

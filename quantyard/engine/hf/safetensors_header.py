@@ -1,0 +1,108 @@
+"""A small, strict safetensors header parser (stdlib only: preflight must stay cheap).
+
+Layout: 8-byte little-endian header length N, then N bytes of JSON mapping tensor names to
+{"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the byte after the header),
+plus an optional "__metadata__" dict. Every claim in the header is checked against the file's
+size so a truncated or corrupt file is rejected before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidModel
+
+# Bytes per element of every dtype the format defines; conversion supports a subset (FLOAT_DTYPES).
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+# A header larger than this is not a model we want to parse (the reference reader uses 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes live; reading them is someone else's job."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def _fail(path: Path, what: str) -> InvalidModel:
+    return InvalidModel(f"corrupt safetensors file {path.name}: {what}", details={"file": str(path)})
+
+
+def _read_header_bytes(path: Path, file_size: int) -> tuple[bytes, int]:
+    if file_size < 8:
+        raise _fail(path, f"file is {file_size} bytes, too short for the 8-byte header length")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > file_size:
+            raise _fail(path, f"header length {n} does not fit a file of {file_size} bytes")
+        return f.read(n), 8 + n
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorRef:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _fail(path, f"tensor {name!r} lacks dtype/shape/data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _fail(path, f"tensor {name!r} has invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise _fail(path, f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}")
+    if data_start + end > file_size:
+        raise _fail(path, f"tensor {name!r} ends at byte {data_start + end}, past the end of the file ({file_size})")
+    return TensorRef(name, path, dtype, tuple(shape), data_start + begin, expected)
+
+
+def _check_no_overlap(path: Path, refs: list[TensorRef]) -> None:
+    last_end, last_name = 0, None
+    for ref in sorted(refs, key=lambda r: r.offset):
+        if ref.offset < last_end:
+            raise _fail(path, f"tensors {last_name!r} and {ref.name!r} overlap")
+        last_end, last_name = ref.offset + ref.nbytes, ref.name
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Parse and validate one file's header; return (tensors by name, __metadata__)."""
+    path = Path(path)
+    file_size = path.stat().st_size
+    raw, data_start = _read_header_bytes(path, file_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header JSON is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _fail(path, "__metadata__ is not an object")
+    refs = [_parse_entry(path, name, entry, data_start, file_size) for name, entry in header.items()]
+    _check_no_overlap(path, refs)
+    return {r.name: r for r in refs}, metadata
+
+
+__all__ = ["TensorRef", "read_safetensors_header", "DTYPE_SIZES", "FLOAT_DTYPES"]

@@ -1,0 +1,37 @@
+"""What the engine can do, as plain data (stdlib only: the API answers /v1/capabilities from it
+without importing torch, numpy or gguf).
+
+Only list what is implemented and tested: the API rejects jobs against this manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+
+ENGINE_VERSION = "quantyard-engine/0.1.0"
+
+MANIFEST: dict = {
+    "formats": {
+        "gguf": {
+            "quantizations": ["F32", "F16", "BF16", "Q8_0"],
+            "architectures": ["LlamaForCausalLM"],
+            "source_formats": ["safetensors"],
+        },
+    },
+    "hardware_classes": ["cpu", "cuda"],
+}
+
+
+def capabilities() -> dict:
+    """A JSON-able deep copy of MANIFEST plus the engine version (callers may mutate it)."""
+    caps = copy.deepcopy(MANIFEST)
+    caps["engine_version"] = ENGINE_VERSION
+    return caps
+
+
+def supported_architectures(fmt: str) -> list[str]:
+    """Architectures (config.json `architectures[0]`) the given format accepts."""
+    return list(MANIFEST["formats"][fmt]["architectures"])
+
+
+__all__ = ["ENGINE_VERSION", "MANIFEST", "capabilities", "supported_architectures"]

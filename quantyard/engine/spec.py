@@ -1,0 +1,88 @@
+"""Target specifications: what one artifact should be (pure Python, used by the API).
+
+A target is written "gguf:Q8_0" or {"format": "gguf", "quantization": "Q8_0", "params": {}}.
+Input is case-insensitive; the parsed spec carries the canonical spelling from the manifest so
+that keys and recipe hashes are stable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import UnsupportedTarget
+from .manifest import MANIFEST
+
+
+def _frozen(params: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(params or {}))
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    format: str
+    quantization: str
+    params: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+
+    def __post_init__(self) -> None:
+        # Freeze whatever mapping we were given so a spec can't change after hashing.
+        if not isinstance(self.params, MappingProxyType):
+            object.__setattr__(self, "params", _frozen(self.params))
+
+    def __hash__(self) -> int:
+        # params may hold unhashable values (lists, dicts): hash their canonical JSON instead.
+        return hash((self.format, self.quantization, json.dumps(dict(self.params), sort_keys=True, default=str)))
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}:{self.quantization}"
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "quantization": self.quantization, "params": dict(self.params)}
+
+
+def _canonical_format(value: str) -> str:
+    fmt = value.strip().lower()
+    if fmt not in MANIFEST["formats"]:
+        valid = ", ".join(sorted(MANIFEST["formats"]))
+        raise UnsupportedTarget(f"unknown format {value!r}; valid formats: {valid}")
+    return fmt
+
+
+def _canonical_quantization(fmt: str, value: str) -> str:
+    offered = MANIFEST["formats"][fmt]["quantizations"]
+    by_lower = {q.lower(): q for q in offered}
+    quant = by_lower.get(value.strip().lower())
+    if quant is None:
+        raise UnsupportedTarget(
+            f"format {fmt!r} has no quantization {value!r}; valid quantizations: {', '.join(offered)}"
+        )
+    return quant
+
+
+def parse_target(value: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
+    """Parse "fmt:QUANT" or a mapping into a canonical TargetSpec; UnsupportedTarget if invalid."""
+    if isinstance(value, TargetSpec):
+        value = value.to_dict()
+    if isinstance(value, str):
+        fmt, sep, quant = value.partition(":")
+        if not sep or not fmt.strip() or not quant.strip():
+            raise UnsupportedTarget(f"target {value!r} is not of the form 'format:QUANTIZATION' (e.g. 'gguf:Q8_0')")
+        params: Mapping[str, Any] = {}
+    elif isinstance(value, Mapping):
+        fmt, quant = value.get("format"), value.get("quantization")
+        params = value.get("params") or {}
+        if not isinstance(fmt, str) or not isinstance(quant, str):
+            raise UnsupportedTarget("a target needs string fields 'format' and 'quantization'")
+        if not isinstance(params, Mapping):
+            raise UnsupportedTarget("a target's 'params' must be an object")
+    else:
+        raise UnsupportedTarget(f"a target must be a string or an object, not {type(value).__name__}")
+    canonical_fmt = _canonical_format(fmt)
+    return TargetSpec(canonical_fmt, _canonical_quantization(canonical_fmt, quant), _frozen(params))
+
+
+__all__ = ["TargetSpec", "parse_target"]
