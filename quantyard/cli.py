@@ -217,11 +217,13 @@ def _resolve_source(client, source: str, name: str | None, *, quiet: bool) -> st
 def _wait_with_bar(client, job_id: str, *, quiet: bool) -> dict:
     from tqdm import tqdm
 
-    with tqdm(total=100, unit="%", desc=job_id[:16], disable=quiet, file=sys.stderr,
-              bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}") as bar:
+    with tqdm(total=100, disable=quiet, file=sys.stderr,
+              bar_format="{desc:<10} {percentage:3.0f}%|{bar:30}| {postfix}") as bar:
         def update(job: dict) -> None:
             bar.n = round(100 * (job.get("progress") or 0))
-            bar.set_postfix_str(f"{job['status']} {job.get('progress_message') or ''}"[:60])
+            bar.set_description_str(job["status"], refresh=False)
+            note = job.get("waiting_reason") if job["status"] == "queued" else None
+            bar.set_postfix_str((note or job.get("progress_message") or "")[:60])
 
         return client.wait(job_id, on_update=update)
 
@@ -289,7 +291,8 @@ def download(artifact_id, output, server) -> None:
             output = output / meta["filename"]
         with tqdm(total=meta["size_bytes"], unit="B", unit_scale=True, desc="download",
                   file=sys.stderr) as bar:
-            client.download(artifact_id, output, on_bytes=bar.update)
+            client.download(artifact_id, output, expected_sha256=meta["sha256"],
+                            on_bytes=bar.update)
     except ApiError as exc:
         _fail(exc)
     click.echo(str(output))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -82,9 +83,11 @@ class QuantyardClient:
     def get_artifact(self, artifact_id: str) -> dict:
         return self._request("GET", f"/v1/artifacts/{artifact_id}").json()
 
-    def download(self, artifact_id: str, dest: Path,
+    def download(self, artifact_id: str, dest: Path, *, expected_sha256: str | None = None,
                  on_bytes: Callable[[int], None] | None = None) -> Path:
+        """Stream an artifact to `dest`; with `expected_sha256`, refuse bytes that don't match."""
         tmp = dest.with_name(dest.name + ".part")
+        digest = hashlib.sha256()
         try:
             with self._http.stream("GET", f"/v1/artifacts/{artifact_id}/download",
                                    follow_redirects=True, timeout=None) as response:
@@ -94,8 +97,13 @@ class QuantyardClient:
                 with tmp.open("wb") as f:
                     for block in response.iter_bytes(1 << 20):
                         f.write(block)
+                        digest.update(block)
                         if on_bytes:
                             on_bytes(len(block))
+            if expected_sha256 and digest.hexdigest() != expected_sha256:
+                raise ApiError(0, "checksum_mismatch",
+                               f"downloaded bytes have sha256 {digest.hexdigest()}, "
+                               f"the catalog says {expected_sha256}")
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)

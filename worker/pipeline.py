@@ -79,10 +79,12 @@ def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
     with rt.session() as s:
         job = catalog.get_job(s, job_id=job_id)
         source = catalog.get_source(s, source_id=job.source_id)
+        # A redelivered job keeps what an earlier attempt finished and redoes only the rest.
         targets = [
             TargetWork(t.id, parse_target({"format": t.format, "quantization": t.quantization,
                                            "params": t.params or {}}))
             for t in sorted(job.targets, key=lambda t: t.position)
+            if not (t.status == "succeeded" and t.artifact_id)
         ]
         return {
             "source": {"id": source.id, "sha256": source.sha256, "key": source.storage_key,
@@ -149,7 +151,7 @@ def _convert_target(rt, job_id, source, source_dir, target: TargetWork, index, c
     out_dir.mkdir()
     result = engine.convert(source_dir, target.spec, out_dir, progress=on_progress,
                             provenance={"source_sha256": source["sha256"], "recipe_hash": digest,
-                                        "source_name": source["name"] or ""})
+                                        "name": source["name"] or ""})
     watch.progress(span_start + span * 0.92, f"{target.spec.key}: uploading", force=True)
     key = f"artifacts/{job_id}/{target.target_id}/{result.path.name}"
     stored = rt.store.put_file(key, result.path)

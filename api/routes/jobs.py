@@ -25,8 +25,8 @@ log = logging.getLogger("quantyard.api")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = {"succeeded", "failed", "cancelled"}
+JOB_STATUSES = catalog.JOB_STATUSES
+FINISHED = catalog.TERMINAL_JOB_STATUSES
 
 
 class TargetIn(BaseModel):

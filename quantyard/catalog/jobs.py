@@ -203,6 +203,7 @@ def _finish(job: Job, status: str, error_code: str | None, error_message: str | 
     job.finished_at = utcnow()
     job.lease_expires_at = None
     job.error_code, job.error_message = error_code, error_message
+    job.progress_message = status  # the last step's message would read as if it were running
     if status == "succeeded":
         job.progress = 1.0
     if status in ("failed", "cancelled"):
