@@ -47,6 +47,9 @@ def serve(host, port, data_dir) -> None:
     from quantyard.catalog import upgrade_database
 
     upgrade_database(settings.resolved_database_url)
+    # uvicorn re-raises SIGTERM after its own shutdown; turning it into SystemExit lets the
+    # `finally` below stop the worker instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     worker = subprocess.Popen([sys.executable, "-m", "quantyard.cli", "worker",
                                "--hardware-class", "cpu", "--loglevel", "warning"])
     try:

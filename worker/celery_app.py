@@ -68,25 +68,32 @@ class _HeartbeatStep(bootsteps.StartStopStep):
         info["queues"] = [queue_name(c) for c in classes]
         info["concurrency"] = settings.worker_concurrency
 
+        ids = {c: worker_id if len(classes) == 1 else f"{worker_id}:{c}" for c in classes}
+
         def beat() -> None:
             while True:
                 try:
-                    with runtime.session() as s:
-                        for hardware_class in classes:
-                            catalog.worker_heartbeat(
-                                s, worker_id=f"{worker_id}" if len(classes) == 1
-                                else f"{worker_id}:{hardware_class}",
-                                hostname=worker_id.split(":")[0], hardware_class=hardware_class,
-                                capabilities=info,
-                            )
-                        s.commit()
+                    # No heartbeat while the consumer has lost its broker connection.
+                    if getattr(consumer.connection, "connected", True):
+                        with runtime.session() as s:
+                            for hardware_class, wid in ids.items():
+                                catalog.worker_heartbeat(
+                                    s, worker_id=wid, hostname=worker_id.split(":")[0],
+                                    hardware_class=hardware_class, capabilities=info)
+                            s.commit()
                 except Exception:
                     log.exception("heartbeat failed")
                 if self._stop.wait(settings.worker_heartbeat_s):
-                    return
+                    break
+            with runtime.session() as s:
+                for wid in ids.values():
+                    catalog.worker_stopped(s, worker_id=wid)
+                s.commit()
 
         self._thread = threading.Thread(target=beat, name="quantyard-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self, consumer) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

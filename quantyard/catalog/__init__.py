@@ -62,7 +62,7 @@ from .models import (
     Source,
     Worker,
 )
-from .workers import live_workers, worker_heartbeat
+from .workers import live_workers, worker_heartbeat, worker_stopped
 
 __all__ = [
     "JOB_STATUSES", "TARGET_STATUSES", "TERMINAL_JOB_STATUSES",
@@ -74,4 +74,5 @@ __all__ = [
     "lineage", "list_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",
     "normalize_url", "queue_depth", "record_artifact", "record_audit", "renew_lease", "request_cancel",
     "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
+    "worker_stopped",
 ]

@@ -34,3 +34,11 @@ def live_workers(s: Session, *, hardware_class: str | None = None, stale_after_s
     if hardware_class:
         q = q.where(Worker.hardware_class == hardware_class)
     return list(s.execute(q.order_by(Worker.hardware_class, Worker.id)).scalars())
+
+
+def worker_stopped(s: Session, *, worker_id: str) -> None:
+    """Forget a worker that shut down cleanly, so it stops counting as live at once."""
+    worker = s.get(Worker, worker_id)
+    if worker is not None:
+        s.delete(worker)
+        s.flush()
