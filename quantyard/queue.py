@@ -10,6 +10,7 @@ from celery import Celery
 from quantyard.settings import Settings
 
 CONVERT_TASK = "quantyard.convert_job"
+CONVERT_TARGET_TASK = "quantyard.convert_target"
 
 
 def queue_name(hardware_class: str) -> str:
@@ -69,6 +70,18 @@ def enqueue_job(app: Celery, *, job_id: str, hardware_class: str) -> None:
         queue=queue_name(hardware_class),
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+
+
+def enqueue_target(app: Celery, *, job_id: str, target_id: str, inputs: dict,
+                   hardware_class: str) -> None:
+    """Send one target of a prepared job to its own task (workers of the same class)."""
+    app.send_task(
+        CONVERT_TARGET_TASK,
+        args=[job_id, target_id, inputs],
+        queue=queue_name(hardware_class),
+        retry=True,
+        retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
     )
 
 

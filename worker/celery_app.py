@@ -11,10 +11,13 @@ import threading
 from celery import Celery, bootsteps
 
 from quantyard import catalog
-from quantyard.queue import CONVERT_TASK, make_celery, queue_name
+from quantyard.queue import (
+    CONVERT_TARGET_TASK, CONVERT_TASK, enqueue_target, make_celery, queue_name,
+)
 from quantyard.settings import Settings, get_settings
 from worker import hardware
 from worker.pipeline import run_job
+from worker.target_pipeline import run_target
 from worker.runtime import build_runtime, runtime_for_this_process
 
 log = logging.getLogger(__name__)
@@ -33,17 +36,36 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
 
 
 def _register_task(app: Celery, worker_id: str) -> None:
+    # Tasks stay thin: everything about the work lives in the pipelines and the catalog.
+
     @app.task(name=CONVERT_TASK, bind=True, max_retries=None)
     def convert_job(self, job_id: str) -> str:
-        # Tasks stay thin: everything about the job lives in the pipeline and the catalog.
         runtime = runtime_for_this_process(worker_id)
-        outcome = run_job(runtime, job_id)
+        outcome = run_job(runtime, job_id, _dispatcher(app, runtime))
         if outcome == "leased":
             # Another worker holds a live lease: either it is still working (this is a
             # duplicate delivery) or it just died and its lease will lapse. Look again once
             # the lease could have expired, until the job ends one way or the other.
             raise self.retry(countdown=runtime.settings.job_lease_s)
         return outcome
+
+    @app.task(name=CONVERT_TARGET_TASK, bind=True, max_retries=None)
+    def convert_target(self, job_id: str, target_id: str, inputs: dict) -> str:
+        runtime = runtime_for_this_process(worker_id)
+        outcome = run_target(runtime, job_id, target_id, inputs)
+        if outcome == "leased":
+            raise self.retry(countdown=runtime.settings.job_lease_s)
+        return outcome
+
+
+def _dispatcher(app: Celery, runtime):
+    def dispatch(job_id: str, target_id: str, inputs: dict) -> None:
+        with runtime.session() as s:
+            hardware_class = catalog.get_job(s, job_id=job_id).hardware_class
+        enqueue_target(app, job_id=job_id, target_id=target_id, inputs=inputs,
+                       hardware_class=hardware_class)
+
+    return dispatch
 
 
 class _HeartbeatStep(bootsteps.StartStopStep):

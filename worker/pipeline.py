@@ -1,7 +1,8 @@
-"""One job, start to finish: claim → fetch → preflight → convert + validate → upload → record.
+"""A job's shared work, done once: claim → fetch → preflight → lossless intermediate → hand each
+remaining target to a task of its own (see target_pipeline.py).
 
-Every way out of here leaves the job in a final state (or back to a state another delivery can
-claim), with its error recorded and no temporary objects left behind.
+Every way out of here leaves the job in a final state, or dispatched to its targets, or back to a
+state another delivery can claim; errors are recorded and no temporary objects are left behind.
 """
 
 from __future__ import annotations
@@ -9,28 +10,26 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from quantyard import catalog
-from quantyard.archive import extract_archive
-from quantyard.engine.errors import Cancelled, ConversionError, InvalidModel
-from quantyard.engine.spec import TargetSpec, parse_target
-from quantyard.recipes import make_recipe, recipe_hash
+from quantyard.engine.errors import Cancelled, ConversionError
+from quantyard.engine.spec import parse_target
+from worker.publish import publish, target_recipe
 from worker.runtime import WorkerRuntime
+from worker.sources import fetch_source
 from worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TargetWork:
-    target_id: str
-    spec: TargetSpec
+# dispatch(job_id, target_id, inputs) sends one target to its own task.
+Dispatch = Callable[[str, str, dict], None]
 
 
-def run_job(rt: WorkerRuntime, job_id: str) -> str:
-    """Run a job if this delivery may claim it; returns the claim outcome or the final status."""
+def run_job(rt: WorkerRuntime, job_id: str, dispatch: Dispatch) -> str:
+    """Do a job's shared work if this delivery may claim it; returns the claim outcome, or
+    "dispatched" once the targets are on their way, or the job's final status."""
     with rt.session() as s:
         outcome = catalog.claim_job(
             s, job_id=job_id, worker_id=rt.worker_id,
@@ -38,38 +37,39 @@ def run_job(rt: WorkerRuntime, job_id: str) -> str:
         )
         s.commit()
     if outcome.kind != "claimed":
-        log.info("job %s not run: %s", job_id, outcome.kind)
+        log.info("job %s not prepared here: %s", job_id, outcome.kind)
         return outcome.kind
     with JobWatch(rt, job_id, rt.settings.job_lease_s) as watch:
-        return _run_claimed(rt, job_id, watch)
+        return _prepare(rt, job_id, watch, dispatch)
 
 
-def _run_claimed(rt: WorkerRuntime, job_id: str, watch: JobWatch) -> str:
-    current_target: str | None = None
+def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch) -> str:
     work_dir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=rt.scratch_dir))
     try:
-        job_info = _load_job(rt, job_id)
-        watch.progress(0.01, "fetching source", force=True)
-        source_dir = _fetch_source(rt, job_info["source"], work_dir)
-        targets = job_info["targets"]
-        _preflight(rt, job_id, source_dir, targets, watch)
-        for index, target in enumerate(targets):
-            current_target = target.target_id
-            _convert_target(rt, job_id, job_info["source"], source_dir, target, index, len(targets),
-                            work_dir, watch)
-            current_target = None
-        _finish(rt, job_id, "succeeded")
-        return "succeeded"
+        job = _load_job(rt, job_id)
+        watch.progress(0.05, "fetching source", force=True)
+        source_dir = fetch_source(rt, job["source"], work_dir)
+        report = _preflight(rt, job, source_dir, watch)
+        intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
+        pending = _reuse_for_targets(rt, job, intermediate)
+        with rt.session() as s:
+            catalog.mark_dispatched(s, job_id=job_id,
+                                    message=f"{len(pending)} target(s) dispatched")
+            finished = catalog.settle_job(s, job_id=job_id)
+            s.commit()
+        inputs = {"intermediate_artifact_id": intermediate["id"]}
+        for target_id in pending:
+            dispatch(job_id, target_id, inputs)
+        return finished.status if finished is not None else "dispatched"
     except Cancelled as exc:
-        _finish(rt, job_id, "cancelled", target_id=current_target, code="cancelled", message=str(exc))
+        _fail(rt, job_id, "cancelled", "cancelled", str(exc))
         return "cancelled"
     except ConversionError as exc:
-        _finish(rt, job_id, "failed", target_id=current_target, code=exc.code, message=str(exc))
+        _fail(rt, job_id, "failed", exc.code, str(exc))
         return "failed"
     except BaseException as exc:  # a bug or a time limit: record it, then let Celery see it
         code = "time_limit" if type(exc).__name__ == "SoftTimeLimitExceeded" else "internal_error"
-        _finish(rt, job_id, "failed", target_id=current_target, code=code,
-                message=f"{type(exc).__name__}: {exc}")
+        _fail(rt, job_id, "failed", code, f"{type(exc).__name__}: {exc}")
         raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -79,107 +79,79 @@ def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
     with rt.session() as s:
         job = catalog.get_job(s, job_id=job_id)
         source = catalog.get_source(s, source_id=job.source_id)
-        # A redelivered job keeps what an earlier attempt finished and redoes only the rest.
-        targets = [
-            TargetWork(t.id, parse_target({"format": t.format, "quantization": t.quantization,
-                                           "params": t.params or {}}))
-            for t in sorted(job.targets, key=lambda t: t.position)
-            if not (t.status == "succeeded" and t.artifact_id)
-        ]
         return {
+            "id": job.id,
             "source": {"id": source.id, "sha256": source.sha256, "key": source.storage_key,
                        "name": source.name},
-            "targets": targets,
+            # (target id, spec, status) in the order they were asked for
+            "targets": [(t.id, parse_target(t.to_spec_dict()), t.status)
+                        for t in sorted(job.targets, key=lambda t: t.position)],
         }
 
 
-def _fetch_source(rt: WorkerRuntime, source: dict, work_dir: Path) -> Path:
-    archive = work_dir / "source.archive"
-    rt.store.download_file(source["key"], archive)
-    unpacked = work_dir / "source"
-    try:
-        extract_archive(archive, unpacked, max_members=rt.settings.max_archive_members,
-                        max_unpacked_bytes=rt.settings.max_unpacked_bytes)
-    except ValueError as exc:
-        raise InvalidModel(f"source {source['id']} could not be unpacked: {exc}") from exc
-    finally:
-        archive.unlink(missing_ok=True)
-    return _model_root(unpacked)
-
-
-def _model_root(unpacked: Path) -> Path:
-    """Archives often wrap the model in one folder; the model root is where config.json is."""
-    if (unpacked / "config.json").exists():
-        return unpacked
-    children = [p for p in unpacked.iterdir() if p.is_dir()]
-    if len(children) == 1 and (children[0] / "config.json").exists():
-        return children[0]
-    raise InvalidModel("the source holds no config.json at its top level (nor in a single folder)")
-
-
-def _preflight(rt, job_id, source_dir, targets, watch) -> None:
+def _preflight(rt, job: dict, source_dir: Path, watch: JobWatch):
     from quantyard import engine  # heavy imports stay out of the API's path
 
-    report = engine.preflight(source_dir, [t.spec for t in targets])
+    report = engine.preflight(source_dir, [spec for _, spec, _ in job["targets"]])
     with rt.session() as s:
-        for t in targets:
-            catalog.set_target_status(s, target_id=t.target_id, status="pending",
-                                      estimate=report.estimates.get(t.spec.key))
+        for target_id, spec, status in job["targets"]:
+            catalog.set_target_status(s, target_id=target_id, status=status,
+                                      estimate=report.estimates.get(spec.key))
         s.commit()
-    watch.progress(0.03, f"preflight ok: {report.architecture}", force=True)
+    watch.progress(0.1, f"preflight ok: {report.architecture}", force=True)
+    return report
 
 
-def _convert_target(rt, job_id, source, source_dir, target: TargetWork, index, count,
-                    work_dir, watch) -> None:
+def _intermediate(rt, job: dict, source_dir: Path, report, work_dir: Path,
+                  watch: JobWatch) -> dict:
+    """The lossless GGUF every target is made from: reused when any job made it before."""
     from quantyard import engine
+    from quantyard.engine.stages import intermediate_target, make_intermediate
 
-    watch.raise_if_cancelled()
+    spec = intermediate_target(report)
+    recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
+                                   engine_version=engine.ENGINE_VERSION, inputs={})
     with rt.session() as s:
-        catalog.set_target_status(s, target_id=target.target_id, status="running")
-        s.commit()
-    span_start, span = 0.05 + 0.95 * index / count, 0.95 / count
-    recipe = make_recipe(source_sha256=source["sha256"], target=target.spec.to_dict(),
-                         engine_version=engine.ENGINE_VERSION)
-    digest = recipe_hash(recipe)
+        existing = catalog.find_artifact_by_recipe(s, recipe_hash=digest)
+        existing = existing.to_dict() if existing is not None else None
+    if existing and rt.store.stat(existing["storage_key"]) == existing["size_bytes"]:
+        watch.progress(0.9, f"reusing intermediate {existing['id']}", force=True)
+        return existing
 
     def on_progress(fraction: float, message: str) -> None:
-        # Conversion is ~90% of a target's span; the upload takes the rest.
-        watch.progress(span_start + span * 0.9 * fraction, f"{target.spec.key}: {message}",
-                       target_id=target.target_id, target_fraction=fraction)
+        watch.progress(0.1 + 0.75 * fraction, f"intermediate {spec.key}: {message}")
 
-    out_dir = work_dir / target.target_id
-    out_dir.mkdir()
-    result = engine.convert(source_dir, target.spec, out_dir, progress=on_progress,
-                            provenance={"source_sha256": source["sha256"], "recipe_hash": digest,
-                                        "name": source["name"] or ""})
-    watch.progress(span_start + span * 0.92, f"{target.spec.key}: uploading", force=True)
-    key = f"artifacts/{job_id}/{target.target_id}/{result.path.name}"
-    stored = rt.store.put_file(key, result.path)
-    try:
-        watch.raise_if_cancelled()
-        with rt.session() as s:
-            catalog.record_artifact(
-                s, job_id=job_id, target_id=target.target_id, source_id=source["id"],
-                format=result.format, quantization=result.quantization, sha256=stored.sha256,
-                size_bytes=stored.size_bytes, uri=stored.uri, storage_key=stored.key,
-                filename=result.path.name, metrics=result.metrics, metadata=result.metadata,
-                engine_version=result.engine_version, recipe=recipe, recipe_hash=digest,
-            )
-            s.commit()
-    except BaseException:
-        rt.store.delete(stored.key)  # never leave bytes the catalog does not know about
-        raise
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir = work_dir / "intermediate"
+    result = make_intermediate(source_dir, report, out_dir, progress=on_progress,
+                               provenance={"source_sha256": job["source"]["sha256"],
+                                           "recipe_hash": digest,
+                                           "name": job["source"]["name"] or ""})
+    watch.progress(0.9, f"intermediate {spec.key}: uploading", force=True)
+    return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
+                   result=result, key=f"artifacts/{job['id']}/intermediate/{result.path.name}",
+                   recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
 
 
-def _finish(rt: WorkerRuntime, job_id: str, status: str, *, target_id: str | None = None,
-            code: str | None = None, message: str | None = None) -> None:
+def _reuse_for_targets(rt, job: dict, intermediate: dict) -> list[str]:
+    """Targets that ask for exactly the intermediate get it; returns the ids still to make."""
+    pending = []
     with rt.session() as s:
-        if target_id is not None:
-            catalog.set_target_status(s, target_id=target_id,
-                                      status="cancelled" if status == "cancelled" else "failed",
-                                      error_code=code, error_message=message)
+        for target_id, spec, status in job["targets"]:
+            if status == "succeeded":
+                continue
+            same = (spec.format, spec.quantization) == (intermediate["format"],
+                                                        intermediate["quantization"])
+            if same and not spec.params:
+                target = s.get(catalog.JobTarget, target_id)
+                catalog.assign_target_artifact(target, intermediate["id"])
+            else:
+                pending.append(target_id)
+        s.commit()
+    return pending
+
+
+def _fail(rt, job_id: str, status: str, code: str, message: str) -> None:
+    with rt.session() as s:
         catalog.finish_job(s, job_id=job_id, status=status, error_code=code, error_message=message)
         s.commit()
-    log.info("job %s %s%s", job_id, status, f" ({code}: {message})" if code else "")
+    log.info("job %s %s (%s: %s)", job_id, status, code, message)

@@ -1,8 +1,9 @@
-"""A background thread that keeps a claimed job's lease alive and notices cancel requests.
+"""Background threads that keep a claim's lease alive and notice cancel requests.
 
-The engine only learns about cancellation through its progress callback, so the watch turns a
+The engine only learns about cancellation through its progress callback, so a watch turns a
 cancel request in the catalog into an Event the callback checks; it also writes progress at a
-bounded rate so a fast-ticking converter does not hammer the database.
+bounded rate so a fast-ticking converter does not hammer the database. A job's shared work is
+watched by `JobWatch`, each target's own task by `TargetWatch`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled
@@ -18,20 +18,27 @@ from quantyard.engine.errors import Cancelled
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class JobWatch:
-    runtime: object  # WorkerRuntime; typed loosely to avoid an import cycle
-    job_id: str
-    lease_s: int
-    min_write_interval_s: float = 1.0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    lease_lost: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _last_write: float = 0.0
-    _thread: threading.Thread | None = None
+class _Watch:
+    min_write_interval_s = 1.0
 
-    def __enter__(self) -> "JobWatch":
-        self._thread = threading.Thread(target=self._loop, name=f"watch-{self.job_id}", daemon=True)
+    def __init__(self, runtime, job_id: str, lease_s: int):
+        self.runtime, self.job_id, self.lease_s = runtime, job_id, lease_s
+        self.cancelled = threading.Event()
+        self.lease_lost = threading.Event()
+        self._stop = threading.Event()
+        self._last_write = 0.0
+        self._thread: threading.Thread | None = None
+
+    # What differs between a job and a target: how to renew, and how to record progress.
+    def _renew(self, s) -> bool:
+        raise NotImplementedError
+
+    def _record(self, s, fraction: float, message: str | None) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, name=f"watch-{self.job_id}",
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -41,18 +48,16 @@ class JobWatch:
             self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        interval = max(self.lease_s / 3, 0.5)
-        while not self._stop.wait(min(interval, 2.0)):
+        interval = min(max(self.lease_s / 3, 0.5), 2.0)
+        while not self._stop.wait(interval):
             try:
-                self._renew_and_check()
+                self._tick()
             except Exception:  # the next tick retries; a dead DB shows up in the pipeline too
-                log.exception("job watch tick failed for %s", self.job_id)
+                log.exception("watch tick failed for %s", self.job_id)
 
-    def _renew_and_check(self) -> None:
+    def _tick(self) -> None:
         with self.runtime.session() as s:
-            ok = catalog.renew_lease(
-                s, job_id=self.job_id, worker_id=self.runtime.worker_id, lease_s=self.lease_s
-            )
+            ok = self._renew(s)
             job = catalog.get_job(s, job_id=self.job_id)
             s.commit()
         if not ok:
@@ -64,10 +69,9 @@ class JobWatch:
         if self.cancelled.is_set():
             raise Cancelled("the job was cancelled")
         if self.lease_lost.is_set():
-            raise Cancelled("this worker lost the job's lease to another worker")
+            raise Cancelled("this worker lost its lease to another worker")
 
-    def progress(self, fraction: float, message: str | None, *, target_id: str | None = None,
-                 target_fraction: float | None = None, force: bool = False) -> None:
+    def progress(self, fraction: float, message: str | None, *, force: bool = False) -> None:
         """Record progress (rate-limited) and stop the work if a cancel came in."""
         self.raise_if_cancelled()
         now = time.monotonic()
@@ -75,11 +79,37 @@ class JobWatch:
             return
         self._last_write = now
         with self.runtime.session() as s:
-            stop = catalog.set_progress(
-                s, job_id=self.job_id, progress=min(max(fraction, 0.0), 1.0), message=message,
-                target_id=target_id, target_progress=target_fraction,
-            )
+            stop = self._record(s, min(max(fraction, 0.0), 1.0), message)
             s.commit()
         if stop:
             self.cancelled.set()
             self.raise_if_cancelled()
+
+
+class JobWatch(_Watch):
+    """Watches the job while one worker does its shared work (fetch, preflight, intermediate)."""
+
+    def _renew(self, s) -> bool:
+        return catalog.renew_lease(s, job_id=self.job_id, worker_id=self.runtime.worker_id,
+                                   lease_s=self.lease_s)
+
+    def _record(self, s, fraction: float, message: str | None) -> bool:
+        # The shared work fills the first part of the job's bar; targets fill the rest.
+        return catalog.set_progress(s, job_id=self.job_id, progress=fraction * catalog.PREPARE_SHARE,
+                                    message=message)
+
+
+class TargetWatch(_Watch):
+    """Watches one target's task."""
+
+    def __init__(self, runtime, job_id: str, target_id: str, lease_s: int):
+        super().__init__(runtime, job_id, lease_s)
+        self.target_id = target_id
+
+    def _renew(self, s) -> bool:
+        return catalog.renew_target_lease(s, target_id=self.target_id,
+                                          worker_id=self.runtime.worker_id, lease_s=self.lease_s)
+
+    def _record(self, s, fraction: float, message: str | None) -> bool:
+        return catalog.set_target_progress(s, target_id=self.target_id, progress=fraction,
+                                           message=message)

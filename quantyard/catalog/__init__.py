@@ -24,6 +24,7 @@ Lookups by id return ``None`` when missing (``get_*``); mutations of a missing r
 
 from .artifacts import (
     add_lineage_edge,
+    assign_target_artifact,
     create_source,
     find_artifact_by_recipe,
     get_artifact,
@@ -62,6 +63,15 @@ from .models import (
     Source,
     Worker,
 )
+from .targets import (
+    PREPARE_SHARE,
+    claim_target,
+    finish_target,
+    mark_dispatched,
+    renew_target_lease,
+    set_target_progress,
+    settle_job,
+)
 from .workers import live_workers, worker_heartbeat, worker_stopped
 
 __all__ = [
@@ -74,5 +84,6 @@ __all__ = [
     "lineage", "list_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",
     "normalize_url", "queue_depth", "record_artifact", "record_audit", "renew_lease", "request_cancel",
     "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
-    "worker_stopped",
+    "worker_stopped", "assign_target_artifact", "PREPARE_SHARE", "claim_target", "finish_target",
+    "mark_dispatched", "renew_target_lease", "set_target_progress", "settle_job",
 ]

@@ -64,6 +64,15 @@ def get_source_by_sha256(s: Session, *, sha256: str) -> Source | None:
     return s.execute(q).scalars().first()
 
 
+def assign_target_artifact(target: JobTarget, artifact_id: str) -> None:
+    """A target is done once it has its artifact (new, or an existing one reused)."""
+    target.artifact_id = artifact_id
+    target.status, target.progress = "succeeded", 1.0
+    target.error_code = target.error_message = None
+    target.lease_expires_at = None
+    target.finished_at = utcnow()
+
+
 def record_artifact(
     s: Session,
     *,
@@ -83,6 +92,7 @@ def record_artifact(
     recipe: dict[str, Any],
     recipe_hash: str,
     actor: str | None = None,
+    parents: list[tuple[str, str]] | None = None,
 ) -> Artifact:
     """Catalog an artifact, link it to its target (which becomes ``succeeded``), add the lineage
     edge source -> artifact carrying the recipe, and audit it; all in the caller's transaction.
@@ -126,22 +136,23 @@ def record_artifact(
         created_at=utcnow(),
     )
     s.add(artifact)
-    s.add(
-        LineageEdge(
-            id=new_id("edg"),
-            parent_type="source",
-            parent_id=source_id,
-            child_type="artifact",
-            child_id=artifact.id,
-            recipe=dict(recipe or {}),
-            recipe_hash=recipe_hash,
-            created_at=utcnow(),
+    # The artifact's direct inputs: the source by default, or e.g. the intermediate it was
+    # quantized from.
+    for parent_type, parent_id in parents or [("source", source_id)]:
+        s.add(
+            LineageEdge(
+                id=new_id("edg"),
+                parent_type=parent_type,
+                parent_id=parent_id,
+                child_type="artifact",
+                child_id=artifact.id,
+                recipe=dict(recipe or {}),
+                recipe_hash=recipe_hash,
+                created_at=utcnow(),
+            )
         )
-    )
     if target is not None:
-        target.artifact_id = artifact.id
-        target.status, target.progress = "succeeded", 1.0
-        target.error_code = target.error_message = None
+        assign_target_artifact(target, artifact.id)
     s.flush()
     if job is not None:
         s.expire(job, ["artifacts"])

@@ -255,6 +255,8 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
             return ClaimOutcome("finished", job, job.attempts)
         if job.status == "cancelled":
             return ClaimOutcome("cancelled", job, job.attempts)
+        if job.dispatched_at is not None:
+            return ClaimOutcome("dispatched", job, job.attempts)  # its targets run on their own
         if job.status == "running" and job.lease_expires_at is not None and job.lease_expires_at > now:
             return ClaimOutcome("leased", job, job.attempts, (job.lease_expires_at - now).total_seconds())
         # Queued, or running under an expired lease (the worker that held it is gone).

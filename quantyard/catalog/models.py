@@ -151,6 +151,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set once the preparing task has handed the targets to their own tasks.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     source: Mapped[Source] = relationship()
     targets: Mapped[list[JobTarget]] = relationship(
@@ -174,7 +176,13 @@ class Job(Base):
             "hardware_class": self.hardware_class,
             "labels": dict(self.labels or {}),
             "targets": [t.to_dict() for t in self.targets],
-            "artifact_ids": [a.id for a in self.artifacts],
+            # The artifacts the targets asked for (an intermediate a job made on the way is
+            # listed under intermediate_artifact_ids).
+            "artifact_ids": [t.artifact_id for t in self.targets if t.artifact_id],
+            "intermediate_artifact_ids": [
+                a.id for a in self.artifacts if a.target_id is None
+                and a.id not in {t.artifact_id for t in self.targets}
+            ],
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
             "cancel_requested": self.cancel_requested,
@@ -210,6 +218,11 @@ class JobTarget(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # No FK: artifacts reference targets, a cycle would complicate inserts on every backend.
     artifact_id: Mapped[str | None] = mapped_column(String(40))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     job: Mapped[Job] = relationship(back_populates="targets")
 
@@ -233,6 +246,9 @@ class JobTarget(Base):
             "estimate": self.estimate,
             "error": {"code": self.error_code, "message": self.error_message} if self.error_code else None,
             "artifact_id": self.artifact_id,
+            "attempts": self.attempts,
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
         }
 
 

@@ -18,13 +18,20 @@ from quantyard.catalog.models import Base
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _head() -> str:
+    """The newest revision, read from the migration scripts themselves."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(migrations_dir())).get_current_head()
+
+
 def test_migrated_schema_matches_models(engine, catalog_url):
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == []
     tables = set(inspect(engine).get_table_names())
     assert {"sources", "jobs", "job_targets", "artifacts", "lineage_edges", "audit_events", "workers"} <= tables
-    assert current_revision(catalog_url) == "0001"
+    assert current_revision(catalog_url) == _head()
     catalog.upgrade_database(catalog_url)  # idempotent
 
 
@@ -41,7 +48,7 @@ def test_upgrade_from_another_directory(tmp_path):
     code = "import sys; from quantyard.catalog import upgrade_database; upgrade_database(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code, f"sqlite:///{db}"], cwd=tmp_path, env=env, check=True)
-    assert current_revision(f"sqlite:///{db}") == "0001"
+    assert current_revision(f"sqlite:///{db}") == _head()
 
 
 def test_alembic_cli_from_repo_root(tmp_path):
@@ -49,7 +56,7 @@ def test_alembic_cli_from_repo_root(tmp_path):
     env = {**os.environ, "QUANTYARD_DATABASE_URL": f"sqlite:///{db}", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, check=True,
                    capture_output=True)
-    assert current_revision(f"sqlite:///{db}") == "0001"
+    assert current_revision(f"sqlite:///{db}") == _head()
     subprocess.run([sys.executable, "-m", "alembic", "downgrade", "base"], cwd=REPO, env=env, check=True,
                    capture_output=True)
     assert current_revision(f"sqlite:///{db}") is None

@@ -68,7 +68,8 @@ def test_killed_worker_process_job_is_redone_once(redis_stack, tiny_llama_archiv
 
         job, _ = wait_for_job(client, job_id, timeout_s=300)
     assert job["status"] == "succeeded", (job, stack.logs())
-    assert job["attempts"] == 2
+    # The killed task (the job's shared work or one target's) ran exactly once more.
+    redone = (job["attempts"] - 1) + sum(max(t["attempts"] - 1, 0) for t in job["targets"])
+    assert redone == 1, job
     assert len(job["artifact_ids"]) == 4
-    # Exactly one artifact per target: the killed attempt left nothing recorded twice.
     assert sorted(t["status"] for t in job["targets"]) == ["succeeded"] * 4

@@ -1,5 +1,6 @@
-"""The worker pipeline in-process on a real SQLite catalog and local object store (no Celery):
-claim semantics, cancellation, redelivery after a crash, cleanup on failure."""
+"""The worker pipelines in-process on a real SQLite catalog and local object store (no Celery):
+shared work once, targets as their own tasks, claim semantics, cancellation, redelivery after a
+crash, cleanup on failure."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from quantyard import catalog
 from quantyard.settings import Settings
 from worker.pipeline import run_job
 from worker.runtime import build_runtime
+from worker.target_pipeline import run_target
 
 
 @pytest.fixture
@@ -39,45 +41,73 @@ def source_id(runtime, tiny_llama_dir, tmp_path) -> str:
         return source.id
 
 
-def _job(runtime, source_id, targets) -> str:
+def _job(runtime, source_id, quants) -> str:
     with runtime.session() as s:
-        job = catalog.create_job(s, source_id=source_id, targets=targets, hardware_class="cpu",
-                                 labels={}, actor="test", request=None)
+        job = catalog.create_job(
+            s, source_id=source_id, hardware_class="cpu", labels={}, actor="test", request=None,
+            targets=[{"format": "gguf", "quantization": q, "params": {}} for q in quants])
         s.commit()
         return job.id
 
 
-def _get(runtime, job_id):
+def _get(runtime, job_id) -> dict:
     with runtime.session() as s:
-        job = catalog.get_job(s, job_id=job_id)
-        return job.to_dict()
+        return catalog.get_job(s, job_id=job_id).to_dict()
 
 
-def _artifact_keys(runtime) -> list[str]:
+def _run(runtime, job_id) -> tuple[str, list[str]]:
+    """The prepare task, then each dispatched target task, in this process."""
+    dispatched: list[tuple] = []
+    outcome = run_job(runtime, job_id, lambda *args: dispatched.append(args))
+    targets = [run_target(runtime, *args) for args in dispatched]
+    return outcome, targets
+
+
+def _objects(runtime) -> list[str]:
     return runtime.store.list_keys("artifacts/")
 
 
-def test_job_runs_to_success_and_records_everything(runtime, source_id):
-    job_id = _job(runtime, source_id, [{"format": "gguf", "quantization": "F16", "params": {}}])
-    assert run_job(runtime, job_id) == "succeeded"
+def test_targets_are_made_from_one_intermediate(runtime, source_id):
+    job_id = _job(runtime, source_id, ["F16", "Q8_0"])
+    outcome, targets = _run(runtime, job_id)
+    assert (outcome, targets) == ("dispatched", ["succeeded", "succeeded"])
     job = _get(runtime, job_id)
     assert job["status"] == "succeeded" and job["progress"] == 1.0
-    assert job["attempts"] == 1
-    assert len(job["artifact_ids"]) == 1
-    assert job["targets"][0]["estimate"]["size_bytes"] > 0
-    assert len(_artifact_keys(runtime)) == 1
-    assert runtime.store.list_keys("tmp/") == []
-    # A second delivery of the same message does nothing: the job is finished.
-    assert run_job(runtime, job_id) == "finished"
-    assert _get(runtime, job_id)["attempts"] == 1
+    assert [t["status"] for t in job["targets"]] == ["succeeded", "succeeded"]
+    assert all(t["estimate"]["size_bytes"] > 0 for t in job["targets"])
+    assert len(job["artifact_ids"]) == 2 and len(job["intermediate_artifact_ids"]) == 1
+    assert len(_objects(runtime)) == 3 and runtime.store.list_keys("tmp/") == []
+
+    (intermediate,) = job["intermediate_artifact_ids"]
+    with runtime.session() as s:
+        assert catalog.get_artifact(s, artifact_id=intermediate).quantization == "F32"
+        for artifact_id in job["artifact_ids"]:
+            up = catalog.lineage(s, artifact_id=artifact_id)["upstream"]
+            assert [(n["type"], n["id"]) for n in up][:1] == [("artifact", intermediate)]
+            assert up[-1]["type"] == "source" and up[-1]["id"] == source_id
+
+    # A redelivered prepare message does nothing to a finished job.
+    assert run_job(runtime, job_id, lambda *a: pytest.fail("dispatched twice")) == "finished"
+
+
+def test_target_equal_to_the_intermediate_reuses_it_and_jobs_share_it(runtime, source_id):
+    first = _job(runtime, source_id, ["F32"])
+    assert _run(runtime, first) == ("succeeded", [])
+    job = _get(runtime, first)
+    assert job["status"] == "succeeded" and len(job["artifact_ids"]) == 1
+    assert job["intermediate_artifact_ids"] == []  # the intermediate *is* the F32 artifact
+
+    second = _job(runtime, source_id, ["F32", "Q8_0"])
+    assert _run(runtime, second) == ("dispatched", ["succeeded"])
+    again = _get(runtime, second)
+    assert again["artifact_ids"][0] == job["artifact_ids"][0]  # reused by recipe hash
+    assert len(_objects(runtime)) == 2  # the F32 once, the Q8_0
 
 
 def test_cancel_while_running_stops_and_leaves_nothing(runtime, source_id):
-    targets = [{"format": "gguf", "quantization": q, "params": {}}
-               for q in ("F32", "F16", "BF16", "Q8_0")]
-    job_id = _job(runtime, source_id, targets)
-    outcome: list[str] = []
-    thread = threading.Thread(target=lambda: outcome.append(run_job(runtime, job_id)))
+    job_id = _job(runtime, source_id, ["F16", "BF16", "Q8_0"])
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(_run(runtime, job_id)))
     thread.start()
     deadline = time.monotonic() + 60
     while _get(runtime, job_id)["status"] != "running" and time.monotonic() < deadline:
@@ -86,61 +116,79 @@ def test_cancel_while_running_stops_and_leaves_nothing(runtime, source_id):
         catalog.request_cancel(s, job_id=job_id, actor="test", request=None)
         s.commit()
     thread.join(timeout=120)
-    assert outcome == ["cancelled"]
     job = _get(runtime, job_id)
-    assert job["status"] == "cancelled"
-    assert len(job["artifact_ids"]) < len(targets)
-    assert len(_artifact_keys(runtime)) == len(job["artifact_ids"])
+    assert job["status"] == "cancelled", (outcome, job)
+    assert all(t["status"] in ("cancelled", "succeeded") for t in job["targets"])
+    assert len(job["artifact_ids"]) < 3
+    stored = len(_objects(runtime))
+    assert stored == len(job["artifact_ids"]) + len(job["intermediate_artifact_ids"])
     assert runtime.store.list_keys("tmp/") == []
     assert list(Path(runtime.scratch_dir).iterdir()) == []
 
 
 def test_redelivery_after_a_dead_worker_redoes_the_job_once(runtime, source_id):
-    job_id = _job(runtime, source_id, [{"format": "gguf", "quantization": "Q8_0", "params": {}}])
+    job_id = _job(runtime, source_id, ["Q8_0"])
     with runtime.session() as s:  # a worker claims it, then dies without a word
         assert catalog.claim_job(s, job_id=job_id, worker_id="dead", lease_s=1,
                                  max_attempts=2).kind == "claimed"
         s.commit()
-    assert run_job(runtime, job_id) == "leased"  # its lease is still live
+    assert run_job(runtime, job_id, lambda *a: None) == "leased"  # its lease is still live
     time.sleep(1.2)
-    assert run_job(runtime, job_id) == "succeeded"
+    assert _run(runtime, job_id) == ("dispatched", ["succeeded"])
     job = _get(runtime, job_id)
     assert job["attempts"] == 2 and job["status"] == "succeeded"
 
 
+def test_a_target_whose_worker_died_is_redone_once(runtime, source_id):
+    job_id = _job(runtime, source_id, ["Q8_0"])
+    dispatched: list = []
+    assert run_job(runtime, job_id, lambda *a: dispatched.append(a)) == "dispatched"
+    (_, target_id, inputs), = dispatched
+    # A redelivered prepare message does nothing while targets are under way.
+    assert run_job(runtime, job_id, lambda *a: pytest.fail("dispatched twice")) == "dispatched"
+    with runtime.session() as s:
+        assert catalog.claim_target(s, target_id=target_id, worker_id="dead", lease_s=1,
+                                    max_attempts=2).kind == "claimed"
+        s.commit()
+    assert run_target(runtime, job_id, target_id, inputs) == "leased"
+    time.sleep(1.2)
+    assert run_target(runtime, job_id, target_id, inputs) == "succeeded"
+    assert run_target(runtime, job_id, target_id, inputs) == "finished"  # a third delivery
+    job = _get(runtime, job_id)
+    assert job["status"] == "succeeded" and job["targets"][0]["attempts"] == 2
+
+
 def test_attempts_are_capped(runtime, source_id):
-    job_id = _job(runtime, source_id, [{"format": "gguf", "quantization": "Q8_0", "params": {}}])
+    job_id = _job(runtime, source_id, ["Q8_0"])
     for _ in range(2):
         with runtime.session() as s:
             assert catalog.claim_job(s, job_id=job_id, worker_id="dead", lease_s=0,
                                      max_attempts=2).kind == "claimed"
             s.commit()
         time.sleep(0.05)
-    assert run_job(runtime, job_id) == "exhausted"
+    assert run_job(runtime, job_id, lambda *a: None) == "exhausted"
     job = _get(runtime, job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "attempts_exhausted"
 
 
 def test_a_failing_target_fails_the_job_and_cleans_up(runtime, source_id, monkeypatch):
+    import quantyard.engine.stages as stages
     from quantyard.engine.errors import ValidationFailed
 
-    import quantyard.engine as engine
+    real_quantize = stages.quantize
 
-    real_convert = engine.convert
-
-    def convert_then_fail(source_dir, target, out_dir, **kwargs):
-        result = real_convert(source_dir, target, out_dir, **kwargs)
+    def quantize_then_fail(input_gguf, target, out_dir, **kwargs):
+        result = real_quantize(input_gguf, target, out_dir, **kwargs)
         if target.quantization == "Q8_0":  # as if llama.cpp had disagreed with the source
             raise ValidationFailed("logits drifted: mean KL 0.9 > 0.01")
         return result
 
-    monkeypatch.setattr(engine, "convert", convert_then_fail)
-    job_id = _job(runtime, source_id, [{"format": "gguf", "quantization": q, "params": {}}
-                                       for q in ("F16", "Q8_0")])
-    assert run_job(runtime, job_id) == "failed"
+    monkeypatch.setattr(stages, "quantize", quantize_then_fail)
+    job_id = _job(runtime, source_id, ["F16", "Q8_0"])
+    assert _run(runtime, job_id) == ("dispatched", ["succeeded", "failed"])
     job = _get(runtime, job_id)
-    assert job["error"]["code"] == "validation_failed"
-    assert "KL" in job["error"]["message"]
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "validation_failed" and "KL" in job["error"]["message"]
     assert [t["status"] for t in job["targets"]] == ["succeeded", "failed"]
-    assert len(_artifact_keys(runtime)) == len(job["artifact_ids"]) == 1
+    assert len(_objects(runtime)) == 2  # the intermediate and the F16, nothing of the Q8_0
     assert runtime.store.list_keys("tmp/") == []

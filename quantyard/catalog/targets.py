@@ -1,0 +1,170 @@
+"""Targets as tasks of their own: once a job's shared work is done (source fetched, lossless
+intermediate made), each target is claimed, leased and finished independently, so targets of
+one job run in parallel on several workers. The job settles when its last target does.
+
+Same transaction rule as the rest of the catalog: the caller commits.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .audit import record_audit
+from .errors import NotFound
+from .jobs import ClaimOutcome, _finish, _lock_job, _worker_actor
+from .models import TERMINAL_JOB_STATUSES, Job, JobTarget, utcnow
+
+TERMINAL_TARGET_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+# Share of a job's progress bar taken by the shared work before targets are dispatched.
+PREPARE_SHARE = 0.3
+
+
+def mark_dispatched(s: Session, *, job_id: str, message: str) -> Job:
+    """The preparing task is done: targets now carry the job; the job lease is no longer used."""
+    job = _lock_job(s, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    job.dispatched_at = utcnow()
+    job.lease_expires_at = None
+    job.progress = max(job.progress, PREPARE_SHARE)
+    job.progress_message = message
+    s.flush()
+    record_audit(s, actor=_worker_actor(job.worker_id), action="job.dispatch", resource_type="job",
+                 resource_id=job.id, details={"targets": [t.id for t in job.targets
+                                                          if t.status == "pending"]})
+    return job
+
+
+def _lock_target(s: Session, target_id: str) -> JobTarget | None:
+    q = (select(JobTarget).where(JobTarget.id == target_id).with_for_update()
+         .execution_options(populate_existing=True))
+    return s.execute(q).scalars().first()
+
+
+def claim_target(s: Session, *, target_id: str, worker_id: str, lease_s: float,
+                 max_attempts: int) -> ClaimOutcome:
+    """Like ``claim_job``, for one target (the job's row is locked first, then the target's, the
+    same order everywhere, so claims and settling never deadlock)."""
+    target = s.get(JobTarget, target_id)
+    if target is None:
+        return ClaimOutcome("gone")
+    job = _lock_job(s, target.job_id)
+    target = _lock_target(s, target_id)
+    now = utcnow()
+    if target.status in TERMINAL_TARGET_STATUSES:
+        return ClaimOutcome("finished", job, target.attempts)
+    if job.status in TERMINAL_JOB_STATUSES or job.cancel_requested:
+        _close_target(target, "cancelled", None, None)
+        s.flush()
+        settle_job(s, job_id=job.id)
+        return ClaimOutcome("cancelled", job, target.attempts)
+    if target.status == "running" and target.lease_expires_at and target.lease_expires_at > now:
+        return ClaimOutcome("leased", job, target.attempts,
+                            (target.lease_expires_at - now).total_seconds())
+    if target.attempts >= max_attempts:
+        _close_target(target, "failed", "attempts_exhausted",
+                      f"gave up after {target.attempts} attempt(s) (max_attempts={max_attempts})")
+        s.flush()
+        settle_job(s, job_id=job.id)
+        return ClaimOutcome("exhausted", job, target.attempts)
+    redelivery = target.status == "running"
+    target.status, target.progress = "running", 0.0
+    target.attempts += 1
+    target.worker_id = worker_id
+    target.lease_expires_at = now + timedelta(seconds=lease_s)
+    target.started_at = target.started_at or now
+    s.flush()
+    record_audit(s, actor=_worker_actor(worker_id), action="target.claim", resource_type="job",
+                 resource_id=job.id, details={"target_id": target.id, "attempt": target.attempts,
+                                              "redelivery": redelivery})
+    return ClaimOutcome("claimed", job, target.attempts)
+
+
+def renew_target_lease(s: Session, *, target_id: str, worker_id: str, lease_s: float) -> bool:
+    result = s.execute(
+        update(JobTarget)
+        .where(JobTarget.id == target_id, JobTarget.worker_id == worker_id,
+               JobTarget.status == "running")
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    return result.rowcount == 1
+
+
+def set_target_progress(s: Session, *, target_id: str, progress: float,
+                        message: str | None = None) -> bool:
+    """Record a target's progress and fold it into its job's; True when the work should stop."""
+    target = s.get(JobTarget, target_id)
+    if target is None:
+        raise NotFound(f"target {target_id} not found")
+    s.execute(update(JobTarget).where(JobTarget.id == target_id, JobTarget.status == "running")
+              .values(progress=min(max(progress, 0.0), 1.0)))
+    s.refresh(target)
+    job = s.get(Job, target.job_id)
+    s.refresh(job)
+    if job.status not in TERMINAL_JOB_STATUSES:
+        job.progress = max(job.progress, _job_progress(job))
+        if message is not None:
+            job.progress_message = f"{target.format}:{target.quantization}: {message}"
+    s.flush()
+    return bool(job.cancel_requested) or job.status == "cancelled"
+
+
+def _job_progress(job: Job) -> float:
+    done = [1.0 if t.status in TERMINAL_TARGET_STATUSES else t.progress for t in job.targets]
+    return PREPARE_SHARE + (1 - PREPARE_SHARE) * (sum(done) / max(len(done), 1))
+
+
+def _close_target(target: JobTarget, status: str, code: str | None, message: str | None) -> None:
+    target.status = status
+    target.error_code, target.error_message = code, message
+    target.lease_expires_at = None
+    target.finished_at = utcnow()
+
+
+def finish_target(s: Session, *, target_id: str, status: str, error_code: str | None = None,
+                  error_message: str | None = None) -> Job | None:
+    """Close a target as failed/cancelled (``record_artifact`` closes succeeded ones), then settle
+    its job. Returns the job if this made it finish."""
+    target = s.get(JobTarget, target_id)
+    if target is None:
+        raise NotFound(f"target {target_id} not found")
+    _lock_job(s, target.job_id)
+    target = _lock_target(s, target_id)
+    if target.status not in TERMINAL_TARGET_STATUSES:
+        _close_target(target, status, error_code, error_message)
+        s.flush()
+        record_audit(s, actor=_worker_actor(target.worker_id), action="target.finish",
+                     resource_type="job", resource_id=target.job_id, outcome=status,
+                     details={"target_id": target.id, "error_code": error_code})
+    return settle_job(s, job_id=target.job_id)
+
+
+def settle_job(s: Session, *, job_id: str) -> Job | None:
+    """Finish the job once every target has finished: succeeded if all did, cancelled if a
+    cancel was asked for, else failed with the first failed target's error."""
+    job = _lock_job(s, job_id)
+    if job is None or job.status in TERMINAL_JOB_STATUSES:
+        return None
+    if any(t.status not in TERMINAL_TARGET_STATUSES for t in job.targets):
+        job.progress = max(job.progress, _job_progress(job))
+        s.flush()
+        return None
+    failed = [t for t in job.targets if t.status == "failed"]
+    if all(t.status == "succeeded" for t in job.targets):
+        status, code, message = "succeeded", None, None
+    elif job.cancel_requested and not failed:
+        status, code, message = "cancelled", "cancelled", "the job was cancelled"
+    else:
+        first = failed[0] if failed else next(t for t in job.targets if t.status != "succeeded")
+        status = "failed"
+        code = first.error_code or "target_failed"
+        message = f"{first.format}:{first.quantization}: {first.error_message or first.status}"
+    _finish(job, status, code, message)
+    s.flush()
+    record_audit(s, actor=_worker_actor(job.worker_id), action="job.finish", resource_type="job",
+                 resource_id=job.id, outcome=status, details={"error_code": code,
+                                                              "attempts": job.attempts})
+    return job

@@ -1,0 +1,110 @@
+"""One target of a dispatched job, as its own task: claim the target → fetch the intermediate
+(and the source, to validate against) → quantize + validate → upload → record → settle the job.
+
+Targets of one job run in parallel on as many workers as there are; the job finishes when its
+last target does (catalog.settle_job).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from quantyard import catalog
+from quantyard.engine.errors import Cancelled, ConversionError
+from quantyard.engine.spec import parse_target
+from worker.publish import publish, target_recipe
+from worker.runtime import WorkerRuntime
+from worker.sources import fetch_artifact, fetch_source
+from worker.watch import TargetWatch
+
+log = logging.getLogger(__name__)
+
+
+def run_target(rt: WorkerRuntime, job_id: str, target_id: str, inputs: dict) -> str:
+    with rt.session() as s:
+        outcome = catalog.claim_target(
+            s, target_id=target_id, worker_id=rt.worker_id,
+            lease_s=rt.settings.job_lease_s, max_attempts=rt.settings.job_max_attempts,
+        )
+        s.commit()
+    if outcome.kind != "claimed":
+        log.info("target %s of job %s not run: %s", target_id, job_id, outcome.kind)
+        return outcome.kind
+    with TargetWatch(rt, job_id, target_id, rt.settings.job_lease_s) as watch:
+        return _run_claimed(rt, job_id, target_id, inputs, watch)
+
+
+def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWatch) -> str:
+    work_dir = Path(tempfile.mkdtemp(prefix=f"{target_id}-", dir=rt.scratch_dir))
+    try:
+        job = _load(rt, job_id, target_id, inputs)
+        watch.progress(0.02, "fetching inputs", force=True)
+        source_dir = fetch_source(rt, job["source"], work_dir / "src")
+        intermediate = fetch_artifact(rt, job["intermediate"], work_dir)
+        _quantize_and_publish(rt, job, source_dir, intermediate, work_dir, watch)
+        return "succeeded"
+    except Cancelled as exc:
+        return _close(rt, target_id, "cancelled", "cancelled", str(exc))
+    except ConversionError as exc:
+        return _close(rt, target_id, "failed", exc.code, str(exc))
+    except BaseException as exc:  # a bug or a time limit: record it, then let Celery see it
+        code = "time_limit" if type(exc).__name__ == "SoftTimeLimitExceeded" else "internal_error"
+        _close(rt, target_id, "failed", code, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
+    with rt.session() as s:
+        job = catalog.get_job(s, job_id=job_id)
+        source = catalog.get_source(s, source_id=job.source_id)
+        target = s.get(catalog.JobTarget, target_id)
+        intermediate = catalog.get_artifact(s, artifact_id=inputs["intermediate_artifact_id"])
+        return {
+            "id": job.id,
+            "target_id": target_id,
+            "spec": parse_target(target.to_spec_dict()),
+            "source": {"id": source.id, "sha256": source.sha256, "key": source.storage_key,
+                       "name": source.name},
+            "intermediate": intermediate.to_dict(),
+        }
+
+
+def _quantize_and_publish(rt, job: dict, source_dir: Path, intermediate: Path, work_dir: Path,
+                          watch: TargetWatch) -> None:
+    from quantyard import engine
+    from quantyard.engine.stages import quantize
+
+    spec = job["spec"]
+    recipe, digest = target_recipe(
+        source_sha256=job["source"]["sha256"], spec=spec, engine_version=engine.ENGINE_VERSION,
+        inputs={"intermediate_sha256": job["intermediate"]["sha256"]})
+
+    def on_progress(fraction: float, message: str) -> None:
+        watch.progress(0.05 + 0.85 * fraction, message)  # the upload takes the rest
+
+    out_dir = work_dir / "out"
+    result = quantize(intermediate, spec, out_dir, reference=source_dir, progress=on_progress,
+                      provenance={"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
+                                  "name": job["source"]["name"] or ""})
+    watch.progress(0.92, "uploading", force=True)
+    publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
+            result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
+            recipe=recipe, digest=digest, parents=[("artifact", job["intermediate"]["id"])],
+            before_record=watch.raise_if_cancelled)
+    with rt.session() as s:
+        catalog.settle_job(s, job_id=job["id"])
+        s.commit()
+
+
+def _close(rt, target_id: str, status: str, code: str, message: str) -> str:
+    with rt.session() as s:
+        catalog.finish_target(s, target_id=target_id, status=status, error_code=code,
+                              error_message=message)
+        s.commit()
+    log.info("target %s %s (%s: %s)", target_id, status, code, message)
+    return status
