@@ -141,6 +141,55 @@ def db_upgrade() -> None:
     click.echo(f"catalog at head: {settings.resolved_database_url.split('@')[-1]}")
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--target", "targets", multiple=True, required=True,
+              help="FORMAT:QUANT, e.g. gguf:Q4_K_M (repeat for several).")
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Folder for the artifacts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def convert(source, targets, out_dir, as_json) -> None:
+    """Convert SOURCE (a model folder) on this machine, without the service; same validation."""
+    from tqdm import tqdm
+
+    from quantyard import engine
+
+    try:
+        specs = [engine.parse_target(t) for t in targets]
+        report = engine.preflight(source, specs)
+    except engine.ConversionError as exc:
+        raise click.ClickException(f"{exc.code}: {exc}") from None
+    if not as_json:
+        click.echo(f"{report.architecture}, {report.parameter_count:,} parameters "
+                   f"({report.source_dtype})", err=True)
+    results = []
+    for spec in specs:
+        estimate = report.estimates.get(spec.key, {})
+        with tqdm(total=1000, desc=spec.key, disable=as_json, file=sys.stderr,
+                  bar_format="{desc:<14} {percentage:3.0f}%|{bar:30}| {elapsed} {postfix}") as bar:
+            def progress(fraction: float, message: str) -> None:
+                bar.n = round(1000 * fraction)
+                bar.set_postfix_str(message[:50])
+
+            try:
+                result = engine.convert(source, spec, out_dir, progress=progress,
+                                        provenance={"name": source.name})
+            except engine.ConversionError as exc:
+                raise click.ClickException(f"{spec.key}: {exc.code}: {exc}") from None
+        results.append({"target": spec.key, "path": str(result.path),
+                        "size_bytes": result.size_bytes,
+                        "estimated_size_bytes": estimate.get("size_bytes"),
+                        "metrics": result.metrics})
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        m = r["metrics"]
+        click.echo(f"{r['target']:<14} {r['size_bytes']:>14,d} B  "
+                   f"top1={m.get('top1_agreement', float('nan')):.3f}  "
+                   f"kl={m.get('mean_kl', float('nan')):.5f}  {r['path']}")
+
+
 # ---------------------------------------------------------------- client side
 
 server_option = click.option("--server", envvar="QUANTYARD_SERVER", default=None,

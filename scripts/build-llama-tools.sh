@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-gguf-split)
+# and keep convert_hf_to_gguf.py + gguf-py, from the same llama.cpp tree that llama-cpp-python
+# vendors. Tests and benchmarks compare Quantyard against these. Cached: prints the prefix.
+#   usage: scripts/build-llama-tools.sh [PREFIX]   (default .test-cache/llama.cpp-<version>)
+set -euo pipefail
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PREFIX="${1:-$ROOT/.test-cache/llama.cpp-$VERSION}"
+TOOLS="llama-quantize llama-imatrix llama-gguf-split"
+
+if [ -x "$PREFIX/bin/llama-quantize" ] && [ -x "$PREFIX/bin/llama-imatrix" ] && [ -x "$PREFIX/bin/llama-gguf-split" ]; then
+  echo "$PREFIX"; exit 0
+fi
+mkdir -p "$PREFIX"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" >&2
+tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
+src="$(ls -d "$work"/llama_cpp_python-*/vendor/llama.cpp)"
+cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+  -DBUILD_SHARED_LIBS=OFF >&2
+# shellcheck disable=SC2086
+cmake --build "$work/build" --target $TOOLS -j "$(nproc)" >&2
+mkdir -p "$PREFIX/bin"
+for t in $TOOLS; do cp "$work/build/bin/$t" "$PREFIX/bin/"; done
+rm -rf "$PREFIX/src" && mkdir -p "$PREFIX/src"
+cp "$src/convert_hf_to_gguf.py" "$PREFIX/src/" && cp -r "$src/gguf-py" "$PREFIX/src/gguf-py"
+cp -r "$src/src" "$PREFIX/src/llama-src"
+echo "$PREFIX"
