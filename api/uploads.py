@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from quantyard import archive
+from quantyard import archive, gguf_header
 from quantyard.settings import Settings
 
 from api.errors import ApiError
@@ -156,7 +156,10 @@ async def receive_multipart(request: Request, workdir: Path, limit: int) -> Path
 
 
 def check_source_archive(path: Path, settings: Settings) -> CheckedSource:
-    """Safety checks, then config.json. Raises UnsafeArchive / InvalidArchive / ApiError."""
+    """Safety checks, then config.json. Raises UnsafeArchive / InvalidArchive / ApiError.
+    A single GGUF file is a source too (for requantization): its header is read, nothing else."""
+    if gguf_header.is_gguf(path):
+        return check_gguf(path)
     kind = archive.detect_kind(path)
     members = archive.inspect_archive(path, max_members=settings.max_archive_members,
                                       max_unpacked_bytes=settings.max_unpacked_bytes)
@@ -170,7 +173,20 @@ def check_source_archive(path: Path, settings: Settings) -> CheckedSource:
     return CheckedSource(path, kind, members, root, config, archive.architecture_of(config))
 
 
+def check_gguf(path: Path) -> CheckedSource:
+    try:
+        info = gguf_header.summary(path)
+    except gguf_header.NotGGUF as exc:
+        raise ApiError(400, "invalid_model", f"the GGUF file is unreadable: {exc}") from None
+    if info["split_count"] and info["split_count"] > 1:
+        raise ApiError(400, "invalid_model", "this GGUF is one shard of a split model; upload the "
+                       "shards as one archive or merge them first")
+    return CheckedSource(path, "gguf", [], "", info, info["architecture"])
+
+
 def source_metadata(checked: CheckedSource) -> dict:
+    if checked.kind == "gguf":
+        return dict(checked.config)
     files = [m for m in checked.members if not m.is_dir]
     config = checked.config
     return {

@@ -18,7 +18,7 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.publish import publish, target_recipe
 from worker.runtime import WorkerRuntime
-from worker.sources import fetch_source
+from worker.sources import fetch_gguf_source, fetch_source, source_info
 from worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,19 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
     try:
         job = _load_job(rt, job_id)
         watch.progress(0.05, "fetching source", force=True)
-        source_dir = fetch_source(rt, job["source"], work_dir)
-        report = _preflight(rt, job, source_dir, watch)
-        intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
-        pending = _reuse_for_targets(rt, job, intermediate)
+        if job["source"]["format"] == "gguf":
+            pending, inputs = _prepare_gguf_source(rt, job, work_dir, watch)
+        else:
+            source_dir = fetch_source(rt, job["source"], work_dir)
+            report = _preflight(rt, job, source_dir, watch)
+            intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
+            pending = _reuse_for_targets(rt, job, intermediate)
+            inputs = {"intermediate_artifact_id": intermediate["id"]}
         with rt.session() as s:
             catalog.mark_dispatched(s, job_id=job_id,
                                     message=f"{len(pending)} target(s) dispatched")
             finished = catalog.settle_job(s, job_id=job_id)
             s.commit()
-        inputs = {"intermediate_artifact_id": intermediate["id"]}
         for target_id in pending:
             dispatch(job_id, target_id, inputs)
         return finished.status if finished is not None else "dispatched"
@@ -81,23 +84,47 @@ def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
         source = catalog.get_source(s, source_id=job.source_id)
         return {
             "id": job.id,
-            "source": {"id": source.id, "sha256": source.sha256, "key": source.storage_key,
-                       "name": source.name},
+            "source": source_info(source),
             # (target id, spec, status) in the order they were asked for
             "targets": [(t.id, parse_target(t.to_spec_dict()), t.status)
                         for t in sorted(job.targets, key=lambda t: t.position)],
         }
 
 
-def _preflight(rt, job: dict, source_dir: Path, watch: JobWatch):
-    from quantyard import engine  # heavy imports stay out of the API's path
+def _prepare_gguf_source(rt, job: dict, work_dir: Path, watch: JobWatch) -> tuple[list, dict]:
+    """A GGUF source is its own intermediate: check it, warn when it is already quantized."""
+    from quantyard.engine.stages import preflight_gguf
 
-    report = engine.preflight(source_dir, [spec for _, spec, _ in job["targets"]])
+    path = fetch_gguf_source(rt, job["source"], work_dir)
+    report = preflight_gguf(path, [spec for _, spec, _ in job["targets"]])
+    _record_estimates(rt, job, report)
+    if report.source_dtype not in ("F32", "F16", "BF16"):
+        with rt.session() as s:
+            catalog.add_job_warning(
+                s, job_id=job["id"], code="requantized",
+                message=f"the source GGUF is already quantized ({report.source_dtype}); "
+                        "requantizing it compounds the loss — quantize from the original "
+                        "F32/F16/BF16 weights when you have them")
+            s.commit()
+    watch.progress(0.9, f"preflight ok: GGUF {report.architecture} {report.source_dtype}",
+                   force=True)
+    pending = [t for t, _, status in job["targets"] if status != "succeeded"]
+    return pending, {"source_gguf": True}
+
+
+def _record_estimates(rt, job: dict, report) -> None:
     with rt.session() as s:
         for target_id, spec, status in job["targets"]:
             catalog.set_target_status(s, target_id=target_id, status=status,
                                       estimate=report.estimates.get(spec.key))
         s.commit()
+
+
+def _preflight(rt, job: dict, source_dir: Path, watch: JobWatch):
+    from quantyard import engine  # heavy imports stay out of the API's path
+
+    report = engine.preflight(source_dir, [spec for _, spec, _ in job["targets"]])
+    _record_estimates(rt, job, report)
     watch.progress(0.1, f"preflight ok: {report.architecture}", force=True)
     return report
 

@@ -8,6 +8,18 @@ from quantyard.archive import extract_archive
 from quantyard.engine.errors import InvalidModel
 
 
+def source_info(source) -> dict:
+    """What the pipelines need to know of a catalog source."""
+    return {"id": source.id, "sha256": source.sha256, "key": source.storage_key,
+            "name": source.name, "format": (source.meta or {}).get("format", "hf")}
+
+
+def fetch_gguf_source(rt, source: dict, work_dir: Path) -> Path:
+    path = work_dir / "source.gguf"
+    rt.store.download_file(source["key"], path)
+    return path
+
+
 def fetch_source(rt, source: dict, work_dir: Path) -> Path:
     """The model folder of a source archive, unpacked under work_dir."""
     archive = work_dir / "source.archive"

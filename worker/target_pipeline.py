@@ -17,7 +17,7 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.publish import publish, target_recipe
 from worker.runtime import WorkerRuntime
-from worker.sources import fetch_artifact, fetch_source
+from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import TargetWatch
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,12 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
     try:
         job = _load(rt, job_id, target_id, inputs)
         watch.progress(0.02, "fetching inputs", force=True)
-        source_dir = fetch_source(rt, job["source"], work_dir / "src")
-        intermediate = fetch_artifact(rt, job["intermediate"], work_dir)
-        _quantize_and_publish(rt, job, source_dir, intermediate, work_dir, watch)
+        if inputs.get("source_gguf"):  # a GGUF source is both the input and the reference
+            reference = intermediate = fetch_gguf_source(rt, job["source"], work_dir)
+        else:
+            reference = fetch_source(rt, job["source"], work_dir / "src")
+            intermediate = fetch_artifact(rt, job["intermediate"], work_dir)
+        _quantize_and_publish(rt, job, reference, intermediate, work_dir, watch)
         return "succeeded"
     except Cancelled as exc:
         return _close(rt, target_id, "cancelled", "cancelled", str(exc))
@@ -63,38 +66,42 @@ def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
         job = catalog.get_job(s, job_id=job_id)
         source = catalog.get_source(s, source_id=job.source_id)
         target = s.get(catalog.JobTarget, target_id)
-        intermediate = catalog.get_artifact(s, artifact_id=inputs["intermediate_artifact_id"])
+        intermediate = None
+        if inputs.get("intermediate_artifact_id"):
+            intermediate = catalog.get_artifact(
+                s, artifact_id=inputs["intermediate_artifact_id"]).to_dict()
         return {
             "id": job.id,
             "target_id": target_id,
             "spec": parse_target(target.to_spec_dict()),
-            "source": {"id": source.id, "sha256": source.sha256, "key": source.storage_key,
-                       "name": source.name},
-            "intermediate": intermediate.to_dict(),
+            "source": source_info(source),
+            "intermediate": intermediate,
         }
 
 
-def _quantize_and_publish(rt, job: dict, source_dir: Path, intermediate: Path, work_dir: Path,
+def _quantize_and_publish(rt, job: dict, reference: Path, input_gguf: Path, work_dir: Path,
                           watch: TargetWatch) -> None:
     from quantyard import engine
     from quantyard.engine.stages import quantize
 
     spec = job["spec"]
+    intermediate = job["intermediate"]
     recipe, digest = target_recipe(
         source_sha256=job["source"]["sha256"], spec=spec, engine_version=engine.ENGINE_VERSION,
-        inputs={"intermediate_sha256": job["intermediate"]["sha256"]})
+        inputs={"intermediate_sha256": intermediate["sha256"] if intermediate else None})
 
     def on_progress(fraction: float, message: str) -> None:
         watch.progress(0.05 + 0.85 * fraction, message)  # the upload takes the rest
 
     out_dir = work_dir / "out"
-    result = quantize(intermediate, spec, out_dir, reference=source_dir, progress=on_progress,
+    result = quantize(input_gguf, spec, out_dir, reference=reference, progress=on_progress,
                       provenance={"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
                                   "name": job["source"]["name"] or ""})
     watch.progress(0.92, "uploading", force=True)
     publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
             result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
-            recipe=recipe, digest=digest, parents=[("artifact", job["intermediate"]["id"])],
+            recipe=recipe, digest=digest,
+            parents=[("artifact", intermediate["id"])] if intermediate else None,
             before_record=watch.raise_if_cancelled)
     with rt.session() as s:
         catalog.settle_job(s, job_id=job["id"])

@@ -37,7 +37,8 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
     with app.state.session_factory() as s:
         existing = catalog.get_source_by_sha256(s, sha256=sha256)
     if storage_key is None:
-        key = f"sources/{sha256}/source.{archive.EXTENSIONS[checked.kind]}"
+        extension = "gguf" if checked.kind == "gguf" else archive.EXTENSIONS[checked.kind]
+        key = f"sources/{sha256}/source.{extension}"
         if existing is not None and existing.storage_key == key and store.stat(key) == size:
             # Same bytes already stored (content-addressed key): record a new source, skip the upload.
             uri, storage_key = existing.uri, key
@@ -68,7 +69,7 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
 
 
 def _default_name(checked: uploads.CheckedSource, sha256: str) -> str:
-    guess = checked.config.get("_name_or_path")
+    guess = checked.config.get("name" if checked.kind == "gguf" else "_name_or_path")
     if isinstance(guess, str) and guess.strip() and not guess.startswith("/"):
         return guess.strip()[:200]
     if checked.root:

@@ -65,6 +65,7 @@ from .models import (
 )
 from .targets import (
     PREPARE_SHARE,
+    add_job_warning,
     claim_target,
     finish_target,
     mark_dispatched,
@@ -84,6 +85,6 @@ __all__ = [
     "lineage", "list_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",
     "normalize_url", "queue_depth", "record_artifact", "record_audit", "renew_lease", "request_cancel",
     "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
-    "worker_stopped", "assign_target_artifact", "PREPARE_SHARE", "claim_target", "finish_target",
+    "worker_stopped", "assign_target_artifact", "PREPARE_SHARE", "add_job_warning", "claim_target", "finish_target",
     "mark_dispatched", "renew_target_lease", "set_target_progress", "settle_job",
 ]

@@ -22,6 +22,15 @@ TERMINAL_TARGET_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 PREPARE_SHARE = 0.3
 
 
+def add_job_warning(s: Session, *, job_id: str, code: str, message: str) -> None:
+    """Something the user should know about a job that still runs (e.g. requantizing)."""
+    job = _lock_job(s, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    job.warnings = list(job.warnings or []) + [{"code": code, "message": message}]
+    s.flush()
+
+
 def mark_dispatched(s: Session, *, job_id: str, message: str) -> Job:
     """The preparing task is done: targets now carry the job; the job lease is no longer used."""
     job = _lock_job(s, job_id)
