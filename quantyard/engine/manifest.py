@@ -14,7 +14,10 @@ MANIFEST: dict = {
     "formats": {
         "gguf": {
             "quantizations": ["F32", "F16", "BF16", "Q8_0"],
-            "architectures": ["LlamaForCausalLM"],
+            "architectures": [
+                "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel",
+            ],
             "source_formats": ["safetensors"],
         },
     },

@@ -150,11 +150,16 @@ def test_vocab_matches_sentencepiece(converted, tiny_llama_dir):
     f = gguf_fields(converted["F32"].path)
     assert f["tokenizer.ggml.model"] == "llama"
     assert f["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    assert f["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(sp.get_piece_size())])
-    types = f["tokenizer.ggml.token_type"]
-    assert types[sp.unk_id()] == gguf.TokenType.UNKNOWN
-    assert types[sp.bos_id()] == types[sp.eos_id()] == gguf.TokenType.CONTROL
+    # added tokens of the HF tokenizer (<unk>, <s>, </s>, all flagged special) are CONTROL with
+    # score -1000, as convert_hf_to_gguf writes them; every other piece keeps SentencePiece's
+    added = {0, 1, 2}
+    scores, types = f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
+    for i in range(sp.get_piece_size()):
+        assert scores[i] == pytest.approx(-1000.0 if i in added else sp.get_score(i)), i
+    assert types[sp.unk_id()] == types[sp.bos_id()] == types[sp.eos_id()] == gguf.TokenType.CONTROL
     assert all(types[i] == gguf.TokenType.BYTE for i in range(sp.get_piece_size()) if sp.is_byte(i))
+    assert all(types[i] == gguf.TokenType.NORMAL for i in range(sp.get_piece_size())
+               if i not in added and not sp.is_byte(i))
     assert f["tokenizer.ggml.bos_token_id"] == sp.bos_id() and f["tokenizer.ggml.eos_token_id"] == sp.eos_id()
     assert f["tokenizer.ggml.add_bos_token"] is True
 
@@ -205,7 +210,7 @@ def test_progress_is_monotonic(tiny_llama_dir, tmp_path):
 def test_broken_conversion_fails_validation(tiny_llama_dir, tmp_path, monkeypatch):
     """Without the Q/K permutation the file loads but computes garbage: validation must fail it
     (an error, never a warning) and leave no file behind."""
-    from quantyard.engine.gguf import llama
+    from quantyard.engine.gguf.archs import llama
 
     monkeypatch.setattr(llama, "permute_qk", lambda w, n_head: w)
     with pytest.raises(ValidationFailed) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantyard.engine.gguf.llama import llama3_rope_factors
+from quantyard.engine.gguf.archs.llama import llama3_rope_factors
 
 
 def test_llama3_rope_factors_match_transformers():

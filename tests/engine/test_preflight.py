@@ -65,13 +65,14 @@ def test_corrupt_header_is_invalid_model(model_copy, corrupt, words):
 
 
 def test_unsupported_architecture_names_supported(tmp_path):
-    from transformers import GPT2Config
+    from transformers import BertConfig
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100,
-               architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=100,
+               architectures=["BertForMaskedLM"]).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture) as exc:
         preflight(tmp_path, TARGETS)
-    assert "GPT2LMHeadModel" in str(exc.value) and "LlamaForCausalLM" in str(exc.value)
+    assert "BertForMaskedLM" in str(exc.value) and "LlamaForCausalLM" in str(exc.value)
+    assert "GPT2LMHeadModel" in str(exc.value)
 
 
 @pytest.mark.parametrize("remove, words", [

@@ -16,40 +16,52 @@ from pathlib import Path
 
 import gguf
 
-from ..errors import ResourceExhausted
+from ..errors import InvalidModel, ResourceExhausted
 from ..hf.source import HFModelSource
 from ..hf.tensor_reader import read_f32
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult
 from ..spec import TargetSpec
-from . import llama, policy
+from . import archs, policy
+from .archs import Architecture, tensor_order_key
 from .ggml_types import ALIGNMENT, FILE_TYPES, QUANTIZATION_VERSION
 from .validate import validate_gguf
-from .vocab import write_vocab
+from .vocab import VocabInfo, gguf_vocab_size, write_vocab
 from .writer import TensorPlan, write_gguf
 
 Progress = Callable[[float, str], None]
 # Share of the progress bar spent writing; validation (two model loads) takes the rest.
 _WRITE_SHARE = 0.8
+FLOAT_OUTTYPES = ("F32", "F16", "BF16")
 
 
-def plan_tensors(source: HFModelSource, quantization: str) -> list[TensorPlan]:
+def architecture(source: HFModelSource) -> Architecture:
+    """The architecture family of `source`; UnsupportedArchitecture naming the supported set."""
+    n_vocab = source.config.get("vocab_size") or (source.config.get("text_config") or {}).get("vocab_size")
+    return archs.for_config(source.config, tokenizer_vocab_size=gguf_vocab_size(source.root, n_vocab))
+
+
+def plan_tensors(source: HFModelSource, quantization: str, arch: Architecture | None = None) -> list[TensorPlan]:
     """Every output tensor, in a stable order independent of how the source is sharded."""
-    namer = llama.TensorNamer(source.config)
-    plans = []
+    arch = arch or architecture(source)
+    plans, seen = [], {}
     for hf_name, ref in source.tensors.items():
-        name = namer.gguf_name(hf_name)
+        name = arch.gguf_name(hf_name)
         if name is None:
             continue
+        if name in seen:
+            raise InvalidModel(f"tensors {seen[name]!r} and {hf_name!r} both map to {name}")
+        seen[name] = hf_name
 
         def load(ref=ref, hf_name=hf_name):
-            return namer.transform(hf_name, read_f32(ref))
+            return arch.transform(hf_name, read_f32(ref))
 
-        plans.append(TensorPlan(name, ref.shape, policy.tensor_type(name, ref.shape, quantization), load, hf_name))
-    for name, data in llama.extra_tensors(source.config):
+        shape = arch.output_shape(hf_name, ref.shape)
+        plans.append(TensorPlan(name, shape, policy.tensor_type(name, shape, quantization), load, hf_name))
+    for name, data in arch.extra_tensors():
         plans.append(TensorPlan(name, data.shape, policy.tensor_type(name, data.shape, quantization),
                                 lambda data=data: data))
-    return sorted(plans, key=lambda p: llama.tensor_order_key(p.name))
+    return sorted(plans, key=lambda p: tensor_order_key(p.name))
 
 
 def model_name(source: HFModelSource, provenance: Mapping[str, str]) -> str:
@@ -61,18 +73,49 @@ def output_filename(name: str, quantization: str) -> str:
     return f"{safe}-{quantization}.gguf"
 
 
-def _metadata_writer(source: HFModelSource, quantization: str, provenance: Mapping[str, str]):
+# provenance keys that become general.* keys (the rest become quantyard.<key>)
+_GENERAL_PROVENANCE = ("name", "source_url", "source_repo_url", "base_model", "base_model_url")
+
+
+def _base_model_entry(ref: str, url: str | None) -> dict:
+    """"org/name" or a Hugging Face URL -> a general.base_model.0.* entry."""
+    m = re.match(r"^(?:https?://huggingface\.co/)?([^/\s]+)/([^/\s]+?)/?$", ref)
+    if m:
+        org, name = m.groups()
+        return {"name": name, "organization": org, "repo_url": url or f"https://huggingface.co/{org}/{name}"}
+    return {"name": ref, **({"repo_url": url} if url else {})}
+
+
+def general_metadata(source: HFModelSource, provenance: Mapping[str, str], total_params: int) -> gguf.Metadata:
+    """general.* as convert_hf_to_gguf derives it (model card, config, generation config, folder
+    name heuristics; gguf-py's Metadata), then our name and the provenance we were given."""
+    meta = gguf.Metadata.load(None, source.root, None, total_params)
+    meta.name = model_name(source, provenance)
+    meta.quantized_by = "Quantyard"
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, 0, 0, 0)
+    if provenance.get("source_url"):
+        meta.source_url = str(provenance["source_url"])
+    if provenance.get("source_repo_url"):
+        meta.source_repo_url = str(provenance["source_repo_url"])
+    if provenance.get("base_model"):
+        meta.base_models = [_base_model_entry(str(provenance["base_model"]), provenance.get("base_model_url"))]
+    return meta
+
+
+def _metadata_writer(source: HFModelSource, arch: Architecture, quantization: str,
+                     provenance: Mapping[str, str], total_params: int, vocab_out: list):
     def add(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(model_name(source, provenance))
-        w.add_quantized_by("Quantyard")
+        general_metadata(source, provenance, total_params).set_gguf_meta_model(w)
+        arch.hparams().write(w)
         w.add_file_type(FILE_TYPES[quantization].llama_ftype)
         w.add_quantization_version(QUANTIZATION_VERSION)
-        llama.write_hparams(w, source.config)
-        write_vocab(w, source.root, source.config["vocab_size"])
+        n_vocab = arch.config.get("vocab_size")
+        vocab_out.append(write_vocab(w, source.root, n_vocab, arch.vocab_style))
         w.add_string("quantyard.engine_version", ENGINE_VERSION)
         for key, value in sorted(provenance.items()):
-            if key != "name":
+            if key not in _GENERAL_PROVENANCE:
                 w.add_string(f"quantyard.{re.sub(r'[^a-z0-9_]', '_', key.lower())}", str(value))
 
     return add
@@ -91,6 +134,47 @@ def estimate(source: HFModelSource, target: TargetSpec) -> dict[str, int]:
     writing = 3 * largest + vocab_bytes
     validating = source.parameter_count * 4 + size
     return {"size_bytes": size, "peak_memory_bytes": max(writing, validating), "disk_bytes": size}
+
+
+def _write(source: HFModelSource, arch: Architecture, path: Path, quantization: str, plans: list[TensorPlan],
+           provenance: Mapping[str, str], on_tensor) -> VocabInfo:
+    vocab: list[VocabInfo] = []
+    total_params = sum(math.prod(p.shape) for p in plans)
+    try:
+        write_gguf(path, arch.name, _metadata_writer(source, arch, quantization, provenance, total_params, vocab),
+                   plans, on_tensor)
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise ResourceExhausted(f"out of disk space writing {path.name}") from e
+        raise
+    return vocab[0]
+
+
+def write_float_gguf(source: HFModelSource, out_path: Path, outtype: str = "F32", *,
+                     provenance: Mapping[str, str] | None = None,
+                     progress: Progress | None = None) -> list[TensorPlan]:
+    """Write the lossless (or float-rounded) intermediate GGUF of `source` to `out_path`, exactly
+    as convert_hf_to_gguf.py --outtype f32/f16/bf16 lays it out (1-D tensors and norms stay F32).
+    No validation here: the caller validates what it finally publishes. Returns the tensor plan
+    (names, shapes, types, source names) in file order. On any error the file is removed."""
+    if outtype not in FLOAT_OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(FLOAT_OUTTYPES)}, not {outtype!r}")
+    provenance = dict(provenance or {})
+    out_path = Path(out_path)
+    arch = architecture(source)
+    plans = plan_tensors(source, outtype, arch)
+    total = sum(p.nbytes for p in plans) or 1
+    done = 0
+
+    def on_tensor(i: int, plan: TensorPlan) -> None:
+        nonlocal done
+        done += plan.nbytes
+        _report(progress, done / total, f"wrote {plan.name} ({i + 1}/{len(plans)})")
+
+    with _cleanup_on_error(out_path):
+        _report(progress, 0.0, f"writing {out_path.name}")
+        _write(source, arch, out_path, outtype, plans, provenance, on_tensor)
+    return plans
 
 
 @contextlib.contextmanager
@@ -116,7 +200,8 @@ def convert(source: HFModelSource, target: TargetSpec, out_dir: Path, *, progres
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / output_filename(model_name(source, provenance), target.quantization)
     tmp = out_dir / f".{final.name}.{uuid.uuid4().hex}.partial"
-    plans = plan_tensors(source, target.quantization)
+    arch = architecture(source)
+    plans = plan_tensors(source, target.quantization, arch)
     total_bytes = sum(p.nbytes for p in plans) or 1
 
     with _cleanup_on_error(tmp):
@@ -128,28 +213,24 @@ def convert(source: HFModelSource, target: TargetSpec, out_dir: Path, *, progres
             done += plan.nbytes
             _report(progress, _WRITE_SHARE * done / total_bytes, f"wrote {plan.name} ({i + 1}/{len(plans)})")
 
-        try:
-            write_gguf(tmp, llama.ARCH_NAME, _metadata_writer(source, target.quantization, provenance),
-                       plans, on_tensor)
-        except OSError as e:
-            if e.errno == 28:  # ENOSPC
-                raise ResourceExhausted(f"out of disk space writing {final.name}") from e
-            raise
+        vocab = _write(source, arch, tmp, target.quantization, plans, provenance, on_tensor)
         _report(progress, _WRITE_SHARE, "validating with llama.cpp and transformers")
         metrics = validate_gguf(tmp, source.root, target.quantization, expected_tensors=len(plans))
         _report(progress, 0.99, "validated")
         os.replace(tmp, final)
-    return _result(final, target, source, plans, metrics)
+    return _result(final, target, source, arch, plans, metrics, vocab)
 
 
-def _result(path: Path, target: TargetSpec, source: HFModelSource, plans: list[TensorPlan],
-            metrics: dict) -> ConversionResult:
+def _result(path: Path, target: TargetSpec, source: HFModelSource, arch: Architecture,
+            plans: list[TensorPlan], metrics: dict, vocab: VocabInfo) -> ConversionResult:
     types: dict[str, int] = {}
     for p in plans:
         types[p.type_name] = types.get(p.type_name, 0) + 1
     metadata = {
         "architecture": source.architecture,
-        "gguf_architecture": llama.ARCH_NAME,
+        "gguf_architecture": arch.name,
+        "tokenizer_model": vocab.model,
+        "tokenizer_pre": vocab.pre,
         "tensor_count": len(plans),
         "parameter_count": sum(math.prod(p.shape) for p in plans),
         "file_type": FILE_TYPES[target.quantization].llama_ftype,
@@ -165,7 +246,7 @@ def _result(path: Path, target: TargetSpec, source: HFModelSource, plans: list[T
 class GGUFConverter:
     """The "gguf" entry of the engine's converter registry."""
 
-    architectures = llama.ARCHITECTURES
+    architectures = archs.ARCHITECTURES
 
     def estimate(self, source: HFModelSource, target: TargetSpec) -> dict[str, int]:
         return estimate(source, target)
@@ -175,4 +256,5 @@ class GGUFConverter:
         return convert(source, target, out_dir, progress=progress, provenance=provenance)
 
 
-__all__ = ["GGUFConverter", "plan_tensors", "estimate", "convert", "output_filename"]
+__all__ = ["GGUFConverter", "plan_tensors", "estimate", "convert", "output_filename", "write_float_gguf",
+           "architecture", "general_metadata", "FLOAT_OUTTYPES"]

@@ -56,12 +56,15 @@ def check_reopens(path: Path, expected_tensors: int) -> int:
 
 
 def hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
-    """Token ids and float32 logits from transformers on the source folder."""
+    """Token ids and float32 logits from transformers on the source folder.
+
+    Eager attention: the reference implementation (soft-capping, sliding windows and scaling
+    exactly as the model defines them; SDPA kernels skip some of it for some families)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(source_dir)(text).input_ids
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, attn_implementation="eager")
     try:
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
@@ -129,8 +132,46 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_margin: flo
     }
 
 
-def check_metrics(metrics: dict[str, float], quantization: str) -> None:
-    t = THRESHOLDS[quantization]
+def added_tokens(source_dir: Path) -> list[str]:
+    """Every added/special token text of the source tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source_dir)
+    return sorted({t.content for t in tok.added_tokens_decoder.values()} | set(tok.all_special_tokens))
+
+
+def check_tokenization(llm, source_dir: Path, texts: list[str], *, add_special: bool = True) -> int:
+    """llama.cpp's ids (special tokens parsed) must equal transformers' for every text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source_dir)
+    for text in texts:
+        want = list(tok(text, add_special_tokens=add_special).input_ids)
+        got = list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+        if got != want:
+            raise ValidationFailed("llama.cpp tokenizes differently from the source tokenizer",
+                                   details={"text": text[:200], "transformers_ids": want[:64],
+                                            "llama_cpp_ids": got[:64]})
+    return len(texts)
+
+
+def resolve_thresholds(quantization: str | None, *, max_mean_kl: float | None = None,
+                       min_top1: float | None = None, max_abs_logit_diff: float | None = None,
+                       thresholds: Thresholds | None = None) -> Thresholds:
+    """Explicit bounds win over `thresholds`, which win over the defaults for `quantization`."""
+    base = thresholds or THRESHOLDS.get(quantization or "")
+    if base is None and (max_mean_kl is None or min_top1 is None):
+        raise ValueError(f"no default thresholds for {quantization!r}: pass max_mean_kl and min_top1")
+    return Thresholds(
+        min_top1=min_top1 if min_top1 is not None else base.min_top1,
+        max_mean_kl=max_mean_kl if max_mean_kl is not None else base.max_mean_kl,
+        max_abs_logit_diff=(max_abs_logit_diff if max_abs_logit_diff is not None
+                            else (base.max_abs_logit_diff if base is not None else None)),
+    )
+
+
+def check_metrics(metrics: dict[str, float], quantization: str, thresholds: Thresholds | None = None) -> None:
+    t = thresholds or THRESHOLDS[quantization]
     failures = []
     if metrics["top1_agreement_decisive"] < t.min_top1:
         failures.append(f"top-1 agreement {metrics['top1_agreement_decisive']:.4f} < {t.min_top1} "
@@ -144,19 +185,47 @@ def check_metrics(metrics: dict[str, float], quantization: str) -> None:
                                details=dict(metrics))
 
 
-def validate_gguf(path: Path, source_dir: Path, quantization: str, expected_tensors: int) -> dict:
-    """Run every check; return the metrics recorded with the artifact."""
-    tensor_count = check_reopens(path, expected_tensors)
-    hf_ids, hf_logits = hf_reference(source_dir, PROBE_TEXT)
-    ll_ids, ll_logits = llama_reference(path, PROBE_TEXT, n_ctx=max(64, len(hf_ids) + 8))
-    if ll_ids != hf_ids:
-        raise ValidationFailed("llama.cpp tokenizes the probe text differently from the source tokenizer",
-                               details={"transformers_ids": hf_ids, "llama_cpp_ids": ll_ids})
+def validate_gguf(path: Path, source_dir: Path, quantization: str | None = None,
+                  expected_tensors: int | None = None, *, max_mean_kl: float | None = None,
+                  min_top1: float | None = None, max_abs_logit_diff: float | None = None,
+                  thresholds: Thresholds | None = None, text: str = PROBE_TEXT) -> dict:
+    """Run every check on the GGUF at `path` against the HF folder `source_dir`; return the
+    metrics recorded with the artifact. Works for every supported architecture.
+
+    Bounds: pass max_mean_kl / min_top1 / max_abs_logit_diff (None = not checked for the last)
+    or a Thresholds; otherwise the defaults for `quantization` (F32, F16, BF16, Q8_0) apply.
+    `quantization` is only a label in messages when bounds are given. `expected_tensors` None
+    skips the tensor count check (the file must still parse)."""
+    limits = resolve_thresholds(quantization, max_mean_kl=max_mean_kl, min_top1=min_top1,
+                                max_abs_logit_diff=max_abs_logit_diff, thresholds=thresholds)
+    if expected_tensors is None:
+        import gguf
+
+        try:
+            tensor_count = len(gguf.GGUFReader(path).tensors)
+        except Exception as e:
+            raise ValidationFailed(f"gguf-py cannot re-open {Path(path).name}: {e}") from e
+    else:
+        tensor_count = check_reopens(path, expected_tensors)
+    hf_ids, hf_logits = hf_reference(source_dir, text)
+    specials = added_tokens(source_dir)
+    with llama_model(path, n_ctx=max(64, len(hf_ids) + 8)) as llm:
+        ll_ids = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+        if ll_ids != hf_ids:
+            raise ValidationFailed("llama.cpp tokenizes the probe text differently from the source tokenizer",
+                                   details={"transformers_ids": hf_ids, "llama_cpp_ids": ll_ids})
+        # each added/special token alone must come back as its one id (right token type); text
+        # around special tokens is the tokenizer tests' business (runtimes differ on spacing there)
+        check_tokenization(llm, source_dir, specials, add_special=False)
+        llm.eval(ll_ids)
+        ll_logits = np.array(llm.scores[: len(ll_ids)], dtype=np.float32)
     metrics = compare_logits(hf_logits, ll_logits)
-    check_metrics(metrics, quantization)
-    metrics.update({"probe_tokens": len(hf_ids), "tokenization_match": True, "tensor_count": tensor_count})
+    check_metrics(metrics, quantization or "custom", limits)
+    metrics.update({"probe_tokens": len(hf_ids), "tokenization_match": True, "special_tokens_match": True,
+                    "tensor_count": tensor_count})
     return metrics
 
 
-__all__ = ["validate_gguf", "compare_logits", "check_metrics", "THRESHOLDS", "PROBE_TEXT",
-           "hf_reference", "llama_reference", "check_reopens"]
+__all__ = ["validate_gguf", "compare_logits", "check_metrics", "THRESHOLDS", "Thresholds", "PROBE_TEXT",
+           "hf_reference", "llama_reference", "check_reopens", "check_tokenization", "added_tokens",
+           "resolve_thresholds", "llama_model"]

@@ -1,156 +1,313 @@
-"""Tokenizer -> tokenizer.ggml.* metadata, following llama.cpp's converter (conversion/base.py).
+"""Tokenizer -> tokenizer.ggml.* metadata, as llama.cpp's convert_hf_to_gguf.py writes it for each
+supported family (conversion/base.py `_set_vocab_*`, gemma.py, phi.py, qwen.py). Our code, their facts.
 
-Three source kinds, tried in llama.cpp's order:
-- tokenizer.model (SentencePiece)                    -> model "llama", scores + token types
+Kinds of source:
+- tokenizer.model (SentencePiece)                    -> model "llama", pre "default", scores + types
 - tokenizer.json BPE with byte_fallback (SPM-style)  -> model "llama" via gguf's LlamaHfVocab
-- tokenizer.json byte-level BPE (GPT-2 / Llama-3)    -> model "gpt2" + merges + a pre-tokenizer name
-Special token ids, add_bos/add_eos and the chat template come from gguf's SpecialVocab.
+- tokenizer.json byte-level BPE (GPT-2/Llama-3/Qwen) -> model "gpt2" + merges + a pre-tokenizer name
+
+Token types: SentencePiece's own (normal, unknown, control, unused, byte); added tokens become
+CONTROL when flagged special or when they look special (<|...|>, <pad>, <unusedN>, ...), else
+USER_DEFINED with "▁" pre-normalised to a space (Phi-3 uses only the special flag). Special token
+ids, add_bos/add_eos and the chat template come from gguf-py's SpecialVocab (the code
+convert_hf_to_gguf itself runs).
+
+`tokenizer.ggml.pre` for byte-level BPE: llama.cpp keys it off a hash of the tokenizer's ids on a
+probe text (pre_hashes.py). A tokenizer no table knows (a new model, our tiny test tokenizers) is
+recognised from its pre_tokenizer structure instead (split regex, digit splitting, plain
+ByteLevel), then from the model family; validation's tokenization check catches a wrong guess.
+
+One deliberate difference: a folder written by transformers >= 5 has no `added_tokens_decoder` in
+tokenizer_config.json (its added tokens live only in tokenizer.json); we then read the same list
+from tokenizer.json, which is what transformers 4 would have written, instead of losing the
+added tokens' types.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
 import gguf
 
 from ..errors import InvalidModel
+from .pre_hashes import PRE_TOKENIZER_HASHES
 
 TokenType = gguf.TokenType
 
-# llama.cpp identifies a byte-level BPE pre-tokenizer by hashing the HF tokenizer's ids for this
-# text (convert_hf_to_gguf.get_vocab_base_pre); a few known hashes for Llama-family tokenizers.
 PRE_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
-KNOWN_PRE_HASHES = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM/SmolLM2
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
-}
-# Llama 3's split regex; a tokenizer.json that uses it gets llama.cpp's "llama-bpe" pre-tokenizer.
-_LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
+KNOWN_PRE_HASHES = PRE_TOKENIZER_HASHES
+
+# Split regexes of the pre-tokenizers we recognise structurally (as HF tokenizer.json spells them).
+LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_REGEX_NAMES = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+# Last resort per family when neither hash nor structure says more.
+_FAMILY_DEFAULT_PRE = {"llama": "llama-bpe", "qwen2": "qwen2", "gemma3": "default", "gpt2": "gpt-2", "phi3": "gpt-2"}
 
 
-def _looks_special(text: str) -> bool:
-    """Added tokens some models forget to flag as special (llama.cpp's does_token_look_special)."""
-    return (text in ("<pad>", "<mask>") or (text.startswith("<|") and text.endswith("|>"))
+@dataclass(frozen=True)
+class VocabInfo:
+    """What write_vocab wrote (for results and tests)."""
+
+    model: str  # tokenizer.ggml.model
+    pre: str  # tokenizer.ggml.pre
+    n_tokens: int
+    pre_source: str  # "fixed", "hash", "structure" or "family"
+
+
+def does_token_look_special(text: str | bytes) -> bool:
+    """Added tokens some models forget to flag special (convert_hf_to_gguf's heuristic)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
             or (text.startswith("<unused") and text.endswith(">")))
 
 
-def _tokenizer_config(root: Path) -> dict:
-    path = root / "tokenizer_config.json"
+def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def sentencepiece_vocab(root: Path, n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
-    """Tokens, scores and types from tokenizer.model, overlaid with added tokens like llama.cpp."""
+def tokenizer_config(root: Path) -> dict:
+    return _read_json(Path(root) / "tokenizer_config.json")
+
+
+def _added_tokens_decoder(root: Path) -> dict[int, dict]:
+    """tokenizer_config.json's added_tokens_decoder, or tokenizer.json's added_tokens when a
+    transformers >= 5 save left the former out (same entries: content, special, normalized...)."""
+    cfg = tokenizer_config(root)
+    if "added_tokens_decoder" in cfg:
+        return {int(k): v for k, v in cfg["added_tokens_decoder"].items()}
+    return {int(t["id"]): t for t in _read_json(root / "tokenizer.json").get("added_tokens", [])}
+
+
+# ---- SentencePiece ---------------------------------------------------------------------------
+
+def _sentencepiece_base(root: Path, n_vocab: int | None):
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(root / "tokenizer.model"))
+    n_vocab = n_vocab or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
-    scores, types = [-10000.0] * n_vocab, [TokenType.UNUSED] * n_vocab
+    scores, types = [-10000.0] * n_vocab, [int(TokenType.UNUSED)] * n_vocab
     for i in range(min(sp.vocab_size(), n_vocab)):
         tokens[i], scores[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i)
-        types[i] = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
-                    else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
-                    else TokenType.NORMAL)
-    _overlay_added_tokens(root, tokens, scores, types)
+        types[i] = int(TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
+                       else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
+                       else TokenType.NORMAL)
+    for text, i in _read_json(root / "added_tokens.json").items():
+        if i < n_vocab:
+            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, int(TokenType.USER_DEFINED)
     return tokens, scores, types
 
 
-def _overlay_added_tokens(root: Path, tokens: list[bytes], scores: list[float], types: list[int]) -> None:
-    """Tokens added on top of the SentencePiece model (added_tokens.json, added_tokens_decoder)."""
-    added = root / "added_tokens.json"
-    if added.is_file():
-        for text, i in json.loads(added.read_text(encoding="utf-8")).items():
-            if i < len(tokens):
-                tokens[i], scores[i], types[i] = text.encode(), -1000.0, TokenType.USER_DEFINED
-    for key, info in _tokenizer_config(root).get("added_tokens_decoder", {}).items():
-        i, text = int(key), info["content"]
+def sentencepiece_vocab(root: Path, n_vocab: int | None) -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and types from tokenizer.model overlaid with added tokens (TextModel's
+    _create_vocab_sentencepiece: Llama, Mistral, Gemma, Qwen2 with a .model)."""
+    root = Path(root)
+    tokens, scores, types = _sentencepiece_base(root, n_vocab)
+    for i, info in _added_tokens_decoder(root).items():
         if i >= len(tokens):
             continue
-        if info.get("special") or _looks_special(text):
-            types[i] = TokenType.CONTROL
+        text = info["content"]
+        if info.get("special") or does_token_look_special(text):
+            types[i] = int(TokenType.CONTROL)
         else:  # llama.cpp expects user-defined tokens pre-normalized: "▁" back to a space
-            text, types[i] = text.replace("\u2581", " "), TokenType.USER_DEFINED
+            text, types[i] = text.replace("\u2581", " "), int(TokenType.USER_DEFINED)
         tokens[i], scores[i] = text.encode("utf-8"), -1000.0
+    return tokens, scores, types
 
+
+def phi3_sentencepiece_vocab(root: Path, n_vocab: int | None) -> tuple[list[bytes], list[float], list[int]]:
+    """Phi-3's variant: added tokens are USER_DEFINED unless flagged special (no look-special
+    heuristic, no "▁" rewrite), from tokenizer_config.json and then tokenizer.json."""
+    root = Path(root)
+    tokens, scores, types = _sentencepiece_base(root, n_vocab)
+    entries = [(int(k), v) for k, v in tokenizer_config(root).get("added_tokens_decoder", {}).items()]
+    entries += [(int(t["id"]), t) for t in _read_json(root / "tokenizer.json").get("added_tokens", [])]
+    for i, info in entries:
+        if i >= len(tokens):
+            raise InvalidModel(f"added token {info['content']!r} has id {i}, past the vocabulary ({len(tokens)})")
+        tokens[i], scores[i] = info["content"].encode("utf-8"), -1000.0
+        types[i] = int(TokenType.CONTROL if info.get("special") else TokenType.USER_DEFINED)
+    return tokens, scores, types
+
+
+# ---- byte-level BPE --------------------------------------------------------------------------
+
+def _split_regexes(pre_tokenizer: dict | None) -> list[str]:
+    if not pre_tokenizer:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [r for p in pre_tokenizer.get("pretokenizers", []) for r in _split_regexes(p)]
+    if pre_tokenizer.get("type") == "Split":
+        pattern = pre_tokenizer.get("pattern", {})
+        return [pattern.get("Regex") or pattern.get("String") or ""]
+    return []
+
+
+def _parts(pre_tokenizer: dict | None) -> list[dict]:
+    if not pre_tokenizer:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [q for p in pre_tokenizer.get("pretokenizers", []) for q in _parts(p)]
+    return [pre_tokenizer]
+
+
+def pre_tokenizer_from_structure(tok_json: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer, or None if unknown."""
+    pre = tok_json.get("pre_tokenizer")
+    regexes = _split_regexes(pre)
+    if len(regexes) == 1 and regexes[0] in _REGEX_NAMES:
+        return _REGEX_NAMES[regexes[0]]
+    if regexes:
+        return None
+    kinds = [p.get("type") for p in _parts(pre)]
+    byte_level = [p for p in _parts(pre) if p.get("type") == "ByteLevel"]
+    if len(byte_level) == 1 and byte_level[0].get("use_regex", True):
+        if kinds == ["ByteLevel"]:
+            return "gpt-2"
+        digits = [p for p in _parts(pre) if p.get("type") == "Digits"]
+        if kinds == ["Digits", "ByteLevel"] and digits[0].get("individual_digits"):
+            return "smollm"
+    return None
+
+
+def pre_tokenizer_name(tokenizer, tok_json: dict, family: str) -> tuple[str, str]:
+    """(name, how it was found) for a byte-level BPE tokenizer."""
+    digest = sha256(str(tokenizer.encode(PRE_PROBE)).encode()).hexdigest()
+    if digest in PRE_TOKENIZER_HASHES:
+        return PRE_TOKENIZER_HASHES[digest], "hash"
+    if (name := pre_tokenizer_from_structure(tok_json)) is not None:
+        return name, "structure"
+    return _FAMILY_DEFAULT_PRE.get(family, "gpt-2"), "family"
+
+
+def bpe_vocab(root: Path, n_vocab: int | None, family: str = "gpt2") -> tuple[list[str], list[int], str, str]:
+    """Tokens, types, pre-tokenizer name and how it was found (TextModel.get_vocab_base)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    tok_json = _read_json(Path(root) / "tokenizer.json")
+    vocab = tokenizer.get_vocab()
+    n_vocab = n_vocab or len(vocab)
+    if max(vocab.values()) >= n_vocab:
+        raise InvalidModel(f"tokenizer has token id {max(vocab.values())}, past config.json's vocab_size {n_vocab}")
+    pre, how = pre_tokenizer_name(tokenizer, tok_json, family)
+    by_id = {i: t for t, i in vocab.items()}
+    added_vocab = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(TokenType.UNUSED))
+            continue
+        token = by_id[i]
+        if token in added_vocab:
+            if not decoder[i].normalized:  # llama.cpp assumes added tokens are pre-normalized
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or does_token_look_special(token):
+                types.append(int(TokenType.CONTROL))
+            else:
+                token = token.replace("\u2581", " ")
+                types.append(int(TokenType.USER_DEFINED))
+        else:
+            types.append(int(TokenType.NORMAL))
+        tokens.append(token)
+    return tokens, types, pre, how
+
+
+# ---- writing ---------------------------------------------------------------------------------
 
 def _is_spm_style_json(tok_json: dict) -> bool:
     model = tok_json.get("model", {})
     return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
-def _pre_tokenizer_name(root: Path, tokenizer, tok_json: dict) -> str:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer: by probe hash, else by its regex."""
-    ids = tokenizer.encode(PRE_PROBE)
-    digest = sha256(str(ids).encode()).hexdigest()
-    if digest in KNOWN_PRE_HASHES:
-        return KNOWN_PRE_HASHES[digest]
-    if _LLAMA3_REGEX_START in json.dumps(tok_json.get("pre_tokenizer"), ensure_ascii=False):
-        return "llama-bpe"
-    return "gpt-2"  # plain ByteLevel pre-tokenizer; the tokenization check catches a wrong guess
-
-
-def bpe_vocab(root: Path, n_vocab: int) -> tuple[list[str], list[int], str]:
-    """Tokens, types and pre-tokenizer name for a byte-level BPE tokenizer.json."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(root)
-    tok_json = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        elif i in added:
-            text = by_id[i]
-            special = added[i].special or _looks_special(text)
-            tokens.append(text)
-            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL)
-    return tokens, types, _pre_tokenizer_name(root, tokenizer, tok_json)
-
-
-def write_vocab(w: gguf.GGUFWriter, root: Path, n_vocab: int) -> str:
-    """Write tokenizer.ggml.* for the tokenizer in `root`; return the GGUF tokenizer model name."""
-    if (add_prefix := _tokenizer_config(root).get("add_prefix_space")) is not None:
-        w.add_add_space_prefix(add_prefix)
-    if (root / "tokenizer.model").is_file():
-        tokens, scores, types = sentencepiece_vocab(root, n_vocab)
-        return _write_llama_vocab(w, root, tokens, scores, types)
-    if not (root / "tokenizer.json").is_file():
-        raise InvalidModel(f"{root} has no tokenizer.model or tokenizer.json")
-    tok_json = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
-    if _is_spm_style_json(tok_json):
-        vocab = gguf.LlamaHfVocab(root)
-        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
-        return _write_llama_vocab(w, root, tokens, scores, types)
-    if tok_json.get("model", {}).get("type") != "BPE":
-        raise InvalidModel(f"tokenizer model {tok_json.get('model', {}).get('type')!r} is not supported "
-                           "(supported: SentencePiece tokenizer.model, BPE tokenizer.json)")
-    tokens, types, pre = bpe_vocab(root, n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    gguf.SpecialVocab(root, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
-    return "gpt2"
-
-
-def _write_llama_vocab(w, root: Path, tokens, scores, types) -> str:
+def _write_spm(w: gguf.GGUFWriter, root: Path, tokens, scores, types) -> VocabInfo:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(root, n_vocab=len(tokens)).add_to_gguf(w)
-    return "llama"
+    gguf.SpecialVocab(root, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    return VocabInfo("llama", "default", len(tokens), "fixed")
 
 
-__all__ = ["write_vocab", "sentencepiece_vocab", "bpe_vocab", "PRE_PROBE", "KNOWN_PRE_HASHES"]
+def _write_gpt2(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, family: str) -> VocabInfo:
+    tok_json = _read_json(root / "tokenizer.json")
+    if tok_json.get("model", {}).get("type") != "BPE":
+        raise InvalidModel(f"tokenizer model {tok_json.get('model', {}).get('type')!r} is not supported "
+                           "(supported: SentencePiece tokenizer.model, BPE tokenizer.json)")
+    tokens, types, pre, how = bpe_vocab(root, n_vocab, family)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(root, load_merges=True).add_to_gguf(w, quiet=True)
+    return VocabInfo("gpt2", pre, len(tokens), how)
+
+
+def _write_llama_family(w: gguf.GGUFWriter, root: Path, n_vocab: int | None) -> VocabInfo:
+    """LlamaModel.set_vocab: SentencePiece, else SPM-style tokenizer.json, else byte-level BPE."""
+    if (add_prefix := tokenizer_config(root).get("add_prefix_space")) is not None:
+        w.add_add_space_prefix(add_prefix)
+    if (root / "tokenizer.model").is_file():
+        return _write_spm(w, root, *sentencepiece_vocab(root, n_vocab))
+    if _is_spm_style_json(_read_json(root / "tokenizer.json")):
+        vocab = gguf.LlamaHfVocab(root)
+        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+        return _write_spm(w, root, tokens, scores, types)
+    return _write_gpt2(w, root, n_vocab, "llama")
+
+
+def write_vocab(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, style: str = "llama") -> VocabInfo:
+    """Write tokenizer.ggml.* for the tokenizer in `root` the way convert_hf_to_gguf does for
+    the architecture family `style` (an Architecture's vocab_style)."""
+    root = Path(root)
+    has_spm, has_json = (root / "tokenizer.model").is_file(), (root / "tokenizer.json").is_file()
+    if not (has_spm or has_json):
+        raise InvalidModel(f"{root} has no tokenizer.model or tokenizer.json")
+    if style == "llama":
+        return _write_llama_family(w, root, n_vocab)
+    if style in ("gemma", "gemma3") and (has_spm or style == "gemma"):
+        if not has_spm:
+            raise InvalidModel("a Gemma 2 model needs its SentencePiece tokenizer.model")
+        info = _write_spm(w, root, *sentencepiece_vocab(root, n_vocab))
+        w.add_add_space_prefix(False)
+        return info
+    if style == "qwen2" and has_spm:
+        return _write_spm(w, root, *sentencepiece_vocab(root, n_vocab))
+    if style == "phi3" and tokenizer_config(root).get("tokenizer_class") != "GPT2Tokenizer":
+        if not has_spm:
+            raise InvalidModel("a Phi-3 model needs its SentencePiece tokenizer.model")
+        return _write_spm(w, root, *phi3_sentencepiece_vocab(root, n_vocab))
+    if not has_json:
+        raise InvalidModel(f"{root} has no tokenizer.json, which this {style} tokenizer needs")
+    return _write_gpt2(w, root, n_vocab, style)
+
+
+def gguf_vocab_size(root: Path, n_vocab: int | None) -> int:
+    """How many tokens the GGUF vocab will hold (Gemma 3 cuts its embedding to this)."""
+    root = Path(root)
+    if (root / "tokenizer.model").is_file():
+        if n_vocab:
+            return n_vocab
+        from sentencepiece import SentencePieceProcessor
+
+        return SentencePieceProcessor(model_file=str(root / "tokenizer.model")).vocab_size()
+    tok_json = _read_json(root / "tokenizer.json")
+    return len(tok_json.get("model", {}).get("vocab", {})) + len(tok_json.get("added_tokens", []))
+
+
+__all__ = ["write_vocab", "sentencepiece_vocab", "phi3_sentencepiece_vocab", "bpe_vocab", "PRE_PROBE",
+           "KNOWN_PRE_HASHES", "VocabInfo", "pre_tokenizer_name", "pre_tokenizer_from_structure",
+           "does_token_look_special", "gguf_vocab_size", "tokenizer_config"]
