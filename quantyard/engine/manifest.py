@@ -13,7 +13,13 @@ ENGINE_VERSION = "quantyard-engine/0.1.0"
 MANIFEST: dict = {
     "formats": {
         "gguf": {
-            "quantizations": ["F32", "F16", "BF16", "Q8_0"],
+            # each one byte-identical to llama.cpp's quantizer (tests/engine/test_quantize.py);
+            # the IQ3_M..IQ2_XXS group needs an importance matrix
+            "quantizations": [
+                "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+                "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
+                "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XS", "IQ2_XXS",
+            ],
             "architectures": [
                 "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "GPT2LMHeadModel",

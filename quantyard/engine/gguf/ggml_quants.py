@@ -46,7 +46,21 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_blck_size.restype = i64
     lib.ggml_type_name.argtypes = [ty]
     lib.ggml_type_name.restype = ctypes.c_char_p
+    lib.ggml_validate_row_data.argtypes = [ty, ctypes.c_void_p, sz]
+    lib.ggml_validate_row_data.restype = ctypes.c_bool
+    lib.ggml_fp16_to_fp32_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64]
+    lib.ggml_fp16_to_fp32_row.restype = None
     return lib
+
+
+@functools.cache
+def _dequantize_fn(ggml_type: int):
+    """ggml's own `dequantize_row_<type>(src, dst, k)`: the to_float that llama.cpp's quantizer
+    uses on quantized input, so a requantized tensor matches llama-quantize --allow-requantize."""
+    fn = getattr(_lib(), f"dequantize_row_{type_name(ggml_type)}")
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn.restype = None
+    return fn
 
 
 def type_name(ggml_type: int) -> str:
@@ -93,4 +107,64 @@ def quantize(data: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None
     return out
 
 
-__all__ = ["quantize", "row_size", "block_size", "type_name", "requires_imatrix"]
+def _ranges(nrows: int, n_per_row: int, nthread: int) -> list[tuple[int, int]]:
+    """Row ranges for the worker threads. Every ggml quantizer treats rows independently, so
+    the bytes do not depend on how the rows are split (llama.cpp splits the same way)."""
+    if nthread <= 1 or nrows < 2:
+        return [(0, nrows)]
+    # at least ~16k values per task (llama.cpp's min_chunk_size), at most one task per thread
+    per = max(-(-16384 // n_per_row), -(-nrows // nthread))
+    return [(r, min(per, nrows - r)) for r in range(0, nrows, per)]
+
+
+def quantize_rows(src: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None,
+                  nthread: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """Quantize a C-contiguous float32 matrix (nrows, n_per_row) into `out` (nrows, row_bytes)
+    on `nthread` threads (ctypes drops the GIL during the C call). `imatrix`: n_per_row weights
+    shared by every row, as llama.cpp passes them for one 2-D slice."""
+    nrows, n_per_row = src.shape
+    if out is None:
+        out = np.empty((nrows, row_size(ggml_type, n_per_row)), dtype=np.uint8)
+    lib = _lib()
+    lib.ggml_quantize_init(int(ggml_type))
+    qw = imatrix.ctypes.data if imatrix is not None else None
+    rsize = out.shape[1]
+
+    def work(first: int, count: int) -> int:
+        return lib.ggml_quantize_chunk(int(ggml_type), src[first:].ctypes.data, out[first:].ctypes.data,
+                                       0, count, n_per_row, qw)
+
+    ranges = _ranges(nrows, n_per_row, nthread)
+    if len(ranges) == 1:
+        written = [work(*ranges[0])]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(ranges)) as pool:
+            written = list(pool.map(lambda r: work(*r), ranges))
+    if sum(written) != nrows * rsize:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {sum(written)} bytes, expected {nrows * rsize}")
+    if not lib.ggml_validate_row_data(int(ggml_type), out.ctypes.data, out.nbytes):
+        raise RuntimeError(f"ggml rejected the {type_name(ggml_type)} data it produced (NaN/inf input?)")
+    return out
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
+    """Bytes of `n_elements` values of `ggml_type` -> float32, the way llama.cpp reads them."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if ggml_type == 0:  # F32
+        return raw.view(np.float32)[:n_elements]
+    if ggml_type == 30:  # BF16: the high half of a float32, exactly ggml_bf16_to_fp32_row
+        return (raw.view(np.uint16)[:n_elements].astype(np.uint32) << 16).view(np.float32)
+    out = np.empty(n_elements, dtype=np.float32)
+    if ggml_type == 1:  # F16
+        _lib().ggml_fp16_to_fp32_row(raw.ctypes.data, out.ctypes.data, n_elements)
+    else:
+        if n_elements % block_size(ggml_type):
+            raise ValueError(f"{n_elements} values do not fill whole {type_name(ggml_type)} blocks")
+        _dequantize_fn(int(ggml_type))(raw.ctypes.data, out.ctypes.data, n_elements)
+    return out
+
+
+__all__ = ["quantize", "quantize_rows", "dequantize", "row_size", "block_size", "type_name",
+           "requires_imatrix"]
