@@ -147,12 +147,18 @@ def db_upgrade() -> None:
               help="FORMAT:QUANT, e.g. gguf:Q4_K_M (repeat for several).")
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Folder for the artifacts.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="An importance matrix file (llama.cpp format) for every target.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Text to compute the importance matrix from (default: shipped).")
+@click.option("--split-max-size", default=None,
+              help="Split quantized outputs into shards of at most this size (e.g. 2G, 500M), "
+                   "named like llama.cpp's gguf-split (-00001-of-0000N.gguf).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def convert(source, targets, out_dir, as_json) -> None:
+def convert(source, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
     """Convert SOURCE (a model folder) on this machine, without the service; same validation."""
-    from tqdm import tqdm
-
     from quantyard import engine
+    from quantyard.engine.stages import convert_many
 
     try:
         specs = [engine.parse_target(t) for t in targets]
@@ -162,32 +168,68 @@ def convert(source, targets, out_dir, as_json) -> None:
     if not as_json:
         click.echo(f"{report.architecture}, {report.parameter_count:,} parameters "
                    f"({report.source_dtype})", err=True)
-    results = []
-    for spec in specs:
-        estimate = report.estimates.get(spec.key, {})
-        with tqdm(total=1000, desc=spec.key, disable=as_json, file=sys.stderr,
-                  bar_format="{desc:<14} {percentage:3.0f}%|{bar:30}| {elapsed} {postfix}") as bar:
-            def progress(fraction: float, message: str) -> None:
-                bar.n = round(1000 * fraction)
-                bar.set_postfix_str(message[:50])
-
-            try:
-                result = engine.convert(source, spec, out_dir, progress=progress,
-                                        provenance={"name": source.name})
-            except engine.ConversionError as exc:
-                raise click.ClickException(f"{spec.key}: {exc.code}: {exc}") from None
-        results.append({"target": spec.key, "path": str(result.path),
-                        "size_bytes": result.size_bytes,
-                        "estimated_size_bytes": estimate.get("size_bytes"),
-                        "metrics": result.metrics})
+    with _ProgressBars(disable=as_json) as bars:
+        try:
+            results = convert_many(
+                source, specs, out_dir, progress_for=bars.for_target,
+                provenance={"name": source.name}, imatrix=imatrix,
+                calibration_text=calibration.read_text() if calibration else None,
+                split_max_bytes=_parse_size(split_max_size) if split_max_size else None)
+        except engine.ConversionError as exc:
+            raise click.ClickException(f"{exc.code}: {exc}") from None
+    rows = [{"target": f"{r.format}:{r.quantization}", "path": str(r.path),
+             "size_bytes": r.size_bytes,
+             "estimated_size_bytes": report.estimates.get(f"{r.format}:{r.quantization}", {})
+             .get("size_bytes"), "metrics": r.metrics} for r in results]
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    for r in results:
+    for r in rows:
         m = r["metrics"]
         click.echo(f"{r['target']:<14} {r['size_bytes']:>14,d} B  "
                    f"top1={m.get('top1_agreement', float('nan')):.3f}  "
                    f"kl={m.get('mean_kl', float('nan')):.5f}  {r['path']}")
+
+
+def _parse_size(text: str) -> int:
+    """'2G', '500M', '4096' → bytes (binary units, as gguf-split reads them)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 2G or 500M",
+                                 param_hint="--split-max-size") from None
+
+
+class _ProgressBars:
+    """One tqdm bar per target, created when that target first reports."""
+
+    def __init__(self, *, disable: bool):
+        self.disable, self.bars = disable, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for bar in self.bars.values():
+            bar.close()
+
+    def for_target(self, spec):
+        from tqdm import tqdm
+
+        def progress(fraction: float, message: str) -> None:
+            bar = self.bars.get(spec.key)
+            if bar is None:
+                bar = self.bars[spec.key] = tqdm(
+                    total=1000, desc=spec.key, disable=self.disable, file=sys.stderr,
+                    bar_format="{desc:<14} {percentage:3.0f}%|{bar:30}| {elapsed} {postfix}")
+            bar.n = round(1000 * fraction)
+            bar.set_postfix_str(message[:50])
+
+        return progress
 
 
 # ---------------------------------------------------------------- client side

@@ -18,7 +18,7 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.publish import publish, target_recipe
 from worker.runtime import WorkerRuntime
-from worker.sources import fetch_gguf_source, fetch_source, source_info
+from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import JobWatch
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
             report = _preflight(rt, job, source_dir, watch)
             intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
             pending = _reuse_for_targets(rt, job, intermediate)
-            inputs = {"intermediate_artifact_id": intermediate["id"]}
+            inputs = {"intermediate_artifact_id": intermediate["id"],
+                      "imatrix_artifact_ids": _imatrices(rt, job, pending, source_dir,
+                                                         intermediate, work_dir, watch)}
         with rt.session() as s:
             catalog.mark_dispatched(s, job_id=job_id,
                                     message=f"{len(pending)} target(s) dispatched")
@@ -156,6 +158,60 @@ def _intermediate(rt, job: dict, source_dir: Path, report, work_dir: Path,
     watch.progress(0.9, f"intermediate {spec.key}: uploading", force=True)
     return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
                    result=result, key=f"artifacts/{job['id']}/intermediate/{result.path.name}",
+                   recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
+
+
+def _imatrices(rt, job: dict, pending: list[str], source_dir: Path, intermediate: dict,
+               work_dir: Path, watch: JobWatch) -> dict[str, str]:
+    """One importance matrix per distinct calibration text among the targets that want one
+    (imatrix types, or params {"imatrix": true}); returns {target id: imatrix artifact id}."""
+    from quantyard.engine.stages import wants_imatrix
+
+    wanted = {tid: spec for tid, spec, _ in job["targets"]
+              if tid in pending and wants_imatrix(spec)}
+    by_text: dict[str | None, str] = {}
+    out: dict[str, str] = {}
+    for target_id, spec in wanted.items():
+        text = spec.params.get("calibration_text")
+        if text not in by_text:
+            by_text[text] = _imatrix(rt, job, source_dir, intermediate, text, work_dir, watch)["id"]
+        out[target_id] = by_text[text]
+    return out
+
+
+def _imatrix(rt, job: dict, source_dir: Path, intermediate: dict, text: str | None,
+             work_dir: Path, watch: JobWatch) -> dict:
+    """An imatrix artifact (format "imatrix"), reused when the same source and text made one."""
+    import hashlib
+
+    from quantyard import engine
+    from quantyard.engine.results import ConversionResult
+    from quantyard.engine.spec import TargetSpec
+    from quantyard.engine.stages import compute_imatrix
+
+    calibration = hashlib.sha256(text.encode()).hexdigest() if text else "default"
+    spec = TargetSpec("imatrix", "imatrix", {"calibration": calibration})
+    recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
+                                   engine_version=engine.ENGINE_VERSION, inputs={})
+    with rt.session() as s:
+        existing = catalog.find_artifact_by_recipe(s, recipe_hash=digest)
+        existing = existing.to_dict() if existing is not None else None
+    if existing and rt.store.stat(existing["storage_key"]) == existing["size_bytes"]:
+        return existing
+    local = work_dir / intermediate["filename"]
+    if not local.exists():
+        fetch_artifact(rt, intermediate, work_dir)
+    path = work_dir / f"{job['source']['name'] or 'model'}-imatrix.gguf"
+
+    def on_progress(fraction: float, message: str) -> None:
+        watch.progress(0.9 + 0.1 * fraction, message)
+
+    info = compute_imatrix(source_dir, local, path, text=text, progress=on_progress)
+    result = ConversionResult(path=path, format="imatrix", quantization="imatrix",
+                              size_bytes=path.stat().st_size, metadata={"imatrix": info},
+                              metrics={}, engine_version=engine.ENGINE_VERSION)
+    return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
+                   result=result, key=f"artifacts/{job['id']}/imatrix/{calibration[:16]}/{path.name}",
                    recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
 
 

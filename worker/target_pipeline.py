@@ -47,7 +47,8 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
         else:
             reference = fetch_source(rt, job["source"], work_dir / "src")
             intermediate = fetch_artifact(rt, job["intermediate"], work_dir)
-        _quantize_and_publish(rt, job, reference, intermediate, work_dir, watch)
+        imatrix = fetch_artifact(rt, job["imatrix"], work_dir) if job["imatrix"] else None
+        _quantize_and_publish(rt, job, reference, intermediate, imatrix, work_dir, watch)
         return "succeeded"
     except Cancelled as exc:
         return _close(rt, target_id, "cancelled", "cancelled", str(exc))
@@ -70,38 +71,43 @@ def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
         if inputs.get("intermediate_artifact_id"):
             intermediate = catalog.get_artifact(
                 s, artifact_id=inputs["intermediate_artifact_id"]).to_dict()
+        imatrix_id = (inputs.get("imatrix_artifact_ids") or {}).get(target_id)
+        imatrix = catalog.get_artifact(s, artifact_id=imatrix_id) if imatrix_id else None
         return {
             "id": job.id,
             "target_id": target_id,
+            "imatrix": imatrix.to_dict() if imatrix is not None else None,
             "spec": parse_target(target.to_spec_dict()),
             "source": source_info(source),
             "intermediate": intermediate,
         }
 
 
-def _quantize_and_publish(rt, job: dict, reference: Path, input_gguf: Path, work_dir: Path,
-                          watch: TargetWatch) -> None:
+def _quantize_and_publish(rt, job: dict, reference: Path, input_gguf: Path,
+                          imatrix: Path | None, work_dir: Path, watch: TargetWatch) -> None:
     from quantyard import engine
     from quantyard.engine.stages import quantize
 
     spec = job["spec"]
-    intermediate = job["intermediate"]
+    intermediate, imatrix_artifact = job["intermediate"], job["imatrix"]
     recipe, digest = target_recipe(
         source_sha256=job["source"]["sha256"], spec=spec, engine_version=engine.ENGINE_VERSION,
-        inputs={"intermediate_sha256": intermediate["sha256"] if intermediate else None})
+        inputs={"intermediate_sha256": intermediate["sha256"] if intermediate else None,
+                "imatrix_sha256": imatrix_artifact["sha256"] if imatrix_artifact else None})
+    parents = [("artifact", a["id"]) for a in (intermediate, imatrix_artifact) if a]
 
     def on_progress(fraction: float, message: str) -> None:
         watch.progress(0.05 + 0.85 * fraction, message)  # the upload takes the rest
 
     out_dir = work_dir / "out"
-    result = quantize(input_gguf, spec, out_dir, reference=reference, progress=on_progress,
+    result = quantize(input_gguf, spec, out_dir, reference=reference, imatrix=imatrix,
+                      progress=on_progress,
                       provenance={"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
                                   "name": job["source"]["name"] or ""})
     watch.progress(0.92, "uploading", force=True)
     publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
             result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
-            recipe=recipe, digest=digest,
-            parents=[("artifact", intermediate["id"])] if intermediate else None,
+            recipe=recipe, digest=digest, parents=parents or None,
             before_record=watch.raise_if_cancelled)
     with rt.session() as s:
         catalog.settle_job(s, job_id=job["id"])

@@ -59,6 +59,12 @@ def convert(source_dir: Path, target: TargetSpec, out_dir: Path, *,
             provenance: Mapping[str, str] | None = None) -> ConversionResult:
     """Write one validated artifact for `target` into out_dir (see docs/contracts.md)."""
     source, (target,) = _load(source_dir, [target])
+    from .stages import convert_via_intermediate, is_direct
+
+    if target.format == "gguf" and not is_direct(target):
+        # llama.cpp's way: a lossless GGUF first, then its quantizer's per-tensor policy.
+        return convert_via_intermediate(source, target, Path(out_dir), progress=progress,
+                                        provenance=provenance)
     return get_converter(target.format).convert(source, target, Path(out_dir), progress=progress,
                                                 provenance=provenance)
 

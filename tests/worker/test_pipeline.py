@@ -192,3 +192,49 @@ def test_a_failing_target_fails_the_job_and_cleans_up(runtime, source_id, monkey
     assert [t["status"] for t in job["targets"]] == ["succeeded", "failed"]
     assert len(_objects(runtime)) == 2  # the intermediate and the F16, nothing of the Q8_0
     assert runtime.store.list_keys("tmp/") == []
+
+
+def test_imatrix_targets_share_one_imatrix_recorded_in_lineage(runtime, source_id):
+    job_id = _job(runtime, source_id, ["Q4_K_M", "IQ2_XS"])
+    assert _run(runtime, job_id) == ("dispatched", ["succeeded", "succeeded"])
+    job = _get(runtime, job_id)
+    assert job["status"] == "succeeded"
+    with runtime.session() as s:
+        extra = [catalog.get_artifact(s, artifact_id=i).to_dict()
+                 for i in job["intermediate_artifact_ids"]]
+        (imatrix,) = [a for a in extra if a["format"] == "imatrix"]
+        q4, iq2 = (catalog.get_artifact(s, artifact_id=i).to_dict() for i in job["artifact_ids"])
+        assert q4["metadata"]["imatrix"] is None  # Q4_K_M did not ask for one
+        assert iq2["metadata"]["imatrix"]["sha256"] == imatrix["sha256"]
+        assert iq2["metadata"]["imatrix"]["chunks_count"] >= 1
+        parents = {n["id"] for n in catalog.lineage(s, artifact_id=iq2["id"])["upstream"]
+                   if n["depth"] == 1}
+        assert imatrix["id"] in parents
+    assert 1.5 < iq2["metrics"]["bits_per_weight"] < q4["metrics"]["bits_per_weight"] < 6
+
+
+def test_a_quantized_gguf_source_is_requantized_with_a_warning(runtime, tiny_llama_dir,
+                                                             tmp_path):
+    from quantyard import engine
+    from quantyard.engine.spec import parse_target
+
+    q8 = engine.convert(tiny_llama_dir, parse_target("gguf:Q8_0"), tmp_path / "q8")
+    stored = runtime.store.put_file("sources/q8/source.gguf", q8.path)
+    with runtime.session() as s:
+        source = catalog.create_source(
+            s, name="tiny-q8", sha256=stored.sha256, size_bytes=stored.size_bytes,
+            uri=stored.uri, storage_key=stored.key, architecture="llama",
+            metadata={"format": "gguf", "file_type": "Q8_0", "quantized": True},
+            actor="test", request=None)
+        s.commit()
+        gguf_source = source.id
+    job_id = _job(runtime, gguf_source, ["Q4_K_M"])
+    assert _run(runtime, job_id) == ("dispatched", ["succeeded"])
+    job = _get(runtime, job_id)
+    assert job["status"] == "succeeded"
+    assert [w["code"] for w in job["warnings"]] == ["requantized"]
+    assert job["targets"][0]["estimate"]["size_bytes"] > 0
+    with runtime.session() as s:
+        artifact = catalog.get_artifact(s, artifact_id=job["artifact_ids"][0]).to_dict()
+    assert artifact["metadata"]["requantized_from"] == "Q8_0"
+    assert artifact["metrics"]["reference"] == "input-gguf"

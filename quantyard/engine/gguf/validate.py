@@ -55,11 +55,30 @@ def check_reopens(path: Path, expected_tensors: int) -> int:
     return n
 
 
+_REFERENCE_CACHE: dict[tuple, tuple[list[int], np.ndarray]] = {}
+
+
 def hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
     """Token ids and float32 logits from transformers on the source folder.
 
     Eager attention: the reference implementation (soft-capping, sliding windows and scaling
-    exactly as the model defines them; SDPA kernels skip some of it for some families)."""
+    exactly as the model defines them; SDPA kernels skip some of it for some families).
+    Remembered for the last source folder (keyed by its files' sizes and times), so validating
+    several targets of one source loads the model once."""
+    key = (str(Path(source_dir).resolve()), text, _folder_stamp(Path(source_dir)))
+    if key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE.clear()
+        _REFERENCE_CACHE[key] = _hf_reference(source_dir, text)
+    ids, logits = _REFERENCE_CACHE[key]
+    return list(ids), logits.copy()
+
+
+def _folder_stamp(folder: Path) -> tuple:
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in folder.iterdir() if p.is_file()))
+
+
+def _hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
