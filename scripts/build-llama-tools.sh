@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PREFIX="${1:-$ROOT/.test-cache/llama.cpp-$VERSION}"
 TOOLS="llama-quantize llama-imatrix llama-gguf-split"
 
-if [ -x "$PREFIX/bin/llama-quantize" ] && [ -x "$PREFIX/bin/llama-imatrix" ] && [ -x "$PREFIX/bin/llama-gguf-split" ]; then
+if [ -x "$PREFIX/bin/llama-quantize" ] && [ -x "$PREFIX/bin/llama-imatrix" ] && [ -x "$PREFIX/bin/llama-gguf-split" ] && [ -f "$PREFIX/src/convert_hf_to_gguf.py" ]; then
   echo "$PREFIX"; exit 0
 fi
 mkdir -p "$PREFIX"
@@ -27,5 +27,7 @@ mkdir -p "$PREFIX/bin"
 for t in $TOOLS; do cp "$work/build/bin/$t" "$PREFIX/bin/"; done
 rm -rf "$PREFIX/src" && mkdir -p "$PREFIX/src"
 cp "$src/convert_hf_to_gguf.py" "$PREFIX/src/" && cp -r "$src/gguf-py" "$PREFIX/src/gguf-py"
+# convert_hf_to_gguf.py imports its model classes from the conversion/ package beside it.
+if [ -d "$src/conversion" ]; then cp -r "$src/conversion" "$PREFIX/src/conversion"; fi
 cp -r "$src/src" "$PREFIX/src/llama-src"
 echo "$PREFIX"
