@@ -1,6 +1,6 @@
 """A GGUF file (or a llama.cpp split set) as the input of a requantization.
 
-The files are memory-mapped by gguf-py's GGUFReader: nothing is read until a tensor's bytes are
+The files' headers are read by gguf_layout and their data memory-mapped: nothing is read until a tensor's bytes are
 asked for, so a model of any size costs address space, not memory. Metadata is kept as the raw
 bytes of each key-value pair, so copying it into the output preserves every type exactly
 (uint32 vs int32, arrays of strings, ...), as llama.cpp's gguf_set_kv does.
@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InvalidModel
 from . import ggml_quants
 from .ggml_types import GGML_TYPES_BY_ID
+from .gguf_layout import read_layout
 
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 _SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -75,24 +76,27 @@ def release_pages(view: np.ndarray) -> None:
                                   _MADV_DONTNEED)
 
 
+def _tensor_nbytes(type_id: int, ne: tuple[int, ...]) -> int:
+    rows = 1
+    for d in ne[1:]:
+        rows *= int(d)
+    return ggml_quants.row_size(type_id, int(ne[0])) * rows
+
+
 class GGUFInput:
     """The KV metadata and tensors of one model stored as a GGUF file or a split set."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = Path(path)
-        try:
-            first = gguf.GGUFReader(self.path)
-        except Exception as e:  # gguf-py raises ValueError/struct errors on corrupt headers
-            raise InvalidModel(f"{self.path.name} is not a readable GGUF file: {e}") from e
-        self._readers = [first]
-        self._fields = {f.name: f for f in first.fields.values() if not f.name.startswith("GGUF.")}
-        for shard in self._other_shards(first):
-            self._readers.append(gguf.GGUFReader(shard))
+        first = read_layout(self.path)
+        self._layouts = [(self.path, first)]
+        self._fields = first.kv
+        for shard in self._other_shards():
+            self._layouts.append((shard, read_layout(shard)))
+        self._maps: list[np.memmap] = []
         self.tensors = self._collect_tensors()
 
-    def _other_shards(self, first) -> list[Path]:
+    def _other_shards(self) -> list[Path]:
         """llama.cpp's naming: <prefix>-00001-of-0000N.gguf, the first shard holds the KV."""
         count = int(self.value("split.count", 1) or 1)
         if count <= 1:
@@ -109,10 +113,15 @@ class GGUFInput:
 
     def _collect_tensors(self) -> dict[str, InputTensor]:
         tensors: dict[str, InputTensor] = {}
-        for reader in self._readers:
-            for t in reader.tensors:
-                raw = reader.data[t.data_offset:t.data_offset + t.n_bytes]
-                tensors[t.name] = InputTensor(t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), raw)
+        for path, layout in self._layouts:
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+            self._maps.append(data)
+            for t in layout.tensors:
+                start = layout.data_offset + t.offset
+                nbytes = _tensor_nbytes(t.type_id, t.ne)
+                if start + nbytes > data.size:
+                    raise InvalidModel(f"{path.name}: tensor {t.name} runs past the end of the file")
+                tensors[t.name] = InputTensor(t.name, t.ne, t.type_id, data[start:start + nbytes])
         expected = self.value("split.tensors.count")
         if expected is not None and int(expected) != len(tensors):
             raise InvalidModel(f"split GGUF declares {expected} tensors but its shards hold {len(tensors)}")
@@ -124,14 +133,12 @@ class GGUFInput:
         return list(self._fields)
 
     def value(self, key: str, default=None):
-        f = self._fields.get(key)
-        return default if f is None else f.contents()
+        kv = self._fields.get(key)
+        return default if kv is None else kv.value
 
     def raw_kv(self, key: str) -> bytes:
         """The key-value pair exactly as stored (key, type, value), ready to be copied."""
-        f = self._fields[key]
-        size = sum(int(p.nbytes) for p in f.parts)
-        return bytes(self._readers[0].data[f.offset:f.offset + size])
+        return self._fields[key].raw
 
     @property
     def alignment(self) -> int:
@@ -143,22 +150,17 @@ class GGUFInput:
 
     def small_fields(self) -> dict[str, object]:
         """Every scalar value and short array (hparams), skipping the big tokenizer arrays."""
-        out = {}
-        for key, f in self._fields.items():
-            if len(f.data) <= 1024:
-                out[key] = f.contents()
-        return out
+        return {key: kv.value for key, kv in self._fields.items() if kv.value is not None}
 
     def close(self) -> None:
-        for r in self._readers:
-            mm = getattr(r, "data", None)
-            base = getattr(mm, "_mmap", None)
+        for data in self._maps:
+            base = getattr(data, "_mmap", None)
             if base is not None:
                 try:
                     base.close()
                 except (BufferError, ValueError):  # views still alive; the GC will unmap it
                     pass
-        self._readers = []
+        self._maps = []
 
     def __enter__(self) -> "GGUFInput":
         return self
