@@ -242,6 +242,14 @@ def _write_spm(w: gguf.GGUFWriter, root: Path, tokens, scores, types) -> VocabIn
     return VocabInfo("llama", "default", len(tokens), "fixed")
 
 
+def _byte_level_post_processor(tok_json: dict) -> bool:
+    processor = tok_json.get("post_processor") or {}
+    processors = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+    kinds = {p.get("type") for p in processors if isinstance(p, dict)}
+    return "ByteLevel" in kinds and not kinds & {"TemplateProcessing", "RobertaProcessing",
+                                                  "BertProcessing"}
+
+
 def _write_gpt2(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, family: str) -> VocabInfo:
     tok_json = _read_json(root / "tokenizer.json")
     if tok_json.get("model", {}).get("type") != "BPE":
@@ -252,7 +260,13 @@ def _write_gpt2(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, family: str
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    gguf.SpecialVocab(root, load_merges=True).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(root, load_merges=True)
+    if _byte_level_post_processor(tok_json):
+        # A ByteLevel post-processor adds no BOS/EOS: llama.cpp's own converter (its newer
+        # gguf-py) records that as add_bos/add_eos = false; gguf 0.19 on PyPI leaves it out.
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(w, quiet=True)
     return VocabInfo("gpt2", pre, len(tokens), how)
 
 
