@@ -53,25 +53,12 @@ BOUNDS: dict[str, Bounds] = {q: Bounds(kl, top1) for q, (kl, top1) in {
 }.items()}
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def logit_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Per-token KL(reference || candidate), top-1 agreement and max |logit difference| for two
-    (n_tokens, n_vocab) logit arrays over the same tokens."""
-    if reference.shape != candidate.shape:
-        raise ValueError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
-    lp, lq = _log_softmax(reference), _log_softmax(candidate)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    return {
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
-        "max_abs_logit_diff": float(np.abs(reference.astype(np.float64) - candidate).max()),
-    }
+    (n_tokens, n_vocab) logit arrays over the same tokens (validate.compare_logits)."""
+    from .validate import compare_logits
+
+    return compare_logits(reference, candidate)
 
 
 def check_quality(quantization: str, metrics: dict[str, float], bounds: Bounds | None = None) -> dict[str, float]:
