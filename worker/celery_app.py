@@ -6,7 +6,6 @@ Built by `create_worker_app()` when `quantyard worker` starts, never at import.
 from __future__ import annotations
 
 import logging
-import threading
 
 from celery import Celery, bootsteps
 
@@ -69,10 +68,14 @@ def _dispatcher(app: Celery, runtime):
 
 
 class _HeartbeatStep(bootsteps.StartStopStep):
-    """Writes this worker's heartbeat to the catalog while the consumer is running.
+    """Writes this worker's heartbeat to the catalog from the consumer's own event loop.
 
-    It lives in the consumer blueprint, so it starts only once the consumer does and stops with
-    it: a worker whose consumer died stops heartbeating and drops out of `live_workers`.
+    The beat is an entry on the consumer's timer: on Redis (the production broker) that timer is
+    run by the same event loop that pulls messages, so a consumer loop that hangs (e.g. after a
+    broker reconnect) stops beating and the worker drops out of `live_workers`. With the embedded
+    filesystem broker Celery has no event loop and the timer is a thread of its own: there the
+    beat only proves the process and its consumer started. No beat while the consumer has no
+    broker connection. On a warm shutdown the worker removes itself from the live set.
     """
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
@@ -80,42 +83,42 @@ class _HeartbeatStep(bootsteps.StartStopStep):
 
     def __init__(self, parent, **kwargs):
         super().__init__(parent, **kwargs)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._entry = None
+        self._runtime = None
+        self._ids: dict[str, str] = {}
 
     def start(self, consumer) -> None:
         settings, classes, worker_id = self.config
-        runtime = build_runtime(settings, worker_id=worker_id)
+        self._runtime = build_runtime(settings, worker_id=worker_id)
         info = hardware.detect().to_dict()
         info["queues"] = [queue_name(c) for c in classes]
         info["concurrency"] = settings.worker_concurrency
-
-        ids = {c: worker_id if len(classes) == 1 else f"{worker_id}:{c}" for c in classes}
+        self._ids = {c: worker_id if len(classes) == 1 else f"{worker_id}:{c}" for c in classes}
 
         def beat() -> None:
-            while True:
-                try:
-                    # No heartbeat while the consumer has lost its broker connection.
-                    if getattr(consumer.connection, "connected", True):
-                        with runtime.session() as s:
-                            for hardware_class, wid in ids.items():
-                                catalog.worker_heartbeat(
-                                    s, worker_id=wid, hostname=worker_id.split(":")[0],
-                                    hardware_class=hardware_class, capabilities=info)
-                            s.commit()
-                except Exception:
-                    log.exception("heartbeat failed")
-                if self._stop.wait(settings.worker_heartbeat_s):
-                    break
-            with runtime.session() as s:
-                for wid in ids.values():
-                    catalog.worker_stopped(s, worker_id=wid)
-                s.commit()
+            try:
+                if getattr(consumer.connection, "connected", True):
+                    with self._runtime.session() as s:
+                        for hardware_class, wid in self._ids.items():
+                            catalog.worker_heartbeat(
+                                s, worker_id=wid, hostname=worker_id.split(":")[0],
+                                hardware_class=hardware_class, capabilities=info)
+                        s.commit()
+            except Exception:  # the next beat retries; a worker that can't beat looks dead
+                log.exception("heartbeat failed")
 
-        self._thread = threading.Thread(target=beat, name="quantyard-heartbeat", daemon=True)
-        self._thread.start()
+        beat()
+        self._entry = consumer.timer.call_repeatedly(settings.worker_heartbeat_s, beat)
 
     def stop(self, consumer) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = None
+        if self._runtime is not None:
+            try:
+                with self._runtime.session() as s:
+                    for wid in self._ids.values():
+                        catalog.worker_stopped(s, worker_id=wid)
+                    s.commit()
+            except Exception:
+                log.exception("could not remove this worker from the live set")
