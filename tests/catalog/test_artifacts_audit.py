@@ -144,7 +144,7 @@ def test_audit_detects_edited_row(factory, engine, make_job):
     make_events(factory, make_job)
     with factory() as s:
         victim = s.execute(select(AuditEvent).where(AuditEvent.seq == 3)).scalar_one()
-    tamper(engine, f"UPDATE audit_events SET actor = 'key:mallory' WHERE seq = 3")
+    tamper(engine, "UPDATE audit_events SET actor = 'key:mallory' WHERE seq = 3")
     result = verify(factory)
     assert not result.ok and result.first_bad_id == victim.id and "edited" in result.reason and result.checked == 2
 

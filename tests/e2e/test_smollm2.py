@@ -11,7 +11,7 @@ import tarfile
 import pytest
 
 from tests import oracles
-from tests.e2e.conftest import upload, wait_for_job
+from tests.e2e.conftest import wait_for_job
 
 pytestmark = pytest.mark.e2e
 
