@@ -48,16 +48,38 @@ def _load(source_dir: Path, targets: Sequence[TargetSpec]):
 
 def preflight(source_dir: Path, targets: Sequence[TargetSpec]) -> PreflightReport:
     """Check a source against targets from config.json and headers; estimate each target."""
-    source, targets = _load(source_dir, targets)
-    estimates = {t.key: get_converter(t.format).estimate(source, t) for t in targets}
-    return PreflightReport(architecture=source.architecture, parameter_count=source.parameter_count,
-                           source_dtype=source.source_dtype, estimates=estimates)
+    targets = [parse_target(t) for t in targets]
+    onnx = [t for t in targets if t.format == "onnx"]
+    others = [t for t in targets if t.format != "onnx"]
+    reports = []
+    if onnx:  # encoders: their own source reader (BERT checkpoints carry int64 buffers)
+        from .onnx import preflight_onnx
+
+        _check_architecture(source_dir, onnx)
+        reports.append(preflight_onnx(Path(source_dir), onnx))
+    if others:
+        source, others = _load(source_dir, others)
+        reports.insert(0, PreflightReport(
+            architecture=source.architecture, parameter_count=source.parameter_count,
+            source_dtype=source.source_dtype,
+            estimates={t.key: get_converter(t.format).estimate(source, t) for t in others}))
+    first = reports[0]
+    estimates = {k: v for r in reports for k, v in r.estimates.items()}
+    return PreflightReport(architecture=first.architecture, parameter_count=first.parameter_count,
+                           source_dtype=first.source_dtype, estimates=estimates)
 
 
 def convert(source_dir: Path, target: TargetSpec, out_dir: Path, *,
             progress: Callable[[float, str], None] | None = None,
             provenance: Mapping[str, str] | None = None) -> ConversionResult:
-    """Write one validated artifact for `target` into out_dir (see docs/contracts.md)."""
+    """Write one validated artifact for `target` into out_dir."""
+    target = parse_target(target)
+    if target.format == "onnx":
+        from .onnx import convert_onnx
+
+        _check_architecture(source_dir, [target])
+        return convert_onnx(Path(source_dir), target, Path(out_dir), progress=progress,
+                            provenance=provenance)
     source, (target,) = _load(source_dir, [target])
     from .stages import convert_via_intermediate, is_direct
 

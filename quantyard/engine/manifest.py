@@ -26,6 +26,12 @@ MANIFEST: dict = {
             ],
             "source_formats": ["safetensors"],
         },
+        "onnx": {
+            "quantizations": ["fp32", "fp16", "int8-dynamic", "int8-static", "int4"],
+            # config.json architectures[0]; only what tests/engine/onnx exercises
+            "architectures": ["BertModel"],
+            "source_formats": ["safetensors", "pytorch-weights-only"],
+        },
     },
     "hardware_classes": ["cpu", "cuda"],
 }

@@ -33,8 +33,9 @@ def intermediate_target(report: PreflightReport) -> TargetSpec:
 
 
 def is_direct(target: TargetSpec) -> bool:
-    """Float targets are written straight from the source; everything else is quantized."""
-    return target.quantization in LOSSLESS_TYPES
+    """Made straight from the source: GGUF float types, and every ONNX target (the ONNX engine
+    exports and quantizes in one call); other GGUF targets come from the intermediate."""
+    return target.format != "gguf" or target.quantization in LOSSLESS_TYPES
 
 
 def wants_imatrix(target: TargetSpec) -> bool:
@@ -202,13 +203,17 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
     from . import _load, convert
     from .gguf.converter import write_float_gguf
 
-    source, targets = _load(Path(source_dir), targets)
-    provenance = _with_name(source, provenance)
+    from . import parse_target
+
+    targets = [parse_target(t) for t in targets]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    quantized = [t for t in targets if not is_direct(t)]
+    if quantized:
+        source, _ = _load(Path(source_dir), quantized)
+        provenance = _with_name(source, provenance)
     results = [convert(source_dir, t, out_dir, progress=progress_for(t), provenance=provenance)
                for t in targets if is_direct(t)]
-    quantized = [t for t in targets if not is_direct(t)]
     if not quantized:
         return results
     dtype = source.source_dtype.upper()

@@ -30,7 +30,8 @@ def test_parse_mapping_keeps_params_frozen():
 
 
 @pytest.mark.parametrize("bad, named", [
-    ("onnx:int8", "gguf"),            # unknown format -> names valid formats
+    ("tflite:int8", "onnx"),          # unknown format -> names valid formats
+    ("onnx:int8", "int8-dynamic"),    # unknown quantization of a known format -> names valid ones
     ("gguf:Q3_X", "Q8_0"),            # unknown quantization -> names valid ones
     ("gguf", "format:QUANTIZATION"),  # no separator
     ({"format": "gguf"}, "quantization"),

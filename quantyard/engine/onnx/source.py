@@ -1,0 +1,125 @@
+"""The PyTorch side of an ONNX conversion: describe a Hugging Face folder, load it safely.
+
+Pickled weights (.bin/.pt/.pth) are only ever read with torch.load(weights_only=True): a pickle
+that names anything but tensors and plain containers is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidModel, UnsupportedArchitecture
+from ..hf.source import TOKENIZER_FILES, load_config
+from .manifest import SUPPORTED, TASKS
+
+PICKLE_NAMES = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.pt")
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    root: Path
+    config: dict
+    architecture: str
+    task: str
+    # "safetensors" or the pickle file's name (read weights_only)
+    weights: str
+
+
+def describe(root: Path) -> EncoderSource:
+    """config.json and file names only: architecture, task, where the weights are."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidModel(f"source {root} is not a directory")
+    config = load_config(root)
+    archs = config.get("architectures") or [str(config.get("model_type", "unknown"))]
+    if archs[0] not in SUPPORTED:
+        raise UnsupportedArchitecture(
+            f"architecture {archs[0]!r} cannot be converted to onnx; supported architectures: {', '.join(SUPPORTED)}",
+            details={"architecture": archs[0], "supported": list(SUPPORTED)},
+        )
+    if not any((root / f).is_file() for f in TOKENIZER_FILES + ("vocab.txt",)):
+        raise InvalidModel(f"{root} has no tokenizer (tokenizer.json or vocab.txt)")
+    return EncoderSource(root, config, archs[0], TASKS[archs[0]], _weights_kind(root))
+
+
+def _weights_kind(root: Path) -> str:
+    if (root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file():
+        return "safetensors"
+    for name in PICKLE_NAMES:
+        if (root / name).is_file():
+            return name
+    raise InvalidModel(f"{root} has no weights (model.safetensors or {', '.join(PICKLE_NAMES)})")
+
+
+def load_pickled_state_dict(path: Path) -> dict:
+    """Tensors from a torch pickle without executing it; InvalidModel if it holds anything else."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise InvalidModel(
+            f"refused to load {path.name}: it is a pickle that is not plain tensors (it would run code or "
+            f"build arbitrary objects, which Quantyard never unpickles); save the weights as safetensors. "
+            f"torch said: {str(e).splitlines()[0][:300]}",
+            details={"file": path.name, "reason": "unsafe_pickle"},
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidModel(f"{path.name} is not a state dict of tensors")
+    return state
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def load_model(src: EncoderSource):
+    """The source as an fp32 torch module in eval mode."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, src.architecture)
+    if src.weights == "safetensors":
+        # use_safetensors=True: transformers must never fall back to a pickle in the same folder
+        model = cls.from_pretrained(src.root, use_safetensors=True, dtype=torch.float32)
+    else:
+        state = load_pickled_state_dict(src.root / src.weights)
+        model = cls(cls.config_class.from_pretrained(src.root))
+        missing, unexpected = model.load_state_dict(_strip_prefix(state, model), strict=False)
+        # position_ids is a non-persistent buffer: old checkpoints carry it, new ones don't
+        missing = [m for m in missing if "position_ids" not in m]
+        unexpected = [u for u in unexpected if "position_ids" not in u]
+        if missing or unexpected:
+            raise InvalidModel(f"{src.weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.float().eval()
+
+
+def _strip_prefix(state: dict, model) -> dict:
+    """Base-model checkpoints (`bert.encoder...`) loaded into a BertModel lose the `bert.` prefix."""
+    prefix = f"{model.base_model_prefix}."
+    own = set(model.state_dict())
+    if not own & set(state) and any(k.startswith(prefix) for k in state):
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def load_tokenizer(src: EncoderSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(src.root)
+
+
+def parameter_count(src: EncoderSource) -> int:
+    """From safetensors headers when there are some; else from the pickle, loaded weights-only."""
+    if src.weights == "safetensors":
+        from ..hf.source import _collect_tensors, _shard_map
+
+        return sum(t.n_elements for t in _collect_tensors(src.root, _shard_map(src.root)).values())
+    return sum(t.numel() for t in load_pickled_state_dict(src.root / src.weights).values())
+
+
+__all__ = ["EncoderSource", "describe", "load_model", "load_tokenizer", "load_pickled_state_dict", "parameter_count"]
