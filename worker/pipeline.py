@@ -53,11 +53,7 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         else:
             source_dir = fetch_source(rt, job["source"], work_dir)
             report = _preflight(rt, job, source_dir, watch)
-            intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
-            pending = _reuse_for_targets(rt, job, intermediate)
-            inputs = {"intermediate_artifact_id": intermediate["id"],
-                      "imatrix_artifact_ids": _imatrices(rt, job, pending, source_dir,
-                                                         intermediate, work_dir, watch)}
+            pending, inputs = _shared_work(rt, job, source_dir, report, work_dir, watch)
         with rt.session() as s:
             catalog.mark_dispatched(s, job_id=job_id,
                                     message=f"{len(pending)} target(s) dispatched")
@@ -91,6 +87,21 @@ def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
             "targets": [(t.id, parse_target(t.to_spec_dict()), t.status)
                         for t in sorted(job.targets, key=lambda t: t.position)],
         }
+
+
+def _shared_work(rt, job: dict, source_dir: Path, report, work_dir: Path,
+                 watch: JobWatch) -> tuple[list[str], dict]:
+    """GGUF targets share a lossless intermediate (and imatrices); other formats (ONNX) are
+    made straight from the source by their own tasks."""
+    if not any(spec.format == "gguf" for _, spec, _ in job["targets"]):
+        return [t for t, _, status in job["targets"] if status != "succeeded"], {}
+    intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
+    pending = _reuse_for_targets(rt, job, intermediate)
+    return pending, {
+        "intermediate_artifact_id": intermediate["id"],
+        "imatrix_artifact_ids": _imatrices(rt, job, pending, source_dir, intermediate, work_dir,
+                                           watch),
+    }
 
 
 def _prepare_gguf_source(rt, job: dict, work_dir: Path, watch: JobWatch) -> tuple[list, dict]:

@@ -46,9 +46,10 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
             reference = intermediate = fetch_gguf_source(rt, job["source"], work_dir)
         else:
             reference = fetch_source(rt, job["source"], work_dir / "src")
-            intermediate = fetch_artifact(rt, job["intermediate"], work_dir)
+            intermediate = (fetch_artifact(rt, job["intermediate"], work_dir)
+                            if job["intermediate"] else None)
         imatrix = fetch_artifact(rt, job["imatrix"], work_dir) if job["imatrix"] else None
-        _quantize_and_publish(rt, job, reference, intermediate, imatrix, work_dir, watch)
+        _make_and_publish(rt, job, reference, intermediate, imatrix, work_dir, watch)
         return "succeeded"
     except Cancelled as exc:
         return _close(rt, target_id, "cancelled", "cancelled", str(exc))
@@ -83,8 +84,10 @@ def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
         }
 
 
-def _quantize_and_publish(rt, job: dict, reference: Path, input_gguf: Path,
-                          imatrix: Path | None, work_dir: Path, watch: TargetWatch) -> None:
+def _make_and_publish(rt, job: dict, reference: Path, input_gguf: Path | None,
+                      imatrix: Path | None, work_dir: Path, watch: TargetWatch) -> None:
+    """Quantize the GGUF intermediate — or, for a format with no intermediate (ONNX), convert
+    straight from the source — then upload, record and settle."""
     from quantyard import engine
     from quantyard.engine.stages import quantize
 
@@ -100,10 +103,14 @@ def _quantize_and_publish(rt, job: dict, reference: Path, input_gguf: Path,
         watch.progress(0.05 + 0.85 * fraction, message)  # the upload takes the rest
 
     out_dir = work_dir / "out"
-    result = quantize(input_gguf, spec, out_dir, reference=reference, imatrix=imatrix,
-                      progress=on_progress,
-                      provenance={"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
-                                  "name": job["source"]["name"] or ""})
+    provenance = {"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
+                  "name": job["source"]["name"] or ""}
+    if input_gguf is None:
+        result = engine.convert(reference, spec, out_dir, progress=on_progress,
+                                provenance=provenance)
+    else:
+        result = quantize(input_gguf, spec, out_dir, reference=reference, imatrix=imatrix,
+                          progress=on_progress, provenance=provenance)
     watch.progress(0.92, "uploading", force=True)
     publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
             result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
