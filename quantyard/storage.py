@@ -150,7 +150,20 @@ def part_size_for(total: int | None, minimum: int) -> int:
 # ------------------------------------------------------------------------------------ local store
 
 
-class LocalStore:
+class _Writes:
+    """put_file / put_stream for both stores: each store implements `_put(key, src, total,
+    progress)` (hash while copying, temp key, then the final key)."""
+
+    def put_file(self, key: str, path: Path, *, progress: Progress | None = None) -> StoredObject:
+        path = Path(path)
+        with path.open("rb") as f:
+            return self._put(key, f, total=path.stat().st_size, progress=progress)
+
+    def put_stream(self, key: str, stream: BinaryIO, *, progress: Progress | None = None) -> StoredObject:
+        return self._put(key, stream, total=None, progress=progress)
+
+
+class LocalStore(_Writes):
     """Objects as files under one directory."""
 
     def __init__(self, root: Path):
@@ -162,14 +175,6 @@ class LocalStore:
 
     def _uri(self, key: str) -> str:
         return self._path(key).as_uri()
-
-    def put_file(self, key: str, path: Path, *, progress: Progress | None = None) -> StoredObject:
-        path = Path(path)
-        with path.open("rb") as f:
-            return self._put(key, f, total=path.stat().st_size, progress=progress)
-
-    def put_stream(self, key: str, stream: BinaryIO, *, progress: Progress | None = None) -> StoredObject:
-        return self._put(key, stream, total=None, progress=progress)
 
     def _put(self, key: str, src: BinaryIO, *, total: int | None, progress: Progress | None) -> StoredObject:
         final = self._path(key)
@@ -266,7 +271,7 @@ def _rmdir_quiet(path: Path) -> bool:
 # --------------------------------------------------------------------------------------- S3 store
 
 
-class S3Store:
+class S3Store(_Writes):
     """Objects in an S3 bucket (AWS, MinIO, SeaweedFS), optionally under a prefix."""
 
     def __init__(
@@ -317,14 +322,6 @@ class S3Store:
         )
 
     # writes -------------------------------------------------------------------------------
-    def put_file(self, key: str, path: Path, *, progress: Progress | None = None) -> StoredObject:
-        path = Path(path)
-        with path.open("rb") as f:
-            return self._put(key, f, total=path.stat().st_size, progress=progress)
-
-    def put_stream(self, key: str, stream: BinaryIO, *, progress: Progress | None = None) -> StoredObject:
-        return self._put(key, stream, total=None, progress=progress)
-
     def _put(self, key: str, src: BinaryIO, *, total: int | None, progress: Progress | None) -> StoredObject:
         final = self._full(key)
         tmp = self._full(temp_key(key))
