@@ -19,7 +19,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import REPO_ROOT
+from _common import REPO_ROOT, ensure_repo_on_path
+
+ensure_repo_on_path()
+from tests.fixtures.cache import build_atomically, is_built  # noqa: E402
 
 DEFAULT_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
 
@@ -50,7 +53,7 @@ def _version_of(prefix: Path) -> str:
 def _python_tree_from_sdist(version: str, gguf_py: Path | None) -> Path:
     """convert_hf_to_gguf.py + conversion/ + gguf-py from the llama-cpp-python sdist (cached)."""
     dest = REPO_ROOT / ".test-cache" / f"llama.cpp-{version}-py"
-    if (dest / ".built").is_file():
+    if is_built(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -59,8 +62,8 @@ def _python_tree_from_sdist(version: str, gguf_py: Path | None) -> Path:
         sdist = next(Path(work).glob("llama_cpp_python-*.tar.gz"))
         base = f"llama_cpp_python-{version}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-        try:
+
+        def unpack(tmp: Path) -> None:
             with tarfile.open(sdist) as tar:
                 members = []
                 for m in tar.getmembers():
@@ -72,14 +75,8 @@ def _python_tree_from_sdist(version: str, gguf_py: Path | None) -> Path:
             if gguf_py is not None and gguf_py.is_dir():  # the very gguf-py the prefix holds
                 shutil.rmtree(tmp / "gguf-py", ignore_errors=True)
                 shutil.copytree(gguf_py, tmp / "gguf-py")
-            (tmp / ".built").write_text(version)
-            os.chmod(tmp, 0o755)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        build_atomically(dest, unpack, version)
     return dest
 
 
