@@ -193,15 +193,13 @@ def convert(source, targets, out_dir, imatrix, calibration, split_max_size, as_j
 
 def _parse_size(text: str) -> int:
     """'2G', '500M', '4096' → bytes (binary units, as gguf-split reads them)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B")
+    from quantyard.engine.errors import UnsupportedTarget
+    from quantyard.engine.spec import parse_size
+
     try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 2G or 500M",
-                                 param_hint="--split-max-size") from None
+        return parse_size(text)
+    except UnsupportedTarget as exc:
+        raise click.BadParameter(str(exc), param_hint="--split-max-size") from None
 
 
 class _ProgressBars:
@@ -373,7 +371,8 @@ def artifacts(fmt, quantization, source, as_json, server) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
 @server_option
 def download(artifact_id, output, server) -> None:
-    """Download an artifact's bytes."""
+    """Download an artifact's bytes (and its companion files, e.g. ONNX external data, beside
+    them); every file's sha256 is checked against the catalog."""
     from tqdm import tqdm
 
     from quantyard.client import ApiError
@@ -383,13 +382,17 @@ def download(artifact_id, output, server) -> None:
         meta = client.get_artifact(artifact_id)
         if output.is_dir():
             output = output / meta["filename"]
-        with tqdm(total=meta["size_bytes"], unit="B", unit_scale=True, desc="download",
-                  file=sys.stderr) as bar:
-            client.download(artifact_id, output, expected_sha256=meta["sha256"],
-                            on_bytes=bar.update)
+        companions = meta["metadata"].get("companion_files", [])
+        files = [(None, output, meta["sha256"])] + [
+            (c["name"], output.parent / c["name"], c["sha256"]) for c in companions]
+        total = meta["metadata"].get("total_size_bytes", meta["size_bytes"])
+        with tqdm(total=total, unit="B", unit_scale=True, desc="download", file=sys.stderr) as bar:
+            for name, dest, sha256 in files:
+                client.download(artifact_id, dest, expected_sha256=sha256, on_bytes=bar.update, file=name)
     except ApiError as exc:
         _fail(exc)
-    click.echo(str(output))
+    for _, dest, _ in files:
+        click.echo(str(dest))
 
 
 if __name__ == "__main__":

@@ -84,12 +84,14 @@ class QuantyardClient:
         return self._request("GET", f"/v1/artifacts/{artifact_id}").json()
 
     def download(self, artifact_id: str, dest: Path, *, expected_sha256: str | None = None,
-                 on_bytes: Callable[[int], None] | None = None) -> Path:
-        """Stream an artifact to `dest`; with `expected_sha256`, refuse bytes that don't match."""
+                 on_bytes: Callable[[int], None] | None = None, file: str | None = None) -> Path:
+        """Stream an artifact (or its companion `file`) to `dest`; with `expected_sha256`,
+        refuse bytes that don't match."""
         tmp = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
+        params = {"file": file} if file else None
         try:
-            with self._http.stream("GET", f"/v1/artifacts/{artifact_id}/download",
+            with self._http.stream("GET", f"/v1/artifacts/{artifact_id}/download", params=params,
                                    follow_redirects=True, timeout=None) as response:
                 if response.status_code >= 400:
                     response.read()

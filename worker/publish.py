@@ -1,6 +1,9 @@
-"""Put a validated file in the object store and record it in the catalog, or neither."""
+"""Put a validated file (and the files that travel with it) in the object store and record it
+in the catalog, or neither."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from quantyard import catalog
 from quantyard.recipes import make_recipe, recipe_hash
@@ -15,13 +18,44 @@ def target_recipe(*, source_sha256: str, spec, engine_version: str, inputs: dict
     return recipe, recipe_hash(recipe)
 
 
+def companion_paths(result) -> list[Path]:
+    """Files an artifact can't be used without, beside its main file: an ONNX model's external
+    data (`model.onnx.data`, over protobuf's 2 GB limit) or a split GGUF's later shards. The
+    engine lists every file of an artifact in metadata["files"], the main one first."""
+    names = result.metadata.get("files") or []
+    return [result.path.parent / n for n in names if n != result.path.name]
+
+
+def made_on(worker_id: str) -> dict:
+    """The worker that made (and, for ONNX, timed) an artifact: speed metrics mean nothing
+    without the hardware they were measured on."""
+    from worker.hardware import detect
+
+    info = detect().to_dict()
+    return {"worker_id": worker_id, "hardware_class": worker_id.rsplit(":", 1)[-1],
+            "machine": info["machine"], "cpu_count": info["cpu_count"], "cpu_flags": info["cpu_flags"]}
+
+
 def publish(rt, *, job_id: str, target_id: str | None, source_id: str, result, key: str,
             recipe: dict, digest: str, parents: list[tuple[str, str]] | None = None,
             before_record=None) -> dict:
-    """Upload `result.path` at `key`, then record the artifact (+ lineage, + audit) in one
-    transaction; if recording fails the uploaded object is deleted again."""
-    stored = rt.store.put_file(key, result.path)
+    """Upload `result.path` at `key` (companions beside it), then record the artifact
+    (+ lineage, + audit) in one transaction; if anything fails every uploaded object is
+    deleted again."""
+    uploaded: list[str] = []
     try:
+        stored = rt.store.put_file(key, result.path)
+        uploaded.append(stored.key)
+        companions = []
+        for path in companion_paths(result):
+            extra = rt.store.put_file(f"{key.rsplit('/', 1)[0]}/{path.name}", path)
+            uploaded.append(extra.key)
+            companions.append({"name": path.name, "key": extra.key, "sha256": extra.sha256,
+                               "size_bytes": extra.size_bytes})
+        metadata = dict(result.metadata, made_on=made_on(rt.worker_id))
+        if companions:
+            metadata["companion_files"] = companions
+            metadata["total_size_bytes"] = stored.size_bytes + sum(c["size_bytes"] for c in companions)
         if before_record is not None:
             before_record()
         with rt.session() as s:
@@ -29,7 +63,7 @@ def publish(rt, *, job_id: str, target_id: str | None, source_id: str, result, k
                 s, job_id=job_id, target_id=target_id, source_id=source_id,
                 format=result.format, quantization=result.quantization, sha256=stored.sha256,
                 size_bytes=stored.size_bytes, uri=stored.uri, storage_key=stored.key,
-                filename=result.path.name, metrics=result.metrics, metadata=result.metadata,
+                filename=result.path.name, metrics=result.metrics, metadata=metadata,
                 engine_version=result.engine_version, recipe=recipe, recipe_hash=digest,
                 parents=parents,
             )
@@ -37,5 +71,6 @@ def publish(rt, *, job_id: str, target_id: str | None, source_id: str, result, k
             s.commit()
         return data
     except BaseException:
-        rt.store.delete(stored.key)  # never leave bytes the catalog does not know about
+        for uploaded_key in uploaded:  # never leave bytes the catalog does not know about
+            rt.store.delete(uploaded_key)
         raise

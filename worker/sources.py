@@ -46,6 +46,10 @@ def model_root(unpacked: Path) -> Path:
 
 
 def fetch_artifact(rt, artifact: dict, work_dir: Path) -> Path:
+    """The artifact's main file under work_dir, its companion files (external data, later
+    shards) beside it under their own names, as the runtimes expect to find them."""
     path = work_dir / artifact["filename"]
     rt.store.download_file(artifact["storage_key"], path)
+    for companion in (artifact.get("metadata") or {}).get("companion_files", []):
+        rt.store.download_file(companion["key"], work_dir / companion["name"])
     return path

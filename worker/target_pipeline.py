@@ -14,7 +14,7 @@ from pathlib import Path
 
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
-from quantyard.engine.spec import parse_target
+from quantyard.engine.spec import parse_target, split_max_bytes
 from worker.publish import publish, target_recipe
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
@@ -110,7 +110,8 @@ def _make_and_publish(rt, job: dict, reference: Path, input_gguf: Path | None,
                                 provenance=provenance)
     else:
         result = quantize(input_gguf, spec, out_dir, reference=reference, imatrix=imatrix,
-                          progress=on_progress, provenance=provenance)
+                          progress=on_progress, provenance=provenance,
+                          split_max_bytes=split_max_bytes(spec))
     watch.progress(0.92, "uploading", force=True)
     publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
             result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",

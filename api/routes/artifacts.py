@@ -59,29 +59,47 @@ def _content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
 
 
-@router.get("/{artifact_id}/download", summary="The artifact's bytes (a redirect to a presigned URL on S3)")
-def download_artifact(artifact_id: str, request: Request, s: Session = Depends(get_session)):
+def _file_of(art, name: str | None) -> tuple[str, str, str]:
+    """(storage key, filename, sha256) of the artifact's main file, or of the companion file
+    (external data, a later shard) called `name`."""
+    main = art.filename or art.storage_key.rsplit("/", 1)[-1]
+    if name is None or name == main:
+        return art.storage_key, main, art.sha256
+    companions = (art.meta or {}).get("companion_files", [])
+    for companion in companions:
+        if companion["name"] == name:
+            return companion["key"], companion["name"], companion["sha256"]
+    names = [main] + [c["name"] for c in companions]
+    raise ApiError(404, "file_not_found", f"artifact {art.id} has no file {name!r}; its files: {', '.join(names)}")
+
+
+@router.get("/{artifact_id}/download",
+            summary="The artifact's bytes (a redirect to a presigned URL on S3); ?file= for a companion file")
+def download_artifact(artifact_id: str, request: Request,
+                      file: str | None = Query(None, max_length=500,
+                                               description="one of metadata.companion_files' names"),
+                      s: Session = Depends(get_session)):
     art = _get(s, artifact_id)
     store = request.app.state.store
-    key = art.storage_key
-    filename = art.filename or key.rsplit("/", 1)[-1]
+    key, filename, sha256 = _file_of(art, file)
     url = store.presigned_url(key, expires_s=3600, filename=filename)
     size = None
     if url is None:
         size = store.stat(key)
         if size is None:
-            raise ApiError(404, "object_missing", f"the bytes of artifact {artifact_id} are missing from the store")
+            raise ApiError(404, "object_missing", f"the bytes of {filename} of artifact {artifact_id} are missing "
+                           "from the store")
     catalog.record_audit(s, actor=actor(request), action="artifact.download", resource_type="artifact",
                          resource_id=artifact_id, outcome="success", request=request_info(request),
-                         details={"mode": "redirect" if url else "stream"})
+                         details={"mode": "redirect" if url else "stream", "file": filename})
     s.commit()
     if url is not None:
         return RedirectResponse(url, status_code=307)
     headers = {
         "Content-Disposition": _content_disposition(filename),
         "Content-Length": str(size),
-        "ETag": f'"{art.sha256}"',
-        "X-Content-SHA256": art.sha256,
+        "ETag": f'"{sha256}"',
+        "X-Content-SHA256": sha256,
     }
     return StreamingResponse(store.iter_bytes(key), media_type="application/octet-stream", headers=headers)
 

@@ -63,6 +63,33 @@ def _canonical_quantization(fmt: str, value: str) -> str:
     return quant
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# a shard must hold at least one tensor plus the metadata; smaller limits are typos
+MIN_SPLIT_BYTES = 1 << 20
+
+
+def parse_size(text: str | int) -> int:
+    """'2G', '500M', 4096 → bytes (binary units, as llama.cpp's gguf-split reads them);
+    UnsupportedTarget when it is not such a size."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise UnsupportedTarget(f"{text!r} is not a size like 2G or 500M")
+    raw = str(text).strip().upper().removesuffix("B")
+    try:
+        size = int(float(raw[:-1]) * _SIZE_UNITS[raw[-1]]) if raw and raw[-1] in _SIZE_UNITS else int(raw)
+    except ValueError:
+        raise UnsupportedTarget(f"{text!r} is not a size like 2G or 500M") from None
+    if size < MIN_SPLIT_BYTES:
+        raise UnsupportedTarget(f"split size {text!r} is below the minimum of 1M")
+    return size
+
+
+def split_max_bytes(target: TargetSpec) -> int | None:
+    """A GGUF target's params.split_max_size in bytes (output written as llama.cpp split
+    shards), or None for one file."""
+    value = target.params.get("split_max_size")
+    return None if value is None else parse_size(value)
+
+
 def parse_target(value: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
     """Parse "fmt:QUANT" or a mapping into a canonical TargetSpec; UnsupportedTarget if invalid."""
     if isinstance(value, TargetSpec):
@@ -82,7 +109,10 @@ def parse_target(value: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
     else:
         raise UnsupportedTarget(f"a target must be a string or an object, not {type(value).__name__}")
     canonical_fmt = _canonical_format(fmt)
-    return TargetSpec(canonical_fmt, _canonical_quantization(canonical_fmt, quant), _frozen(params))
+    spec = TargetSpec(canonical_fmt, _canonical_quantization(canonical_fmt, quant), _frozen(params))
+    if canonical_fmt == "gguf":
+        split_max_bytes(spec)  # a bad split size is refused with the target, not in the worker
+    return spec
 
 
-__all__ = ["TargetSpec", "parse_target"]
+__all__ = ["TargetSpec", "parse_size", "parse_target", "split_max_bytes"]

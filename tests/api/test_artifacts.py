@@ -102,3 +102,27 @@ def test_download_redirects_to_presigned_url_on_s3(s3_server, tmp_path):
         assert url.startswith(s3_server.endpoint_url)
         assert httpx.get(url).content == payload
         assert client.get("/readyz").json()["checks"]["storage"] == "ok"
+
+
+def test_companion_files_download_by_name(client, app, tmp_path, source):
+    """An artifact with external data / later shards: ?file= fetches each by its name, with its
+    own sha256; a name the artifact doesn't have is a 404 listing the files it has."""
+    a, payload = make_artifact(client, app, tmp_path, source, "Q8_0")
+    extra = b"\x07" * 3000
+    data = tmp_path / "model-Q8_0.gguf.data"
+    data.write_bytes(extra)
+    stored = app.state.store.put_file(f"artifacts/x/{data.name}", data)
+    with app.state.session_factory() as s:
+        art = catalog.get_artifact(s, artifact_id=a["id"])
+        art.meta = {**art.meta, "companion_files": [
+            {"name": data.name, "key": stored.key, "sha256": stored.sha256, "size_bytes": len(extra)}]}
+        s.commit()
+    main = client.get(f"/v1/artifacts/{a['id']}/download", params={"file": a["filename"]})
+    assert main.status_code == 200 and main.content == payload
+    got = client.get(f"/v1/artifacts/{a['id']}/download", params={"file": data.name})
+    assert got.status_code == 200 and got.content == extra
+    assert got.headers["x-content-sha256"] == hashlib.sha256(extra).hexdigest()
+    assert data.name in got.headers["content-disposition"]
+    missing = client.get(f"/v1/artifacts/{a['id']}/download", params={"file": "../../etc/passwd"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "file_not_found" and data.name in missing.json()["error"]["message"]

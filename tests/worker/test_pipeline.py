@@ -4,6 +4,7 @@ crash, cleanup on failure."""
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 import threading
 import time
@@ -238,3 +239,44 @@ def test_a_quantized_gguf_source_is_requantized_with_a_warning(runtime, tiny_lla
         artifact = catalog.get_artifact(s, artifact_id=job["artifact_ids"][0]).to_dict()
     assert artifact["metadata"]["requantized_from"] == "Q8_0"
     assert artifact["metrics"]["reference"] == "input-gguf"
+
+
+def test_a_split_gguf_target_is_published_with_all_its_shards(runtime, source_id, tiny_llama_dir, tmp_path):
+    """params.split_max_size writes llama.cpp split shards; every shard is stored beside the
+    first, listed as a companion file, and fetched back with it; llama.cpp loads the set."""
+    from tests import oracles
+    from worker.sources import fetch_artifact
+
+    with runtime.session() as s:
+        job = catalog.create_job(
+            s, source_id=source_id, hardware_class="cpu", labels={}, actor="test", request=None,
+            targets=[{"format": "gguf", "quantization": "F32", "params": {"split_max_size": "2M"}}])
+        s.commit()
+        job_id = job.id
+    assert _run(runtime, job_id) == ("dispatched", ["succeeded"])
+    job = _get(runtime, job_id)
+    with runtime.session() as s:
+        art = catalog.get_artifact(s, artifact_id=job["artifact_ids"][0]).to_dict()
+    companions = art["metadata"]["companion_files"]
+    assert art["filename"].endswith(f"-00001-of-{len(companions) + 1:05d}.gguf") and len(companions) >= 2
+    keys = set(runtime.store.list_keys(f"artifacts/{job_id}/"))
+    assert {art["storage_key"], *(c["key"] for c in companions)} <= keys
+    assert art["metadata"]["total_size_bytes"] == art["size_bytes"] + sum(c["size_bytes"] for c in companions)
+
+    first = fetch_artifact(runtime, art, tmp_path)
+    for c in companions:
+        assert hashlib.sha256((tmp_path / c["name"]).read_bytes()).hexdigest() == c["sha256"]
+    result = oracles.compare(tiny_llama_dir, first)  # llama.cpp opens the whole set from shard 1
+    assert result.llama_ids == result.hf_ids and result.top1_agreement == 1.0
+    assert result.max_abs_diff < 1e-2
+
+
+def test_a_bad_split_size_is_refused_with_the_target(runtime):
+    from quantyard.engine.errors import UnsupportedTarget
+    from quantyard.engine.spec import parse_target
+
+    for bad in ("2 gigs", "10K", True):
+        with pytest.raises(UnsupportedTarget, match="size"):
+            parse_target({"format": "gguf", "quantization": "Q8_0", "params": {"split_max_size": bad}})
+    assert parse_target({"format": "gguf", "quantization": "Q8_0",
+                         "params": {"split_max_size": "1.5G"}}).params["split_max_size"] == "1.5G"
