@@ -166,11 +166,62 @@ def check_source_archive(path: Path, settings: Settings) -> CheckedSource:
     try:
         root, config = archive.read_model_config(path, members)
     except KeyError:
+        program = check_program(path, kind, members, settings)
+        if program is not None:
+            return program
         raise ApiError(400, "invalid_model",
-                       "the archive holds no config.json (at its top level or in its single top folder)") from None
+                       "the archive holds no config.json (at its top level or in its single top folder) and no "
+                       "program file (.pt2, TorchScript .pt/.pth or .onnx)") from None
     except ValueError as exc:
         raise ApiError(400, "invalid_model", str(exc)) from None
     return CheckedSource(path, kind, members, root, config, archive.architecture_of(config))
+
+
+def _program_root(members: list[archive.MemberInfo]) -> tuple[str, list[str]]:
+    """Where a program source's files are ("" or the single top folder), and their names there."""
+    files = [m.name for m in members if not m.is_dir]
+    top = [n for n in files if "/" not in n]
+    if top or not files:
+        return "", top
+    root = files[0].split("/", 1)[0]
+    if all(n.startswith(root + "/") for n in files):
+        return root, [n[len(root) + 1:] for n in files if "/" not in n[len(root) + 1:]]
+    return "", []
+
+
+def check_program(path: Path, kind: str, members: list[archive.MemberInfo],
+                  settings: Settings) -> CheckedSource | None:
+    """A folder without config.json holding one .pt2 / TorchScript / .onnx file: its kind is read
+    from the bytes (the API never loads it); pickles are refused here, before anything is stored."""
+    from quantyard.engine.onnx import program_files
+
+    if kind == archive.KIND_ZIP and program_files.classify(path) in program_files.PROGRAM_KINDS:
+        raise ApiError(400, "invalid_model", "this is a single torch.export/TorchScript file: upload it inside a "
+                       "folder (a .tar.gz, or multipart 'files'), e.g. with `quantyard submit model.pt2`")
+    root, names = _program_root(members)
+    found = program_files.candidates(names)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ApiError(400, "invalid_model", f"a program source holds exactly one model file; found {', '.join(found)}")
+    member = f"{root}/{found[0]}" if root else found[0]
+    local = path.with_name(f"{path.name}.model{Path(found[0]).suffix}")  # the suffix tells .onnx apart
+    try:
+        archive.extract_member(path, member, local, max_bytes=settings.max_unpacked_bytes)
+        source_kind = program_files.classify(local)
+    finally:
+        local.unlink(missing_ok=True)
+    if source_kind in program_files.PICKLE_KINDS:
+        raise ApiError(400, "invalid_model", f"refused {found[0]}: it is a pickle ({source_kind}), not a torch.export "
+                       "or TorchScript program; Quantyard never unpickles arbitrary objects (an unsafe pickle could "
+                       "run code). Save the model with torch.export.save or torch.jit.save, or export it to .onnx",
+                       details={"file": found[0], "reason": "unsafe_pickle"})
+    if source_kind not in program_files.PROGRAM_KINDS:
+        raise ApiError(400, "invalid_model", f"{found[0]} is neither a torch.export archive, a TorchScript archive "
+                       "nor an ONNX model")
+    config = {"format": "program", "source_kind": source_kind, "model_file": found[0],
+              "inputs_json": program_files.INPUTS_FILE in names}
+    return CheckedSource(path, kind, members, root, config, source_kind)
 
 
 def check_gguf(path: Path) -> CheckedSource:
@@ -189,6 +240,9 @@ def source_metadata(checked: CheckedSource) -> dict:
         return dict(checked.config)
     files = [m for m in checked.members if not m.is_dir]
     config = checked.config
+    if config.get("format") == "program":  # no config.json: what check_program found
+        return {**config, "archive_kind": checked.kind, "model_root": checked.root, "file_count": len(files),
+                "unpacked_bytes": sum(m.size for m in files), "files": [m.name for m in files][:200]}
     return {
         "archive_kind": checked.kind,
         "model_root": checked.root,

@@ -327,6 +327,22 @@ def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20
     raise KeyError(name)
 
 
+def extract_member(path: str | os.PathLike, name: str, dest: str | os.PathLike, *, max_bytes: int) -> Path:
+    """Stream one regular-file member (by its normalised name) to ``dest``; KeyError if absent."""
+    budget = _Budget(max_members=1 << 62, max_unpacked_bytes=1 << 62)
+    for info, opener in _iter_checked(path, budget):
+        if info.name == name and not info.is_dir:
+            written = 0
+            with opener() as src, open(dest, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise UnsafeArchive(f"member {name!r} is larger than {max_bytes} bytes", member=name)
+                    out.write(chunk)
+            return Path(dest)
+    raise KeyError(name)
+
+
 def read_model_config(path: str | os.PathLike, members: list[MemberInfo]) -> tuple[str, dict]:
     """Return (model root inside the archive, parsed config.json). Raises KeyError when the
     archive holds no config.json at its top (or in its single top-level directory) and
@@ -437,6 +453,7 @@ __all__ = [
     "extract_archive",
     "model_root",
     "read_member",
+    "extract_member",
     "read_model_config",
     "architecture_of",
     "pack_directory",

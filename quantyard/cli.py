@@ -156,7 +156,33 @@ def db_upgrade() -> None:
                    "named like llama.cpp's gguf-split (-00001-of-0000N.gguf).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def convert(source, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
-    """Convert SOURCE (a model folder) on this machine, without the service; same validation."""
+    """Convert SOURCE (a model folder, or one .pt2 / TorchScript / .onnx file) on this machine,
+    without the service; same validation."""
+    with tempfile.TemporaryDirectory(prefix="quantyard-program-") as tmp:
+        folder = program_folder(source, Path(tmp)) if source.is_file() else source
+        _convert(folder, source.name.split(".")[0] if source.is_file() else source.name, targets, out_dir,
+                 imatrix, calibration, split_max_size, as_json)
+
+
+def program_folder(path: Path, tmp: Path) -> Path:
+    """One model file as a program source folder: the file, its ONNX external data and an
+    inputs.json beside it (if any), linked into `tmp`."""
+    from quantyard.engine.onnx.program_files import INPUTS_FILE, MODEL_SUFFIXES
+
+    if not path.name.lower().endswith(MODEL_SUFFIXES):
+        raise click.BadParameter(f"{path.name} is not a model file ({', '.join(MODEL_SUFFIXES)}) nor a folder",
+                                 param_hint="SOURCE")
+    folder = tmp / "source"
+    folder.mkdir()
+    extras = [path.with_name(path.name + ".data"), path.with_name(path.name + "_data"),
+              path.with_suffix(".data"), path.with_name(INPUTS_FILE)]
+    for f in [path, *extras]:
+        if f.is_file():
+            (folder / f.name).symlink_to(f.resolve())
+    return folder
+
+
+def _convert(source, name, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
     from quantyard import engine
     from quantyard.engine.stages import convert_many
 
@@ -172,7 +198,7 @@ def convert(source, targets, out_dir, imatrix, calibration, split_max_size, as_j
         try:
             results = convert_many(
                 source, specs, out_dir, progress_for=bars.for_target,
-                provenance={"name": source.name}, imatrix=imatrix,
+                provenance={"name": name}, imatrix=imatrix,
                 calibration_text=calibration.read_text() if calibration else None,
                 split_max_bytes=_parse_size(split_max_size) if split_max_size else None)
         except engine.ConversionError as exc:
@@ -257,7 +283,8 @@ def _fail(exc) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
 @server_option
 def submit(source, targets, hardware_class, labels, name, wait, as_json, server) -> None:
-    """Submit SOURCE (a model folder, an archive, a source id or a storage URI) for conversion."""
+    """Submit SOURCE (a model folder, an archive, one .pt2 / TorchScript / .onnx file, a source id or
+    a storage URI) for conversion."""
     from quantyard.client import ApiError
 
     client = _client(server)
@@ -293,12 +320,13 @@ def _resolve_source(client, source: str, name: str | None, *, quiet: bool) -> st
     from tqdm import tqdm
 
     from quantyard.archive import pack_directory
+    from quantyard.engine.onnx.program_files import MODEL_SUFFIXES
 
     with tempfile.TemporaryDirectory(prefix="quantyard-upload-") as tmp:
         archive = path
-        if path.is_dir():
+        if path.is_dir() or path.name.lower().endswith(MODEL_SUFFIXES):  # one model file: a folder of it
             archive = Path(tmp) / "source.tar.gz"
-            pack_directory(path, archive)
+            pack_directory(path if path.is_dir() else program_folder(path, Path(tmp)), archive)
         with tqdm(total=archive.stat().st_size, unit="B", unit_scale=True, desc="upload",
                   disable=quiet, file=sys.stderr) as bar:
             uploaded = client.upload_source(archive, name=name or path.name.split(".")[0],

@@ -36,11 +36,14 @@ def fetch_source(rt, source: dict, work_dir: Path) -> Path:
 
 
 def model_root(unpacked: Path) -> Path:
-    """Archives often wrap the model in one folder; the model root is where config.json is."""
-    if (unpacked / "config.json").exists():
+    """Archives often wrap the model in one folder; the model root is where config.json is (or,
+    for a program source, its .pt2 / TorchScript / .onnx file)."""
+    from quantyard.engine.onnx.program_files import is_program_dir
+
+    if (unpacked / "config.json").exists() or is_program_dir(unpacked):
         return unpacked
     children = [p for p in unpacked.iterdir() if p.is_dir()]
-    if len(children) == 1 and (children[0] / "config.json").exists():
+    if len(children) == 1 and ((children[0] / "config.json").exists() or is_program_dir(children[0])):
         return children[0]
     raise InvalidModel("the source holds no config.json at its top level (nor in a single folder)")
 

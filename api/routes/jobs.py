@@ -69,6 +69,20 @@ def parse_targets(raw: list) -> list[dict]:
     return specs
 
 
+def check_targets_fit_source(source, targets: list[dict]) -> None:
+    """A program source (torch.export, TorchScript, .onnx) has no config.json: ONNX targets only."""
+    meta = (source.meta or {}) if source is not None else {}
+    if meta.get("format") != "program":
+        return
+    for i, t in enumerate(targets):
+        if t["format"] != "onnx":
+            raise ApiError(422, "unsupported_target",
+                           f"targets[{i}]: {t['format']}:{t['quantization']} — {t['format']} needs a Hugging Face "
+                           f"folder (config.json + weights); this source is a {meta.get('source_kind')} program "
+                           f"({meta.get('model_file')}), which converts to onnx targets only",
+                           details={"source_kind": meta.get("source_kind"), "valid_formats": ["onnx"]})
+
+
 def check_hardware_class(value: str) -> str:
     valid = MANIFEST["hardware_classes"]
     if value not in valid:
@@ -158,6 +172,7 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
     targets = parse_targets(body.targets)
     check_labels(body.labels)
     source_id = resolve_source(request, s, body.source)
+    check_targets_fit_source(catalog.get_source(s, source_id=source_id), targets)
     job = catalog.create_job(s, source_id=source_id, targets=targets, hardware_class=hardware_class,
                              labels=dict(body.labels), actor=actor(request), request=request_info(request))
     s.commit()

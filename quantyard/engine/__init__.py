@@ -46,9 +46,29 @@ def _load(source_dir: Path, targets: Sequence[TargetSpec]):
     return open_source(Path(source_dir)), targets
 
 
+def _program_targets(source_dir: Path, targets: Sequence[TargetSpec]) -> bool:
+    """True for a program source (no config.json, one .pt2/TorchScript/.onnx file): those
+    convert to ONNX only; any other target is refused naming why."""
+    from .onnx.program_files import is_program_dir
+
+    if not is_program_dir(Path(source_dir)):
+        return False
+    other = [t.key for t in targets if t.format != "onnx"]
+    if other:
+        raise UnsupportedTarget(
+            f"{', '.join(other)}: gguf needs a Hugging Face folder (config.json + weights); a program source "
+            "(torch.export .pt2, TorchScript or .onnx) converts to onnx targets only",
+            details={"targets": other, "source": "program"})
+    return True
+
+
 def preflight(source_dir: Path, targets: Sequence[TargetSpec]) -> PreflightReport:
     """Check a source against targets from config.json and headers; estimate each target."""
     targets = [parse_target(t) for t in targets]
+    if _program_targets(source_dir, targets):
+        from .onnx.program_convert import preflight_program
+
+        return preflight_program(Path(source_dir), targets)
     onnx = [t for t in targets if t.format == "onnx"]
     others = [t for t in targets if t.format != "onnx"]
     reports = []
@@ -74,6 +94,10 @@ def convert(source_dir: Path, target: TargetSpec, out_dir: Path, *,
             provenance: Mapping[str, str] | None = None) -> ConversionResult:
     """Write one validated artifact for `target` into out_dir."""
     target = parse_target(target)
+    if _program_targets(source_dir, [target]):
+        from .onnx.program_convert import convert_program
+
+        return convert_program(Path(source_dir), target, Path(out_dir), progress=progress, provenance=provenance)
     if target.format == "onnx":
         from .onnx import convert_onnx
 

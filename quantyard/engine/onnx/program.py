@@ -1,0 +1,484 @@
+"""Program sources: a folder with one torch.export (.pt2), TorchScript or .onnx file.
+
+describe() looks at file names and bytes only; input specs come from `inputs.json`, the target's
+params (`inputs`, `axes`), the .pt2's own signature or the .onnx graph; sample_inputs() makes
+the random feeds validation and calibration run on.
+
+Input specs: a list of {"name", "shape": [int | axis name], "dtype", "range": [lo, hi]} (ranges
+for integer inputs, both ends included; default [0, 9]), or {"inputs": [...], "axes": {...}}
+where axes maps an axis name to its sample size (or three sizes, one per validation set).
+A named axis is dynamic in the export. Batch-like axes (named "*batch*", or first in some
+input's shape) sample 1, 3, 2 by default; other axes 8, 16, 12.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidModel, UnsupportedTarget
+from .program_files import INPUTS_FILE, PICKLE_KINDS, candidates, classify
+
+DTYPES = ("float32", "float16", "int64", "int32", "bool")
+INT_DTYPES = ("int64", "int32")
+DEFAULT_INT_RANGE = (0, 9)
+BATCH_SIZES = (1, 3, 2)
+OTHER_SIZE = 8
+SETS = 3  # validation input sets, of different sizes along the dynamic axes
+
+
+@dataclass(frozen=True)
+class ProgramSource:
+    root: Path
+    kind: str  # "torch.export" | "torchscript" | "onnx"
+    model_file: str
+    inputs_json: bool
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.model_file
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # ints and axis names
+    dtype: str
+    range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Specs:
+    inputs: tuple[InputSpec, ...]
+    # axis name -> sample size per validation set (SETS values); index 0 is the base size
+    axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    batch_axes: frozenset = frozenset()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    def to_json(self) -> list[dict]:
+        return [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype,
+                 **({"range": list(i.range)} if i.range else {})} for i in self.inputs]
+
+
+# ---------------------------------------------------------------- the folder
+
+
+def describe(root: Path) -> ProgramSource:
+    """Which file is the program and what it is; pickles refused before anything loads them."""
+    root = Path(root)
+    found = candidates(p.name for p in root.iterdir() if p.is_file())
+    if not found:
+        raise InvalidModel(f"{root.name} has neither config.json nor a model file (.pt2, .pt, .pth, .onnx)")
+    if len(found) > 1:
+        raise InvalidModel(f"a program source holds exactly one model file; found {', '.join(found)}",
+                           details={"files": found})
+    name = found[0]
+    kind = classify(root / name)
+    if kind in PICKLE_KINDS:
+        refuse_pickle(root / name)
+    if kind == "unknown":
+        raise InvalidModel(f"{name} is neither a torch.export archive (torch.export.save), a TorchScript archive "
+                           "(torch.jit.save) nor an ONNX model", details={"file": name})
+    return ProgramSource(root, kind, name, (root / INPUTS_FILE).is_file())
+
+
+def refuse_pickle(path: Path) -> None:
+    """A pickle is never a program. Loaded weights_only (tensors and plain containers, nothing
+    else is built) only to say which of two refusals it is; InvalidModel either way."""
+    import pickle
+
+    import torch
+
+    advice = ("save the model with torch.export.save (.pt2) or torch.jit.save (TorchScript), or export it to "
+              ".onnx, or upload a Hugging Face folder with config.json")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        raise InvalidModel(
+            f"refused {path.name}: an unsafe pickle (it names Python objects that loading would build or run; "
+            f"Quantyard never unpickles arbitrary objects); {advice}. torch said: {str(e).splitlines()[0][:200]}",
+            details={"file": path.name, "reason": "unsafe_pickle"}) from None
+    raise InvalidModel(f"{path.name} holds only weights (a torch.save pickle of tensors), not a program; {advice}",
+                       details={"file": path.name, "reason": "weights_only"})
+
+
+# ---------------------------------------------------------------- input specs
+
+
+def _shape(raw, where: str, error) -> tuple:
+    if not isinstance(raw, list) or not raw:
+        raise error(f"{where}.shape must be a non-empty list of sizes and axis names")
+    out = []
+    for d in raw:
+        if isinstance(d, bool) or not (isinstance(d, int) and d > 0 or isinstance(d, str) and d.strip()):
+            raise error(f"{where}.shape has {d!r}; use positive integers or axis names such as \"batch\"")
+        out.append(d.strip() if isinstance(d, str) else d)
+    return tuple(out)
+
+
+def _range(raw, dtype: str, where: str, error) -> tuple[int, int] | None:
+    if raw is None:
+        return DEFAULT_INT_RANGE if dtype in INT_DTYPES else None
+    if dtype not in INT_DTYPES:
+        raise error(f"{where}.range is for integer inputs, not {dtype}")
+    ok = isinstance(raw, list) and len(raw) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
+    if not ok or raw[0] > raw[1]:
+        raise error(f"{where}.range must be [lo, hi] with integers lo <= hi, not {raw!r}")
+    return int(raw[0]), int(raw[1])
+
+
+def _one_input(raw, where: str, error) -> InputSpec:
+    if not isinstance(raw, Mapping):
+        raise error(f"{where} must be an object with name, shape and dtype")
+    extra = set(raw) - {"name", "shape", "dtype", "range"}
+    if extra:
+        raise error(f"{where} has unknown keys {sorted(extra)}; valid: name, shape, dtype, range")
+    name, dtype = raw.get("name"), raw.get("dtype", "float32")
+    if not isinstance(name, str) or not name.strip():
+        raise error(f"{where}.name must be a non-empty string")
+    if dtype not in DTYPES:
+        raise error(f"{where}.dtype {dtype!r} is not offered; valid: {', '.join(DTYPES)}")
+    return InputSpec(name, _shape(raw.get("shape"), where, error), dtype, _range(raw.get("range"), dtype, where, error))
+
+
+def _axes(raw, where: str, error) -> dict[str, tuple[int, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise error(f"{where} must map axis names to sample sizes")
+    out = {}
+    for name, value in raw.items():
+        sizes = value if isinstance(value, list) else [value]
+        if len(sizes) not in (1, SETS) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            raise error(f"{where}.{name} must be a positive size or a list of {SETS} sizes, not {value!r}")
+        out[name] = tuple(sizes)
+    return out
+
+
+def parse_specs(raw, *, source: str) -> tuple[list[InputSpec], dict[str, tuple[int, ...]]]:
+    """`raw` from inputs.json (source "inputs.json": InvalidModel) or a target's params (source
+    "params": UnsupportedTarget): the specs and the axis sizes, every problem named."""
+    error = InvalidModel if source == INPUTS_FILE else UnsupportedTarget
+    where = INPUTS_FILE if source == INPUTS_FILE else "onnx param inputs"
+    axes = None
+    if isinstance(raw, Mapping) and source == INPUTS_FILE:
+        raw, axes = raw.get("inputs"), raw.get("axes")
+    if not isinstance(raw, list) or not raw:
+        raise error(f"{where} must be a non-empty list of inputs ({{\"name\", \"shape\", \"dtype\"}})")
+    specs = [_one_input(item, f"{where}[{i}]", error) for i, item in enumerate(raw)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise error(f"{where} names an input more than once: {names}")
+    return specs, _axes(axes, f"{INPUTS_FILE}.axes", error)
+
+
+def declared_specs(src: ProgramSource, params: Mapping[str, Any]) -> tuple[list[InputSpec] | None, dict]:
+    """The specs the user gave: params `inputs` win over inputs.json; axis sizes merge."""
+    specs, axes = None, {}
+    if src.inputs_json:
+        try:
+            raw = json.loads((src.root / INPUTS_FILE).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidModel(f"{INPUTS_FILE} is not valid JSON: {e}") from None
+        specs, axes = parse_specs(raw, source=INPUTS_FILE)
+    if params.get("inputs") is not None:
+        specs, _ = parse_specs(params["inputs"], source="params")
+    if params.get("axes") is not None:
+        axes = {**axes, **_axes(params["axes"], "onnx param axes", UnsupportedTarget)}
+    return specs, axes
+
+
+def _sizes(base: int) -> tuple[int, ...]:
+    return BATCH_SIZES if base == 1 else (base, 2 * base, base + max(1, base // 2))
+
+
+def finish_specs(specs: list[InputSpec], axes: Mapping[str, tuple[int, ...]],
+                 bounds: Mapping[str, tuple[int, int | None]] | None = None) -> Specs:
+    """Sample sizes for every named axis: given, else 1/3/2 for batch-like axes and 8/16/12 for
+    the others, clamped into the program's own bounds (a .pt2 knows them)."""
+    bounds = bounds or {}
+    named = [d for s in specs for d in s.shape if isinstance(d, str)]
+    batch = {s.shape[0] for s in specs if isinstance(s.shape[0], str)} | {d for d in named if "batch" in d.lower()}
+    unknown = set(axes) - set(named)
+    if unknown:
+        raise UnsupportedTarget(f"axes {sorted(unknown)} are not in any input's shape; named axes: {sorted(set(named))}")
+    out = {}
+    for name in dict.fromkeys(named):
+        sizes = axes.get(name) or (BATCH_SIZES if name in batch else _sizes(OTHER_SIZE))
+        sizes = sizes * SETS if len(sizes) == 1 else sizes
+        lo, hi = bounds.get(name, (1, None))
+        out[name] = tuple(max(lo, s if hi is None else min(hi, s)) for s in sizes)
+    return Specs(tuple(specs), out, frozenset(batch))
+
+
+def match_names(specs: list[InputSpec], expected: list[str], *, required: list[str] | None = None,
+                what: str) -> list[InputSpec]:
+    """Specs in the program's input order; UnsupportedTarget naming the program's inputs."""
+    by_name = {s.name: s for s in specs}
+    unknown = [n for n in by_name if n not in expected]
+    missing = [n for n in (expected if required is None else required) if n not in by_name]
+    if unknown or missing:
+        raise UnsupportedTarget(f"input specs {sorted(by_name)} do not match {what}'s inputs {expected}"
+                                + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else ""),
+                                details={"expected": expected, "given": sorted(by_name)})
+    return [by_name[n] for n in expected if n in by_name]
+
+
+# ---------------------------------------------------------------- sample inputs
+
+
+def concrete_shape(spec: InputSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+
+
+def sample_inputs(specs: Specs, index: int = 0, *, seed: int = 0, override: Mapping[str, int] | None = None) -> dict:
+    """Numpy feeds for validation set `index` (0..SETS-1); `override` fixes some axes (e.g.
+    batch 1 for latency). Floats ~ N(0, 1), integers uniform in their range, bools fair coins."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed * 1000 + index)
+    sizes = {name: s[index] for name, s in specs.axes.items()}
+    sizes.update(override or {})
+    feeds = {}
+    for spec in specs.inputs:
+        shape = concrete_shape(spec, sizes)
+        if spec.dtype in INT_DTYPES:
+            lo, hi = spec.range or DEFAULT_INT_RANGE
+            feeds[spec.name] = rng.integers(lo, hi + 1, size=shape).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            feeds[spec.name] = rng.random(shape) < 0.5
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feeds
+
+
+def batch_override(specs: Specs, size: int) -> dict[str, int]:
+    """Every batch-like axis at `size` (clamped to what the program allows: set 0 and up)."""
+    return {a: size for a in specs.batch_axes if a in specs.axes}
+
+
+# ---------------------------------------------------------------- loading, no pickle runs
+
+# What torch.export.save writes (under one top folder). torch.export.load in torch 2.13 also
+# loads AOTInductor shared libraries (data/aotinductor/), and unpickles with weights_only=False:
+# pickled weights/constants (torch.load), torchbind objects, "opaque" objects (pickle.loads),
+# and sample inputs when weights_only=True fails. So the archive is vetted first.
+PT2_PARTS = ("archive_format", "archive_version", "byteorder", ".data/", "models/", "data/weights/",
+             "data/constants/", "data/sample_inputs/", "extra/")
+PT2_PICKLED = ("data/weights/", "data/constants/", "data/sample_inputs/")
+# TorchScript operators that touch files (aten::from_file, aten::save): a program calling them
+# in __setstate__ would do so while loading.
+TS_FILE_OPS = re.compile(r"\b(from_file|save)\b")
+
+
+def _refuse(path: Path, why: str, reason: str, **details) -> InvalidModel:
+    return InvalidModel(f"refused {path.name}: {why}", details={"file": path.name, "reason": reason, **details})
+
+
+def _pt2_members(path: Path, zf) -> dict[str, str]:
+    names = zf.namelist()
+    top = names[0].split("/", 1)[0] if names else ""
+    rel = {}
+    for name in names:
+        part = name[len(top) + 1:] if name.startswith(top + "/") else None
+        if part is None or not part.startswith(PT2_PARTS):
+            raise _refuse(path, f"it holds {name!r}, which is not part of a torch.export program (compiled "
+                          "AOTInductor/ExecuTorch code and unknown parts are never loaded)", "unexpected_part",
+                          member=name)
+        rel[part] = name
+    return rel
+
+
+def _raw_payloads(path: Path, zf, rel: dict[str, str]) -> set[str]:
+    """Payloads the configs declare as raw tensor bytes (read with as_strided, never unpickled)."""
+    raw = set()
+    for part, name in rel.items():
+        if not (part.startswith(("data/weights/", "data/constants/")) and part.endswith("_config.json")):
+            continue
+        folder = part.rsplit("/", 1)[0] + "/"
+        for fqn, meta in (json.loads(zf.read(name)).get("config") or {}).items():
+            file = str(meta.get("path_name", ""))
+            if file.startswith(("custom_obj_", "opaque_obj_")):
+                raise _refuse(path, f"{fqn} is a pickled Python/TorchBind object, which Quantyard never unpickles",
+                              "unsafe_pickle", member=folder + file)
+            if not meta.get("use_pickle"):
+                raw.add(folder + file)
+    return raw
+
+
+def vet_pt2(path: Path) -> None:
+    """Every part torch.export.load would unpickle must load with weights_only=True first."""
+    import io
+    import zipfile
+
+    import torch
+
+    with zipfile.ZipFile(path) as zf:
+        rel = _pt2_members(path, zf)
+        raw = _raw_payloads(path, zf, rel)
+        for part, name in rel.items():
+            if not part.startswith(PT2_PICKLED) or part.endswith(".json") or part in raw:
+                continue
+            try:
+                torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
+            except Exception as e:  # any failure of the restricted unpickler means "not only tensors"
+                raise _refuse(path, f"{part} is an unsafe pickle (not only tensors; Quantyard never unpickles "
+                              f"arbitrary objects). torch said: {str(e).splitlines()[0][:200]}", "unsafe_pickle",
+                              member=name) from None
+
+
+def vet_torchscript(path: Path) -> None:
+    """torch.jit.load's unpickler (C++) builds only tensors, containers and TorchScript classes
+    compiled from the archive's code/; no Python runs. That TorchScript code may run while
+    loading (__setstate__), so code that touches files is refused before loading."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if "/code/" in name and name.endswith(".py"):
+                found = TS_FILE_OPS.search(zf.read(name).decode("utf-8", "replace"))
+                if found:
+                    raise _refuse(path, f"its TorchScript code ({name}) calls {found.group(1)}, which reads or "
+                                  "writes files", "file_access", member=name)
+
+
+def _check_ops(path: Path, program) -> None:
+    """No operator with a file argument (aten.from_file, aten.save) in the exported graph."""
+    import torch
+
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+            if schema is not None and any("file" in a.name.lower() or "path" in a.name.lower()
+                                          for a in schema.arguments if "str" in str(a.type)):
+                raise _refuse(path, f"its graph calls {schema.name}, which reads or writes files", "file_access")
+
+
+@dataclass(frozen=True)
+class TorchProgram:
+    module: object  # callable on positional tensors, in `names` order
+    names: tuple[str, ...]
+    required: tuple[str, ...]
+    specs: list[InputSpec] | None  # what the program itself knows (a .pt2's example shapes)
+    bounds: dict  # axis name -> (min, max or None)
+    exportable: object  # the nn.Module torch.onnx.export(dynamo=True) is given
+
+
+_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64",
+                 "torch.int32": "int32", "torch.bool": "bool"}
+
+
+def _pt2_specs(path: Path, program) -> tuple[list[InputSpec], dict]:
+    """Input specs from the saved program: its symbolic dims are the dynamic axes."""
+    import torch
+
+    user = set(program.graph_signature.user_inputs)
+    nodes = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user]
+    axes: dict[str, str] = {}
+    specs = []
+    for node in nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or str(val.dtype) not in _TORCH_DTYPES:
+            raise InvalidModel(f"{path.name}: input {node.name} is {getattr(val, 'dtype', type(val).__name__)}; "
+                               f"program inputs must be tensors of {', '.join(DTYPES)}")
+        shape = []
+        for d, size in enumerate(val.shape):
+            if isinstance(size, int):
+                shape.append(size)
+                continue
+            sym = str(size.node.expr)
+            if sym not in axes:
+                axes[sym] = "batch" if d == 0 and "batch" not in axes.values() else f"{node.name}_dim{d}"
+            shape.append(axes[sym])
+        specs.append(InputSpec(node.name, tuple(shape), _TORCH_DTYPES[str(val.dtype)],
+                               DEFAULT_INT_RANGE if _TORCH_DTYPES[str(val.dtype)] in INT_DTYPES else None))
+    bounds = {}
+    for sym, vr in program.range_constraints.items():
+        if str(sym) in axes:
+            lo, hi = vr.lower, vr.upper  # int_oo (torch's integer infinity) is no sympy Integer
+            bounds[axes[str(sym)]] = (max(1, int(lo)) if lo.is_Integer else 1, int(hi) if hi.is_Integer else None)
+    return specs, bounds
+
+
+def load_torch(src: ProgramSource) -> TorchProgram:
+    """The program as a callable torch module, vetted before anything is unpickled."""
+    import torch
+
+    path = src.path
+    if src.kind == "torch.export":
+        vet_pt2(path)
+        with open(path, "rb") as f:  # a file object: torch.export.load warns on names not ending in .pt2
+            program = torch.export.load(f)
+        _check_ops(path, program)
+        specs, bounds = _pt2_specs(path, program)
+        names = tuple(s.name for s in specs)
+        module = program.module()
+        return TorchProgram(module, names, names, specs, bounds, module)
+    vet_torchscript(path)
+    module = torch.jit.load(str(path), map_location="cpu").eval()
+    args = module.forward.schema.arguments[1:]
+    names = tuple(a.name for a in args)
+    required = tuple(a.name for a in args if a.default_value is None)
+    return TorchProgram(module, names, required, None, {}, None)
+
+
+# ---------------------------------------------------------------- .onnx sources
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
+
+
+def check_external_data(src: ProgramSource, model) -> None:
+    """External tensors must live in plain files beside the model (no paths out of the folder)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            target = (src.root / location).resolve()
+            if "/" in location.replace("\\", "/") or target.parent != src.root.resolve() or not target.is_file():
+                raise InvalidModel(f"{src.model_file}: tensor {tensor.name} points at external data {location!r}, "
+                                   "which is not a file beside the model", details={"location": location})
+
+
+def onnx_graph(src: ProgramSource):
+    """The graph without its tensors (headers only), checked for safe external data."""
+    import onnx
+
+    try:
+        model = onnx.load(str(src.path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        raise InvalidModel(f"{src.model_file} is not a readable ONNX model: {str(e)[:200]}") from None
+    check_external_data(src, model)
+    return model
+
+
+def onnx_specs(model, name: str) -> list[InputSpec]:
+    """Graph inputs (initializers excluded): dim_params and unnamed dims become dynamic axes."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tensor = inp.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tensor.elem_type)
+        if dtype is None:
+            raise InvalidModel(f"{name}: input {inp.name} has ONNX element type {tensor.elem_type}; "
+                               f"supported: {', '.join(DTYPES)}")
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or f"{inp.name}_dim{i}")
+                      for i, d in enumerate(tensor.shape.dim))
+        specs.append(InputSpec(inp.name, shape, dtype, DEFAULT_INT_RANGE if dtype in INT_DTYPES else None))
+    return specs
+
+
+__all__ = ["ProgramSource", "InputSpec", "Specs", "describe", "refuse_pickle", "parse_specs", "declared_specs",
+           "finish_specs", "match_names", "sample_inputs", "batch_override", "concrete_shape", "DTYPES", "SETS",
+           "TorchProgram", "load_torch", "vet_pt2", "vet_torchscript", "onnx_specs"]
