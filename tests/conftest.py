@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.smollm2",
     "tests.fixtures.onnx_models",
+    "tests.fixtures.onnx_encoders",
 ]

@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .modelio import is_large, save_model
+from .source import encoder_dims
 
 # config.json model_type -> the optimizer's model family. Others are left as exported.
-OPTIMIZER_TYPES = {"bert": "bert"}
+# onnxruntime's "bert" fusions cover the whole BERT family (its docs list RoBERTa and DistilBERT
+# under "bert"); tests/engine/onnx/test_encoders.py checks each of these fuses something.
+OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert"}
 
 
 def optimize(path_in: Path, path_out: Path, config: dict) -> dict:
@@ -23,8 +26,9 @@ def optimize(path_in: Path, path_out: Path, config: dict) -> dict:
         save_model(onnx.load(str(path_in)), path_out)
         return {}
     # opt_level=1: hardware-independent rewrites only, so the file runs the same on any worker
-    optimized = optimize_model(str(path_in), model_type=model_type, num_heads=int(config["num_attention_heads"]),
-                               hidden_size=int(config["hidden_size"]), opt_level=1, use_gpu=False)
+    dims = encoder_dims(config)
+    optimized = optimize_model(str(path_in), model_type=model_type, num_heads=dims["num_attention_heads"],
+                               hidden_size=dims["hidden_size"], opt_level=1, use_gpu=False)
     optimized.save_model_to_file(str(path_out), use_external_data_format=is_large(path_in))
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 

@@ -22,7 +22,7 @@ CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 # Defaults per quantization. max_abs_diff: over real (unpadded) tokens of the output;
 # min_cosine: the worst sentence's cosine (mean-pooled embeddings, or logits rows).
 # Set from measurements on all-MiniLM-L6-v2 with a margin (fp32 diff ~5e-6, fp16 ~4e-3,
-# int8-dynamic cosine ~0.991, int8-static ~0.989, int4 ~0.97): loose enough for a sound
+# int8-dynamic cosine ~0.998 (smoothed), int8-static ~0.989, int4 ~0.97): loose enough for a sound
 # artifact of a real model, tight enough that a broken export (diffs of whole units) fails.
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"max_abs_diff": 1e-4, "min_cosine": 0.99999},
@@ -46,6 +46,11 @@ class OnnxOptions:
     # int8-static: leave the FFN down-projections (input = GELU output, heavy outliers) in
     # float; quantizing them took MiniLM's embedding cosine from 0.989 to 0.92.
     static_skip_ffn_down: bool = True
+    # int8-dynamic: shrink outlier activation channels into the weights first (smooth.py)
+    smooth_activations: bool = True
+    # tensors in `<file>.data` beside the graph even below protobuf's 2 GB limit (always above
+    # it): runtimes that memory-map weights, or stores that cap object sizes, want this
+    external_data: bool = False
     max_abs_diff: float = 1e-4
     min_cosine: float = 0.99999
 
@@ -109,13 +114,18 @@ def parse_options(target: TargetSpec) -> OnnxOptions:
         opset=_choice(p, "opset", OPSETS, 17),
         per_channel=_bool(p, "per_channel", True),
         reduce_range=_bool(p, "reduce_range", False),
-        weight_type=_choice(p, "weight_type", WEIGHT_TYPES, "QInt8"),
+        # int8-dynamic: uint8 weights measured closer on MiniLM (see quantize.to_int8_dynamic);
+        # int8-static keeps int8 weights (QDQ with uint8 activations)
+        weight_type=_choice(p, "weight_type", WEIGHT_TYPES,
+                            "QUInt8" if target.quantization == "int8-dynamic" else "QInt8"),
         block_size=_choice(p, "block_size", BLOCK_SIZES, 32),
         calibration_method=method,
         calibration_texts=texts,
         static_skip_ffn_down=_bool(p, "static_skip_ffn_down", True),
+        smooth_activations=_bool(p, "smooth_activations", True),
+        external_data=_bool(p, "external_data", False),
         **_tolerances(target.quantization, p),
     )
 
 
-__all__ = ["OnnxOptions", "parse_options", "DEFAULT_TOLERANCES", "OPSETS", "BLOCK_SIZES"]
+__all__ = ["BLOCK_SIZES", "DEFAULT_TOLERANCES", "OPSETS", "OnnxOptions", "parse_options"]

@@ -43,6 +43,20 @@ def describe(root: Path) -> EncoderSource:
     return EncoderSource(root, config, archs[0], TASKS[archs[0]], _weights_kind(root))
 
 
+def encoder_dims(config: dict) -> dict[str, int]:
+    """hidden size, attention heads and FFN width from config.json; DistilBERT names them
+    dim / n_heads / hidden_dim where the rest of the BERT family says hidden_size / ..."""
+    keys = {"hidden_size": ("hidden_size", "dim"), "num_attention_heads": ("num_attention_heads", "n_heads"),
+            "intermediate_size": ("intermediate_size", "hidden_dim")}
+    dims = {}
+    for name, options in keys.items():
+        found = next((config[k] for k in options if isinstance(config.get(k), int)), None)
+        if found is None:
+            raise InvalidModel(f"config.json has no {' or '.join(options)}")
+        dims[name] = int(found)
+    return dims
+
+
 def _weights_kind(root: Path) -> str:
     if (root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file():
         return "safetensors"
@@ -122,4 +136,4 @@ def parameter_count(src: EncoderSource) -> int:
     return sum(t.numel() for t in load_pickled_state_dict(src.root / src.weights).values())
 
 
-__all__ = ["EncoderSource", "describe", "load_model", "load_tokenizer", "load_pickled_state_dict", "parameter_count"]
+__all__ = ["EncoderSource", "describe", "encoder_dims", "load_model", "load_pickled_state_dict", "load_tokenizer", "parameter_count"]
