@@ -29,8 +29,10 @@ MANIFEST: dict = {
         "onnx": {
             "quantizations": ["fp32", "fp16", "int8-dynamic", "int8-static", "int4"],
             # config.json architectures[0]; only what tests/engine/onnx exercises
-            "architectures": ["BertModel"],
-            "source_formats": ["safetensors", "pytorch-weights-only"],
+            "architectures": ["BertModel", "BertForSequenceClassification", "RobertaModel",
+                              "RobertaForSequenceClassification", "DistilBertModel",
+                              "DistilBertForSequenceClassification", "XLMRobertaModel", "LlamaForCausalLM", "GPT2LMHeadModel", "Qwen2ForCausalLM"],
+            "source_formats": ["safetensors", "pytorch-weights-only", "torch.export (.pt2)", "torchscript", "onnx"],
         },
     },
     "hardware_classes": ["cpu", "cuda"],

@@ -280,3 +280,52 @@ def test_a_bad_split_size_is_refused_with_the_target(runtime):
             parse_target({"format": "gguf", "quantization": "Q8_0", "params": {"split_max_size": bad}})
     assert parse_target({"format": "gguf", "quantization": "Q8_0",
                          "params": {"split_max_size": "1.5G"}}).params["split_max_size"] == "1.5G"
+
+
+def test_an_onnx_target_with_external_data_ships_both_files(runtime, tmp_path):
+    """params.external_data: the graph and `<name>.onnx.data` are validated as they ship,
+    stored side by side, fetched back together; onnxruntime loads the pair and matches
+    transformers on the source."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tests.fixtures.onnx_encoders import encoder_model
+    from worker.sources import fetch_artifact
+
+    model_dir = encoder_model("BertModel")
+    archive = tmp_path / "bert.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(model_dir, arcname="tiny-bert")
+    stored = runtime.store.put_file("sources/bert/source.tar.gz", archive)
+    with runtime.session() as s:
+        source = catalog.create_source(
+            s, name="tiny-bert", sha256=stored.sha256, size_bytes=stored.size_bytes, uri=stored.uri,
+            storage_key=stored.key, architecture="BertModel", metadata={}, actor="test", request=None)
+        job = catalog.create_job(
+            s, source_id=source.id, hardware_class="cpu", labels={}, actor="test", request=None,
+            targets=[{"format": "onnx", "quantization": "fp32", "params": {"external_data": True}}])
+        s.commit()
+        job_id = job.id
+    assert _run(runtime, job_id) == ("dispatched", ["succeeded"])
+    with runtime.session() as s:
+        art = catalog.get_artifact(s, artifact_id=_get(runtime, job_id)["artifact_ids"][0]).to_dict()
+    (companion,) = art["metadata"]["companion_files"]
+    assert companion["name"] == art["filename"] + ".data" and companion["size_bytes"] > art["size_bytes"]
+
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    path = fetch_artifact(runtime, art, fetched)
+    assert hashlib.sha256((fetched / companion["name"]).read_bytes()).hexdigest() == companion["sha256"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(["external data works", "a second, longer sentence to pad against"], padding=True,
+              return_tensors="np")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}
+    out = sess.run(None, feeds)[0]
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(model_dir).eval()(
+            **{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    mask = enc["attention_mask"].astype(bool)
+    assert float(np.abs(out[mask] - ref[mask]).max()) < 1e-4

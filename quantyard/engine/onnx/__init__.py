@@ -2,7 +2,9 @@
 
 Hugging Face encoders (BERT family) -> ONNX fp32 via torch.onnx, fused by onnxruntime's
 transformer optimizer, then fp16 / int8-dynamic / int8-static (QDQ) / int4 (MatMulNBits); every
-artifact validated against PyTorch in onnxruntime and measured. Light to import: torch,
+artifact validated against PyTorch in onnxruntime and measured. Decoder LLMs (Llama, GPT-2,
+Qwen2) -> ONNX with past key/values, then fp16 / int8-dynamic / int4, validated on prefill logits
+and greedy generation against transformers (decoder_convert.py). Light to import: torch,
 onnx and onnxruntime load inside the functions.
 """
 
@@ -23,6 +25,10 @@ def preflight_onnx(source: Path, targets: Sequence[TargetSpec]) -> PreflightRepo
     from .estimate import estimate
 
     src = describe(Path(source))  # UnsupportedArchitecture / InvalidModel
+    if src.task == "text-generation":
+        from .decoder_preflight import preflight_decoder
+
+        return preflight_decoder(src, targets)  # int8-static refused there, before any heavy work
     opts = [parse_options(t) for t in targets]  # UnsupportedTarget on bad params
     if src.weights == "safetensors":
         # headers only; not open_source(): its GGUF-oriented dtype check refuses the int64

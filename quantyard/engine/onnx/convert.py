@@ -14,7 +14,7 @@ from pathlib import Path
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult
 from ..spec import TargetSpec
-from .modelio import artifact_files, artifact_size, consolidate
+from .modelio import artifact_files, artifact_size, consolidate, finalize
 from .options import OnnxOptions, parse_options
 from .samples import LATENCY_TEXT, THROUGHPUT_BATCH, VALIDATION_TEXTS
 from .source import EncoderSource, describe, load_model, load_tokenizer
@@ -99,6 +99,7 @@ def _check_and_measure(loaded: Loaded, path: Path, opts: OnnxOptions) -> dict:
 def finish(loaded: Loaded, path: Path, opts: OnnxOptions, info: dict, fp32_size: int, *,
            provenance: Mapping[str, str] | None, progress: Progress | None) -> ConversionResult:
     _stamp(path, provenance, opts)
+    finalize(path, external_data=opts.external_data)  # validated as it ships
     _tell(progress, 0.8, "validating against PyTorch")
     metrics = _check_and_measure(loaded, path, opts)
     size = artifact_size(path)
@@ -113,6 +114,10 @@ def finish(loaded: Loaded, path: Path, opts: OnnxOptions, info: dict, fp32_size:
 def convert_onnx(source: Path, target: TargetSpec, out_dir: Path, *, progress: Progress | None = None,
                  provenance: Mapping[str, str] | None = None) -> ConversionResult:
     """One validated, measured ONNX artifact for `target` in out_dir."""
+    if describe(Path(source)).task == "text-generation":
+        from .decoder_convert import convert_decoder
+
+        return convert_decoder(Path(source), target, Path(out_dir), progress=progress, provenance=provenance)
     opts = parse_options(target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +142,11 @@ def quantize_from_fp32(source: Path, fp32_onnx: Path, target: TargetSpec, out_di
                        provenance: Mapping[str, str] | None = None) -> ConversionResult:
     """`target` made from an fp32 ONNX this engine exported from `source`; validated against
     `source` itself (never against the fp32 file), so errors don't compound unseen."""
+    if describe(Path(source)).task == "text-generation":
+        from .decoder_convert import quantize_decoder_from_fp32
+
+        return quantize_decoder_from_fp32(Path(source), Path(fp32_onnx), target, Path(out_dir), progress=progress,
+                                          provenance=provenance)
     opts = parse_options(target)
     if opts.quantization == "fp32":
         raise ValueError("quantize_from_fp32 makes quantized targets; use convert_onnx for fp32")

@@ -56,5 +56,23 @@ def consolidate(path: Path) -> list[Path]:
     return artifact_files(path)
 
 
-__all__ = ["save_model", "consolidate", "artifact_files", "artifact_size", "is_large", "data_path",
+def externalize(path: Path) -> list[Path]:
+    """Move a single-file model's tensors into `<name>.data` beside it (a no-op when they are
+    there already)."""
+    import onnx
+
+    path, data = Path(path), data_path(path)
+    if not data.is_file():
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    return artifact_files(path)
+
+
+def finalize(path: Path, *, external_data: bool) -> list[Path]:
+    """The artifact's files as they ship: one file, or graph + `.data` when asked or too large."""
+    return externalize(path) if external_data else artifact_files(path)
+
+
+__all__ = ["save_model", "consolidate", "externalize", "finalize", "artifact_files", "artifact_size", "is_large", "data_path",
            "EXTERNAL_DATA_THRESHOLD"]

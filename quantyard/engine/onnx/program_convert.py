@@ -22,7 +22,7 @@ from ..errors import ConversionError, InvalidModel, UnsupportedTarget, Validatio
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult, PreflightReport
 from ..spec import TargetSpec
-from .modelio import artifact_files, artifact_size, consolidate, is_large
+from .modelio import artifact_files, artifact_size, consolidate, finalize, is_large
 from .options import OnnxOptions, parse_options
 from .program import (
     SETS, ProgramSource, Specs, batch_override, declared_specs, describe, finish_specs, load_torch, match_names,
@@ -403,6 +403,7 @@ def convert_program(root: Path, target: TargetSpec, out_dir: Path, *, progress: 
             _tell(progress, 0.5, f"quantizing to {opts.quantization}")
             info["quantization"] = quantize(prep, fp32, path, opts, target.params)
     _stamp(path, provenance, opts, prep.src.kind)
+    finalize(path, external_data=opts.external_data)  # validated as it ships
     _tell(progress, 0.8, "validating against the source")
     metrics = validate(prep, path, opts)
     metrics.update(measure(prep, path))

@@ -31,3 +31,13 @@ LATENCY_TEXT = VALIDATION_TEXTS[2]
 THROUGHPUT_BATCH = 8
 
 __all__ = ["VALIDATION_TEXTS", "DEFAULT_CALIBRATION_TEXTS", "LATENCY_TEXT", "THROUGHPUT_BATCH"]
+
+# Text-generation decoders: prompts whose prefill logits and greedy continuations are compared
+# with transformers (prose, code, a question; different lengths, so the batch is left-padded).
+DECODER_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village at the foot of the mountains, there lived",
+)
+# Batch-1 prompt whose generation is timed per token.
+DECODER_LATENCY_PROMPT = DECODER_PROMPTS[2]

@@ -66,10 +66,10 @@ def test_plain_tensor_pickle_loads_weights_only(minilm_dir, tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
     with pytest.raises(UnsupportedArchitecture) as err:
         preflight_onnx(tmp_path, [TargetSpec("onnx", "fp32")])
-    assert "LlamaForCausalLM" in err.value.message
+    assert "MambaForCausalLM" in err.value.message
     assert all(a in err.value.message for a in ONNX_MANIFEST["architectures"])
 
 
