@@ -53,7 +53,7 @@ def test_minilm_to_every_onnx_target(production_stack, minilm_dir, tmp_path):
         assert m["latency_ms_p50"] > 0 and m["latency_ms_p90"] >= m["latency_ms_p50"]
         assert m["throughput_seq_per_s"] > 0
         assert meta["metadata"]["made_on"]["hardware_class"] == "cpu"
-        assert m["compression_vs_fp32"] == pytest.approx(fp32_size / meta["size_bytes"])
+        assert m["compression_vs_fp32"] == pytest.approx(fp32_size / meta["size_bytes"], rel=1e-4)
         # the test's own oracle: transformers on sentences the engine never saw
         out, ref, mask = oracle.embeddings(path, minilm_dir)
         cosine = oracle.pooled_cosines(out, ref, mask).min()

@@ -103,6 +103,7 @@ def finish(loaded: Loaded, path: Path, opts: OnnxOptions, info: dict, fp32_size:
     _tell(progress, 0.8, "validating against PyTorch")
     metrics = _check_and_measure(loaded, path, opts)
     size = artifact_size(path)
+    fp32_size = size if opts.quantization == "fp32" else fp32_size  # the stamp adds a few bytes
     metrics.update(size_bytes=size, fp32_size_bytes=fp32_size, compression_vs_fp32=fp32_size / size)
     metadata = {"task": loaded.src.task, "architecture": loaded.src.architecture, "inputs": list(loaded.names),
                 "output": loaded.output, "files": [p.name for p in artifact_files(path)], **info}

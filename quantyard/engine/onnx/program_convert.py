@@ -408,6 +408,7 @@ def convert_program(root: Path, target: TargetSpec, out_dir: Path, *, progress: 
     metrics = validate(prep, path, opts)
     metrics.update(measure(prep, path))
     size = artifact_size(path)
+    fp32_size = size if opts.quantization == "fp32" else fp32_size  # the stamp adds a few bytes
     metrics.update(size_bytes=size, fp32_size_bytes=fp32_size, compression_vs_fp32=fp32_size / size)
     metadata = {"task": "program", "source_kind": prep.src.kind, "model_file": prep.src.model_file,
                 "inputs": prep.specs.to_json(), "dynamic_axes": sorted(prep.specs.axes),
