@@ -131,3 +131,11 @@ class QuantyardClient:
             if deadline and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
             time.sleep(poll_s)
+
+    def get_card(self, artifact_id: str) -> str:
+        """The artifact's model card (Markdown with YAML front matter)."""
+        return self._request("GET", f"/v1/artifacts/{artifact_id}/card").text
+
+    def get_bom(self, artifact_id: str) -> str:
+        """The artifact's CycloneDX 1.6 ML-BOM, as the JSON text the server sent."""
+        return self._request("GET", f"/v1/artifacts/{artifact_id}/bom").text

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from quantyard import catalog
+from quantyard import cards, catalog
 
 from api.deps import actor, get_session, request_info
 from api.errors import ApiError, not_found
@@ -109,3 +111,27 @@ def artifact_lineage(artifact_id: str, s: Session = Depends(get_session)):
     _get(s, artifact_id)
     graph = catalog.lineage(s, artifact_id=artifact_id)
     return {"artifact_id": artifact_id, **graph}
+
+
+def _card_inputs(s: Session, artifact_id: str) -> tuple[dict, dict, dict]:
+    art = _get(s, artifact_id)
+    source = catalog.get_source(s, source_id=art.source_id)
+    if source is None:
+        raise ApiError(404, "source_missing", f"the source {art.source_id} of artifact {artifact_id} is not in the "
+                       "catalog")
+    return art.to_dict(), source.to_dict(), catalog.lineage(s, artifact_id=artifact_id)
+
+
+@router.get("/{artifact_id}/card", summary="A model card (Markdown, Hugging Face YAML front matter)",
+            response_class=Response, responses={200: {"content": {"text/markdown": {}}}})
+def artifact_card(artifact_id: str, s: Session = Depends(get_session)):
+    text = cards.model_card(*_card_inputs(s, artifact_id))
+    return Response(text, media_type="text/markdown; charset=utf-8")
+
+
+@router.get("/{artifact_id}/bom", summary="A CycloneDX 1.6 ML-BOM (hashes, pedigree, model card, formulation)",
+            response_class=Response, responses={200: {"content": {cards.BOM_MEDIA_TYPE: {}}}})
+def artifact_bom(artifact_id: str, request: Request, s: Session = Depends(get_session)):
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    bom = cards.ml_bom(*_card_inputs(s, artifact_id), timestamp=now, base_url=str(request.base_url))
+    return Response(json.dumps(bom, indent=2), media_type=cards.BOM_MEDIA_TYPE)
