@@ -22,7 +22,7 @@ from api import dashboard
 from api.errors import install_error_handlers
 from api.metrics import make_registry
 from api.middleware import RequestIdMiddleware
-from api.routes import artifacts, capabilities, health, jobs, sources
+from api.routes import artifacts, audit, capabilities, health, jobs, sources
 
 log = logging.getLogger("quantyard.api")
 
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     app.include_router(sources.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(audit.router)
     app.include_router(capabilities.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantyard.archive import InvalidArchive, UnsafeArchive
+from quantyard.catalog.audit import AuditUnavailable
 from quantyard.catalog.errors import CatalogError, InvalidArgument, InvalidCursor, InvalidState, NotFound
 from quantyard.engine.errors import ConversionError
 
@@ -132,6 +133,8 @@ def install_error_handlers(app: FastAPI) -> None:
             status = 400
         elif isinstance(exc, InvalidArgument):
             status = 422
+        elif isinstance(exc, AuditUnavailable):  # fail closed: no change without its audit record
+            status = 503
         else:
             log.error("catalog error on %s %s: %s", request.method, request.url.path, exc)
             status = 500

@@ -423,5 +423,172 @@ def download(artifact_id, output, server) -> None:
         click.echo(str(dest))
 
 
+def _write_or_print(text: str, output: Path | None) -> None:
+    if output is None:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    output.write_text(text, encoding="utf-8")
+    click.echo(str(output), err=True)
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file (default: print).")
+@server_option
+def card(artifact_id, output, server) -> None:
+    """An artifact's model card: Markdown with Hugging Face YAML front matter (base_model,
+    quantization, measured metrics, lineage)."""
+    from quantyard.client import ApiError
+
+    try:
+        text = _client(server).get_card(artifact_id)
+    except ApiError as exc:
+        _fail(exc)
+    _write_or_print(text, output)
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file (default: print).")
+@server_option
+def bom(artifact_id, output, server) -> None:
+    """An artifact's CycloneDX 1.6 ML-BOM (JSON): hashes, pedigree, model card, formulation."""
+    from quantyard.client import ApiError
+
+    try:
+        text = _client(server).get_bom(artifact_id)
+    except ApiError as exc:
+        _fail(exc)
+    _write_or_print(text, output)
+
+
+# ---------------------------------------------------------------- audit trail (reads the catalog directly)
+
+
+def _catalog_sessions():
+    from quantyard import catalog
+
+    return catalog.make_session_factory(catalog.make_engine(get_settings().resolved_database_url))
+
+
+def _settings_store():
+    from quantyard.storage import open_store
+
+    settings = get_settings()
+    return open_store(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url,
+                      region=settings.s3_region)
+
+
+def _utc_option(value: str | None, name: str):
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or time", param_hint=name) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+@db.command("grant-app-role")
+@click.argument("role", default="quantyard_app")
+@click.option("--create", is_flag=True, help="Create the role (LOGIN, no superuser) when it does not exist.")
+def db_grant_app_role(role, create) -> None:
+    """Give ROLE (the API's and workers' database user) the app's rights on Postgres: read and
+    write the catalog, but only SELECT and INSERT on audit_events. Run it after `db upgrade`."""
+    from quantyard.catalog import make_engine
+    from quantyard.catalog.roles import RoleError, grant_app_role
+
+    try:
+        statements = grant_app_role(make_engine(get_settings().resolved_database_url), role, create=create)
+    except RoleError as exc:
+        raise click.ClickException(str(exc)) from None
+    for statement in statements:
+        click.echo(statement + ";")
+
+
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit trail: verify, anchor, export."""
+
+
+@audit.command("verify")
+@click.option("--anchors", is_flag=True, help="Also check the chain against every anchor in the object store.")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Verify an exported JSON-lines file instead of the catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def audit_verify(anchors, path, as_json) -> None:
+    """Recompute the hash chain and report the first broken link (exit status 1 when broken)."""
+    from quantyard.catalog.audit import verify_audit_chain, verify_export
+
+    if path is not None:
+        with path.open("rb") as f:
+            result = verify_export(f)
+    else:
+        with _catalog_sessions()() as s:
+            if anchors:
+                from quantyard.catalog.anchor import verify_with_anchors
+
+                result = verify_with_anchors(s, _settings_store())
+            else:
+                result = verify_audit_chain(s)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif result.ok:
+        anchored = f", {result.anchors_checked} anchor(s) match" if anchors else ""
+        click.echo(f"audit chain ok: {result.checked} event(s), head seq {result.head_seq} "
+                   f"{(result.head_hash or '')[:16]}{anchored}")
+    else:
+        where = f"seq {result.first_bad_seq}" + (f" (id {result.first_bad_id})" if result.first_bad_id else "")
+        click.echo(f"audit chain BROKEN at {where}: {result.problem}: {result.reason}; "
+                   f"{result.checked} event(s) before it verified")
+    sys.exit(0 if result.ok else 1)
+
+
+@audit.command("anchor")
+@click.option("--retention-days", type=click.IntRange(min=1), default=None,
+              help="Object Lock retention of the anchor (default 7 years), where the bucket has Object Lock.")
+@click.option("--mode", type=click.Choice(["COMPLIANCE", "GOVERNANCE"]), default="COMPLIANCE", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def audit_anchor(retention_days, mode, as_json) -> None:
+    """Write the chain head (seq, hash, time, count) to the object store under audit-anchors/."""
+    from quantyard.catalog.anchor import DEFAULT_RETENTION_DAYS, write_anchor
+
+    with _catalog_sessions()() as s:
+        anchor = write_anchor(s, _settings_store(), retention_days=retention_days or DEFAULT_RETENTION_DAYS,
+                              mode=mode)
+        s.commit()
+    if anchor is None:
+        click.echo("the audit chain is empty: nothing to anchor", err=True)
+        return
+    if as_json:
+        click.echo(json.dumps(anchor, indent=2))
+        return
+    retention = anchor["retention"]
+    lock = retention if isinstance(retention, str) else f"{retention['mode']} until {retention['retain_until']}"
+    click.echo(f"{anchor['key']}  seq {anchor['seq']} {anchor['hash'][:16]}  retention {lock}")
+
+
+@audit.command("export")
+@click.option("--since", default=None, help="ISO 8601 date/time (UTC unless it says otherwise); inclusive.")
+@click.option("--until", default=None, help="ISO 8601 date/time; exclusive.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON-lines file to write ('-' for stdout).")
+def audit_export(since, until, output) -> None:
+    """Export the audit trail for a time range as JSON lines (one event per line, with its hashes)."""
+    from quantyard.catalog.audit import iter_export
+
+    since, until = _utc_option(since, "--since"), _utc_option(until, "--until")
+    count = 0
+    with _catalog_sessions()() as s, click.open_file(str(output), "w", encoding="utf-8", atomic=True) as out:
+        for line in iter_export(s, since=since, until=until):
+            out.write(line)
+            count += 1
+    click.echo(f"{count} event(s) exported", err=True)
+
+
 if __name__ == "__main__":
     main()

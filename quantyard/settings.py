@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 10.0
     worker_stale_after_s: float = 60.0
     worker_concurrency: int = 1
+    # Workers anchor the audit chain's head in the object store this often (0: never).
+    audit_anchor_interval_s: float = 3600.0
 
     @property
     def resolved_database_url(self) -> str:

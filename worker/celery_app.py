@@ -10,6 +10,7 @@ import logging
 from celery import Celery, bootsteps
 
 from quantyard import catalog
+from quantyard.catalog.anchor import anchor_if_due
 from quantyard.queue import (
     CONVERT_TARGET_TASK, CONVERT_TASK, enqueue_target, make_celery, queue_name,
 )
@@ -84,6 +85,7 @@ class _HeartbeatStep(bootsteps.StartStopStep):
     def __init__(self, parent, **kwargs):
         super().__init__(parent, **kwargs)
         self._entry = None
+        self._anchor_entry = None
         self._runtime = None
         self._ids: dict[str, str] = {}
 
@@ -109,8 +111,23 @@ class _HeartbeatStep(bootsteps.StartStopStep):
 
         beat()
         self._entry = consumer.timer.call_repeatedly(settings.worker_heartbeat_s, beat)
+        if settings.audit_anchor_interval_s > 0:
+            # Periodic audit anchor, no Celery beat needed: every worker checks once a minute and
+            # anchors when the last anchor is older than the interval (a race anchors twice: harmless).
+            self._anchor_entry = consumer.timer.call_repeatedly(
+                min(settings.audit_anchor_interval_s, 60.0), self._anchor_if_due)
+
+    def _anchor_if_due(self) -> None:
+        try:
+            anchor_if_due(self._runtime.sessions, self._runtime.store,
+                          interval_s=self._runtime.settings.audit_anchor_interval_s)
+        except Exception:  # the next check retries
+            log.exception("audit anchor failed")
 
     def stop(self, consumer) -> None:
+        if self._anchor_entry is not None:
+            self._anchor_entry.cancel()
+            self._anchor_entry = None
         if self._entry is not None:
             self._entry.cancel()
             self._entry = None

@@ -1,0 +1,55 @@
+"""GET /v1/audit: the audit trail as JSON lines for a time range (admins only once roles land).
+
+Each line is one event with every hashed field, ``prev_hash`` and ``hash``, oldest first, so an
+export re-verifies on its own (``quantyard audit verify --file``). The range covers every seq from
+the first event at or after ``since`` to the last one before ``until`` (see
+``quantyard.catalog.audit.seq_range``): an export is one unbroken piece of the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from quantyard.catalog.audit import iter_export
+
+from api.errors import ApiError
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+FORMATS = {"jsonl": "application/jsonl"}
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@router.get("", summary="Export the audit trail as JSON lines for a time range",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"application/jsonl": {}}, "description": "one event per line"}})
+def export_audit(request: Request,
+                 since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC; inclusive")] = None,
+                 until: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC; exclusive")] = None,
+                 format: Annotated[str, Query(description="jsonl (the only format)")] = "jsonl"):
+    if format not in FORMATS:
+        raise ApiError(422, "validation_error", f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    since, until = _utc(since), _utc(until)
+    if since is not None and until is not None and since >= until:
+        raise ApiError(422, "validation_error", "since must be earlier than until")
+    factory = request.app.state.session_factory
+
+    def lines() -> Iterator[bytes]:
+        # Its own session: the response streams after the route (and its dependencies) returned.
+        with factory() as s:
+            for line in iter_export(s, since=since, until=until):
+                yield line.encode()
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return StreamingResponse(lines(), media_type=FORMATS[format], headers={
+        "Content-Disposition": f'attachment; filename="quantyard-audit-{stamp}.jsonl"'})
