@@ -1,0 +1,25 @@
+"""Withdrawal of sources and artifacts, flagged down the lineage (issue 5).
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-25
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa  # noqa: F401  (used once the revision has content)
+from alembic import op  # noqa: F401
+
+revision: str = "0004"
+down_revision: str | Sequence[str] | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
