@@ -55,7 +55,8 @@ def to_int8_dynamic(src: Path, dst: Path, opts: OnnxOptions, ctx: QuantContext) 
 
     info = {"per_channel": opts.per_channel, "reduce_range": opts.reduce_range, "weight_type": opts.weight_type}
     with tempfile.TemporaryDirectory(dir=Path(dst).parent, prefix=".smooth-") as tmp:
-        if opts.smooth_activations:
+        # smoothing calibrates on text: programs (no tokenizer) are quantized as they are
+        if opts.smooth_activations and ctx.tokenizer is not None:
             from .smooth import smooth
 
             smoothed = Path(tmp) / "smoothed.onnx"
