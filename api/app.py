@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from quantyard import catalog
 from quantyard.queue import make_celery
@@ -19,10 +19,11 @@ from quantyard.settings import Settings, get_settings
 from quantyard.storage import open_store
 
 from api import dashboard
+from api.auth import authenticated
 from api.errors import install_error_handlers
 from api.metrics import make_registry
 from api.middleware import RequestIdMiddleware
-from api.routes import artifacts, audit, capabilities, health, jobs, sources
+from api.routes import artifacts, audit, capabilities, health, jobs, keys, sources
 
 log = logging.getLogger("quantyard.api")
 
@@ -80,11 +81,12 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
-    app.include_router(sources.router)
-    app.include_router(jobs.router)
-    app.include_router(artifacts.router)
-    app.include_router(audit.router)
-    app.include_router(capabilities.router)
+    # Every /v1 router needs a valid API key (each route adds its role: api/auth.py). Open:
+    # /healthz, /readyz, /metrics (aggregate counters only, scraped by Prometheus) and the
+    # dashboard page, which holds no data (its API calls carry the key).
+    protected = [Depends(authenticated)]
+    for router in (sources.router, jobs.router, artifacts.router, audit.router, capabilities.router, keys.router):
+        app.include_router(router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     return app

@@ -12,7 +12,7 @@ from quantyard import catalog
 
 log = logging.getLogger("quantyard.api")
 
-# Until authentication lands every caller is the same principal.
+# The actor of a request that never reached authentication (e.g. a refused upload's audit event).
 ANONYMOUS = "anonymous"
 
 
@@ -29,15 +29,31 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 def actor(request: Request) -> str:
+    """The audit actor: the name of the principal behind the request's API key (api/auth.py)."""
     return getattr(request.state, "actor", None) or ANONYMOUS
+
+
+def principal(request: Request) -> "catalog.Principal":
+    """The authenticated caller (set by api.auth.authenticated, a router-level dependency)."""
+    found = getattr(request.state, "principal", None)
+    if found is None:  # a route outside the authenticated routers asked: a wiring bug, not a 401
+        raise RuntimeError(f"{request.url.path} is not behind api.auth.authenticated")
+    return found
+
+
+def org_id(request: Request) -> str:
+    """The caller's organisation: every catalog read and write of the request is scoped to it."""
+    return principal(request).organization_id
 
 
 def request_info(request: Request) -> "catalog.RequestInfo":
     ua = request.headers.get("user-agent")
+    found = getattr(request.state, "principal", None)
     return catalog.RequestInfo(
         request_id=getattr(request.state, "request_id", None) or "",
         source_ip=request.client.host if request.client else None,
         user_agent=ua[:512] if ua else None,
+        organization_id=found.organization_id if found is not None else None,
     )
 
 
@@ -63,3 +79,10 @@ def record_failure(request: Request, action: tuple, *, status: int, code: str) -
             s.commit()
     except Exception:  # auditing a refusal must not turn it into a 500
         log.warning("could not record audit failure event for %s", name, exc_info=True)
+
+
+def caller_may_use_withdrawn(request: Request) -> bool:
+    """Whether the caller may download a withdrawn artifact when asking with ?allow_withdrawn=true:
+    maintainers and admins (with auth disabled the caller is the anonymous admin)."""
+    found = getattr(request.state, "principal", None)
+    return found is None or found.has_role("maintainer")

@@ -43,10 +43,13 @@ def serve(host, port, data_dir) -> None:
     """API, dashboard and one worker on this machine (embedded default: no servers needed)."""
     _configure(host=host, port=port, data_dir=data_dir.resolve() if data_dir else None)
     settings = get_settings()
+    _check_auth_binding(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     from quantyard.catalog import upgrade_database
 
     upgrade_database(settings.resolved_database_url)
+    if settings.auth == "required":
+        _print_bootstrap_key(settings)
     # uvicorn re-raises SIGTERM after its own shutdown; turning it into SystemExit lets the
     # `finally` below stop the worker instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -59,6 +62,45 @@ def serve(host, port, data_dir) -> None:
         _run_api(settings)
     finally:
         _stop(worker)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_auth_binding(settings) -> None:
+    """QUANTYARD_AUTH=disabled makes every caller an admin: only for this machine's own use."""
+    if settings.auth != "disabled":
+        return
+    if not is_loopback(settings.host):
+        raise click.ClickException(
+            f"QUANTYARD_AUTH=disabled is refused on {settings.host}: without keys anyone who can reach the "
+            "port is an admin. Bind to 127.0.0.1 (--host 127.0.0.1) or set QUANTYARD_AUTH=required.")
+    click.echo(f"Quantyard authentication DISABLED (QUANTYARD_AUTH=disabled): every caller on "
+               f"{settings.host} is an admin of the default organisation")
+
+
+def _print_bootstrap_key(settings) -> None:
+    """First start of a catalog without any key: make an admin key and print it, this once."""
+    with _catalog_sessions()() as s:
+        from quantyard.catalog import bootstrap_admin_key
+
+        made = bootstrap_admin_key(s)
+        s.commit()
+    if made is None:
+        return
+    key, secret = made
+    click.echo("Quantyard bootstrap admin key (shown once; keep it, it is not stored):")
+    click.echo(f"  QUANTYARD_API_KEY={secret}")
+    click.echo(f"  (key {key.id}, organisation default; make more with `quantyard keys create`)")
+    sys.stdout.flush()
 
 
 def _run_api(settings) -> None:
@@ -87,7 +129,9 @@ def _stop(process: subprocess.Popen) -> None:
 def api(host, port) -> None:
     """Run the HTTP API only (production: several replicas behind a load balancer)."""
     _configure(host=host, port=port)
-    _run_api(get_settings())
+    settings = get_settings()
+    _check_auth_binding(settings)
+    _run_api(settings)
 
 
 @main.command()
@@ -265,7 +309,8 @@ server_option = click.option("--server", envvar="QUANTYARD_SERVER", default=None
 def _client(server):
     from quantyard.client import QuantyardClient
 
-    return QuantyardClient(server or get_settings().server)
+    settings = get_settings()
+    return QuantyardClient(server or settings.server, api_key=settings.api_key)
 
 
 def _fail(exc) -> None:
@@ -464,6 +509,50 @@ def bom(artifact_id, output, server) -> None:
     _write_or_print(text, output)
 
 
+@main.command()
+@click.argument("kind", type=click.Choice(["source", "artifact"]))
+@click.argument("node_id")
+@click.option("--reason", required=True, help="Why (kept with the flag and in the audit trail).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@server_option
+def withdraw(kind, node_id, reason, as_json, server) -> None:
+    """Withdraw a source or artifact (maintainers): everything made from it is flagged, hidden from
+    listings and refused for download."""
+    from quantyard.client import ApiError
+
+    try:
+        result = _client(server).withdraw(kind, node_id, reason=reason)
+    except ApiError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    node = result["node"]
+    state = "was already withdrawn" if result["already_withdrawn"] else "withdrawn"
+    click.echo(f"{kind} {node_id} {state}: {node['withdrawal']['reason']}")
+    for item in result["flagged"] + result["already_flagged"]:
+        what = item.get("name") or f"{item.get('format')}:{item.get('quantization')} {item.get('filename')}"
+        click.echo(f"  {'  ' * (item['depth'] - 1)}{item['type']} {item['id']} {what} "
+                   f"(root {item['withdrawal']['root']['id']})")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["source", "artifact"]))
+@click.argument("node_id")
+@click.option("--direction", type=click.Choice(["upstream", "downstream", "both"]), default="both")
+@click.option("--depth", type=click.IntRange(1, 100), default=None, help="Hops (default: unlimited).")
+@server_option
+def lineage(kind, node_id, direction, depth, server) -> None:
+    """A source's or artifact's lineage graph (JSON), with the recipe of every edge."""
+    from quantyard.client import ApiError
+
+    try:
+        result = _client(server).lineage(kind, node_id, direction=direction, depth=depth)
+    except ApiError as exc:
+        _fail(exc)
+    click.echo(json.dumps(result, indent=2))
+
+
 # ---------------------------------------------------------------- audit trail (reads the catalog directly)
 
 
@@ -588,6 +677,132 @@ def audit_export(since, until, output) -> None:
             out.write(line)
             count += 1
     click.echo(f"{count} event(s) exported", err=True)
+
+
+@main.group()
+def retention() -> None:
+    """Artifact retention: purge the bytes of deleted artifacts once their grace period is over."""
+
+
+@retention.command("purge")
+@click.option("--now", "ignore_grace", is_flag=True,
+              help="Purge every deleted artifact without a legal hold, grace period or not.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def retention_purge(ignore_grace, limit, as_json) -> None:
+    """Remove the bytes of deleted artifacts that are due (held artifacts are never purged); each
+    purge is recorded (purged_at) and audited as artifact.purge."""
+    from quantyard.catalog.retention import purge_due
+
+    purged = purge_due(_catalog_sessions(), _settings_store(), ignore_grace=ignore_grace, limit=limit,
+                       actor="cli:retention")
+    if as_json:
+        click.echo(json.dumps(purged, indent=2))
+        return
+    for item in purged:
+        click.echo(f"{item['id']}  {len(item['keys'])} object(s)  {item['size_bytes']} bytes")
+    click.echo(f"{len(purged)} artifact(s) purged", err=True)
+
+
+# ---------------------------------------------------------------- API keys (reads the catalog directly)
+
+
+def _parse_duration(text: str):
+    """30d, 12h, 90m, 2w -> timedelta."""
+    from datetime import timedelta
+
+    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    value, unit = text[:-1], text[-1:].lower()
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1
+    if unit not in units or amount <= 0:
+        raise click.BadParameter(f"{text!r}: use a number and m, h, d or w (e.g. 30d)", param_hint="--expires-in")
+    return timedelta(**{units[unit]: amount})
+
+
+@main.group()
+def keys() -> None:
+    """API keys: make (the secret is printed once), list, revoke. Works on the catalog directly, so
+    it can make the first admin key of a new deployment."""
+
+
+@keys.command("create")
+@click.option("--org", "org", default="default", show_default=True,
+              help="Organisation name (made when it does not exist).")
+@click.option("--role", type=click.Choice(["viewer", "submitter", "maintainer", "admin"]), required=True)
+@click.option("--name", required=True, help="The principal: a person or a pipeline (the audit actor).")
+@click.option("--expires-in", default=None, help="e.g. 30d, 12h (default: never).")
+@click.option("--json", "as_json", is_flag=True)
+def keys_create(org, role, name, expires_in, as_json) -> None:
+    """Make an API key and print its secret (shown this once: only its hash is stored)."""
+    from quantyard import catalog
+    from quantyard.catalog.models import utcnow
+
+    expires_at = utcnow() + _parse_duration(expires_in) if expires_in else None
+    actor = f"cli:{os.environ.get('USER') or 'unknown'}"
+    settings = get_settings()
+    if settings.database_url is None:  # embedded: the key may come before the first `serve`
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        catalog.upgrade_database(settings.resolved_database_url)
+    try:
+        with _catalog_sessions().begin() as s:
+            organization = catalog.ensure_organization(s, name=org, actor=actor)
+            key, secret = catalog.create_api_key(s, organization_id=organization.id, name=name, role=role,
+                                                 expires_at=expires_at, actor=actor)
+            data = {**key.to_dict(), "secret": secret}
+    except catalog.CatalogError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(secret)
+    click.echo(f"key {data['id']}: {name} ({role}) in {org}, "
+               f"{'expires ' + data['expires_at'] if data['expires_at'] else 'no expiry'}; "
+               "the secret above is not shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--org", "org", default=None, help="Only this organisation's keys.")
+@click.option("--json", "as_json", is_flag=True)
+def keys_list(org, as_json) -> None:
+    """Every key (never a secret): id, prefix, organisation, principal, role, state."""
+    from quantyard import catalog
+    from quantyard.catalog.models import utcnow
+
+    with _catalog_sessions()() as s:
+        org_id = None
+        if org is not None:
+            found = catalog.get_organization_by_name(s, name=org)
+            if found is None:
+                raise click.ClickException(f"no organisation called {org!r}")
+            org_id = found.id
+        items = [k.to_dict() for k in catalog.list_api_keys(s, organization_id=org_id)]
+        now = utcnow()
+        states = {k.id: ("revoked" if k.revoked_at else "expired" if k.expires_at and k.expires_at <= now
+                         else "active") for k in catalog.list_api_keys(s, organization_id=org_id)}
+    if as_json:
+        click.echo(json.dumps([{**k, "state": states[k["id"]]} for k in items], indent=2))
+        return
+    for k in items:
+        click.echo(f"{k['id']}  {k['key_prefix']}…  {k['organization']:<16} {k['name']:<24} {k['role']:<10} "
+                   f"{states[k['id']]:<8} last used {k['last_used_at'] or 'never'}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id) -> None:
+    """Revoke KEY_ID: it stops working at once."""
+    from quantyard import catalog
+
+    try:
+        with _catalog_sessions().begin() as s:
+            key = catalog.revoke_api_key(s, key_id=key_id, actor=f"cli:{os.environ.get('USER') or 'unknown'}")
+            name = key.name
+    except catalog.NotFound:
+        raise click.ClickException(f"no API key {key_id}") from None
+    click.echo(f"revoked {key_id} ({name})")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ def _content_type(path: Path) -> str:
 
 
 class QuantyardClient:
-    def __init__(self, server: str, *, timeout: float = 60.0):
+    def __init__(self, server: str, *, api_key: str | None = None, timeout: float = 60.0):
+        """``api_key``: sent as ``Authorization: Bearer`` on every request (QUANTYARD_API_KEY)."""
         self.server = server.rstrip("/")
-        self._http = httpx.Client(base_url=self.server, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.server, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -139,3 +141,13 @@ class QuantyardClient:
     def get_bom(self, artifact_id: str) -> str:
         """The artifact's CycloneDX 1.6 ML-BOM, as the JSON text the server sent."""
         return self._request("GET", f"/v1/artifacts/{artifact_id}/bom").text
+
+    def withdraw(self, kind: str, node_id: str, *, reason: str) -> dict:
+        """Withdraw a source or an artifact (kind "source" | "artifact"); returns what was flagged."""
+        return self._request("POST", f"/v1/{kind}s/{node_id}/withdraw", json={"reason": reason}).json()
+
+    def lineage(self, kind: str, node_id: str, *, direction: str = "both", depth: int | None = None) -> dict:
+        params: dict[str, Any] = {"direction": direction}
+        if depth is not None:
+            params["depth"] = depth
+        return self._request("GET", f"/v1/{kind}s/{node_id}/lineage", params=params).json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +30,12 @@ class Settings(BaseSettings):
     port: int = DEFAULT_PORT
     # Where CLI client commands send requests.
     server: str = f"http://127.0.0.1:{DEFAULT_PORT}"
+    # required: every endpoint but /healthz, /readyz, /metrics needs `Authorization: Bearer <key>`.
+    # disabled: everyone is an admin of the default organisation; `quantyard serve` allows it only
+    # while bound to a loopback address.
+    auth: Literal["required", "disabled"] = "required"
+    # The key CLI client commands send (QUANTYARD_API_KEY).
+    api_key: str | None = Field(default=None, repr=False)
 
     max_upload_bytes: int = 50 * 1024**3
     max_unpacked_bytes: int = 200 * 1024**3
@@ -44,6 +51,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     # Workers anchor the audit chain's head in the object store this often (0: never).
     audit_anchor_interval_s: float = 3600.0
+    # A deleted artifact's bytes stay this long (restore is possible until then), then are purged.
+    retention_grace_s: float = 7 * 24 * 3600.0
+    # Workers look for deleted artifacts whose grace period is over this often (0: never).
+    retention_purge_interval_s: float = 3600.0
 
     @property
     def resolved_database_url(self) -> str:

@@ -11,6 +11,7 @@ from celery import Celery, bootsteps
 
 from quantyard import catalog
 from quantyard.catalog.anchor import anchor_if_due
+from quantyard.catalog.retention import purge_due
 from quantyard.queue import (
     CONVERT_TARGET_TASK, CONVERT_TASK, enqueue_target, make_celery, queue_name,
 )
@@ -86,6 +87,7 @@ class _HeartbeatStep(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self._entry = None
         self._anchor_entry = None
+        self._purge_entry = None
         self._runtime = None
         self._ids: dict[str, str] = {}
 
@@ -116,6 +118,11 @@ class _HeartbeatStep(bootsteps.StartStopStep):
             # anchors when the last anchor is older than the interval (a race anchors twice: harmless).
             self._anchor_entry = consumer.timer.call_repeatedly(
                 min(settings.audit_anchor_interval_s, 60.0), self._anchor_if_due)
+        if settings.retention_purge_interval_s > 0:
+            # Retention purge, the same way: each worker purges what is due (the row lock and the
+            # re-check in purge_artifact make two workers purging at once harmless).
+            self._purge_entry = consumer.timer.call_repeatedly(settings.retention_purge_interval_s,
+                                                               self._purge_due)
 
     def _anchor_if_due(self) -> None:
         try:
@@ -124,10 +131,19 @@ class _HeartbeatStep(bootsteps.StartStopStep):
         except Exception:  # the next check retries
             log.exception("audit anchor failed")
 
+    def _purge_due(self) -> None:
+        try:
+            purged = purge_due(self._runtime.sessions, self._runtime.store)
+            if purged:
+                log.info("retention: purged the bytes of %d deleted artifact(s)", len(purged))
+        except Exception:  # the next run retries
+            log.exception("retention purge failed")
+
     def stop(self, consumer) -> None:
-        if self._anchor_entry is not None:
-            self._anchor_entry.cancel()
-            self._anchor_entry = None
+        for entry in (self._anchor_entry, self._purge_entry):
+            if entry is not None:
+                entry.cancel()
+        self._anchor_entry = self._purge_entry = None
         if self._entry is not None:
             self._entry.cancel()
             self._entry = None

@@ -17,6 +17,7 @@ from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.publish import publish, target_recipe
+from worker.reuse import find_present, imatrix_spec, reuse, reuse_known_targets
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import JobWatch
@@ -47,6 +48,10 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
     work_dir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=rt.scratch_dir))
     try:
         job = _load_job(rt, job_id)
+        if reuse_known_targets(rt, job):  # before any fetch: a fully reused job ends here
+            job = _load_job(rt, job_id)
+            if all(status == "succeeded" for _, _, status in job["targets"]):
+                return _dispatch_nothing(rt, job_id, f"all {len(job['targets'])} target(s) reused")
         watch.progress(0.05, "fetching source", force=True)
         if job["source"]["format"] == "gguf":
             pending, inputs = _prepare_gguf_source(rt, job, work_dir, watch)
@@ -54,14 +59,10 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
             source_dir = fetch_source(rt, job["source"], work_dir)
             report = _preflight(rt, job, source_dir, watch)
             pending, inputs = _shared_work(rt, job, source_dir, report, work_dir, watch)
-        with rt.session() as s:
-            catalog.mark_dispatched(s, job_id=job_id,
-                                    message=f"{len(pending)} target(s) dispatched")
-            finished = catalog.settle_job(s, job_id=job_id)
-            s.commit()
+        finished = _dispatch_nothing(rt, job_id, f"{len(pending)} target(s) dispatched")
         for target_id in pending:
             dispatch(job_id, target_id, inputs)
-        return finished.status if finished is not None else "dispatched"
+        return finished
     except Cancelled as exc:
         _fail(rt, job_id, "cancelled", "cancelled", str(exc))
         return "cancelled"
@@ -76,12 +77,22 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _dispatch_nothing(rt, job_id: str, message: str) -> str:
+    """End the prepare stage; the job settles here when no target is left to run."""
+    with rt.session() as s:
+        catalog.mark_dispatched(s, job_id=job_id, message=message)
+        finished = catalog.settle_job(s, job_id=job_id)
+        s.commit()
+        return finished.status if finished is not None else "dispatched"
+
+
 def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
     with rt.session() as s:
         job = catalog.get_job(s, job_id=job_id)
         source = catalog.get_source(s, source_id=job.source_id)
         return {
             "id": job.id,
+            "organization_id": getattr(job, "organization_id", None),
             "source": source_info(source),
             # (target id, spec, status) in the order they were asked for
             "targets": [(t.id, parse_target(t.to_spec_dict()), t.status)
@@ -151,10 +162,8 @@ def _intermediate(rt, job: dict, source_dir: Path, report, work_dir: Path,
     spec = intermediate_target(report)
     recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
                                    engine_version=engine.ENGINE_VERSION, inputs={})
-    with rt.session() as s:
-        existing = catalog.find_artifact_by_recipe(s, recipe_hash=digest)
-        existing = existing.to_dict() if existing is not None else None
-    if existing and rt.store.stat(existing["storage_key"]) == existing["size_bytes"]:
+    existing = find_present(rt, digest, job.get("organization_id"))
+    if existing is not None:
         watch.progress(0.9, f"reusing intermediate {existing['id']}", force=True)
         return existing
 
@@ -193,21 +202,16 @@ def _imatrices(rt, job: dict, pending: list[str], source_dir: Path, intermediate
 def _imatrix(rt, job: dict, source_dir: Path, intermediate: dict, text: str | None,
              work_dir: Path, watch: JobWatch) -> dict:
     """An imatrix artifact (format "imatrix"), reused when the same source and text made one."""
-    import hashlib
-
     from quantyard import engine
     from quantyard.engine.results import ConversionResult
-    from quantyard.engine.spec import TargetSpec
     from quantyard.engine.stages import compute_imatrix
 
-    calibration = hashlib.sha256(text.encode()).hexdigest() if text else "default"
-    spec = TargetSpec("imatrix", "imatrix", {"calibration": calibration})
+    spec = imatrix_spec(text)
+    calibration = spec.params["calibration"]
     recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
                                    engine_version=engine.ENGINE_VERSION, inputs={})
-    with rt.session() as s:
-        existing = catalog.find_artifact_by_recipe(s, recipe_hash=digest)
-        existing = existing.to_dict() if existing is not None else None
-    if existing and rt.store.stat(existing["storage_key"]) == existing["size_bytes"]:
+    existing = find_present(rt, digest, job.get("organization_id"))
+    if existing is not None:
         return existing
     local = work_dir / intermediate["filename"]
     if not local.exists():
@@ -227,20 +231,22 @@ def _imatrix(rt, job: dict, source_dir: Path, intermediate: dict, text: str | No
 
 
 def _reuse_for_targets(rt, job: dict, intermediate: dict) -> list[str]:
-    """Targets that ask for exactly the intermediate get it; returns the ids still to make."""
+    """Targets that ask for exactly the intermediate get it (marked reused when an earlier job
+    made it); returns the ids still to make."""
     pending = []
-    with rt.session() as s:
-        for target_id, spec, status in job["targets"]:
-            if status == "succeeded":
-                continue
-            same = (spec.format, spec.quantization) == (intermediate["format"],
-                                                        intermediate["quantization"])
-            if same and not spec.params:
-                target = s.get(catalog.JobTarget, target_id)
-                catalog.assign_target_artifact(target, intermediate["id"])
-            else:
+    for target_id, spec, status in job["targets"]:
+        if status == "succeeded":
+            continue
+        same = (spec.format, spec.quantization) == (intermediate["format"], intermediate["quantization"])
+        if not same or spec.params:
+            pending.append(target_id)
+        elif intermediate["job_id"] != job["id"]:
+            if not reuse(rt, job, target_id, intermediate, intermediate["recipe_hash"]):
                 pending.append(target_id)
-        s.commit()
+        else:
+            with rt.session() as s:
+                catalog.assign_target_artifact(s.get(catalog.JobTarget, target_id), intermediate["id"])
+                s.commit()
     return pending
 
 

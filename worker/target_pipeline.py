@@ -16,6 +16,7 @@ from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target, split_max_bytes
 from worker.publish import publish, target_recipe
+from worker.reuse import find_present, reuse
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import TargetWatch
@@ -41,6 +42,8 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
     work_dir = Path(tempfile.mkdtemp(prefix=f"{target_id}-", dir=rt.scratch_dir))
     try:
         job = _load(rt, job_id, target_id, inputs)
+        if _reused(rt, job):  # made by an identical recipe since the job was prepared
+            return "succeeded"
         watch.progress(0.02, "fetching inputs", force=True)
         if inputs.get("source_gguf"):  # a GGUF source is both the input and the reference
             reference = intermediate = fetch_gguf_source(rt, job["source"], work_dir)
@@ -69,13 +72,16 @@ def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
         source = catalog.get_source(s, source_id=job.source_id)
         target = s.get(catalog.JobTarget, target_id)
         intermediate = None
-        if inputs.get("intermediate_artifact_id"):
+        # The GGUF intermediate is an input of GGUF targets only: an ONNX target of the same job
+        # is converted from the source (and its recipe names no intermediate).
+        if inputs.get("intermediate_artifact_id") and target.format == "gguf":
             intermediate = catalog.get_artifact(
                 s, artifact_id=inputs["intermediate_artifact_id"]).to_dict()
         imatrix_id = (inputs.get("imatrix_artifact_ids") or {}).get(target_id)
         imatrix = catalog.get_artifact(s, artifact_id=imatrix_id) if imatrix_id else None
         return {
             "id": job.id,
+            "organization_id": getattr(job, "organization_id", None),
             "target_id": target_id,
             "imatrix": imatrix.to_dict() if imatrix is not None else None,
             "spec": parse_target(target.to_spec_dict()),
@@ -93,10 +99,7 @@ def _make_and_publish(rt, job: dict, reference: Path, input_gguf: Path | None,
 
     spec = job["spec"]
     intermediate, imatrix_artifact = job["intermediate"], job["imatrix"]
-    recipe, digest = target_recipe(
-        source_sha256=job["source"]["sha256"], spec=spec, engine_version=engine.ENGINE_VERSION,
-        inputs={"intermediate_sha256": intermediate["sha256"] if intermediate else None,
-                "imatrix_sha256": imatrix_artifact["sha256"] if imatrix_artifact else None})
+    recipe, digest = _recipe(job)
     parents = [("artifact", a["id"]) for a in (intermediate, imatrix_artifact) if a]
 
     def on_progress(fraction: float, message: str) -> None:
@@ -120,6 +123,28 @@ def _make_and_publish(rt, job: dict, reference: Path, input_gguf: Path | None,
     with rt.session() as s:
         catalog.settle_job(s, job_id=job["id"])
         s.commit()
+
+
+def _recipe(job: dict) -> tuple[dict, str]:
+    from quantyard.engine.manifest import ENGINE_VERSION
+
+    intermediate, imatrix = job["intermediate"], job["imatrix"]
+    return target_recipe(
+        source_sha256=job["source"]["sha256"], spec=job["spec"], engine_version=ENGINE_VERSION,
+        inputs={"intermediate_sha256": intermediate["sha256"] if intermediate else None,
+                "imatrix_sha256": imatrix["sha256"] if imatrix else None})
+
+
+def _reused(rt, job: dict) -> bool:
+    """Answer the target with a present artifact of its exact recipe, then settle the job."""
+    _, digest = _recipe(job)
+    art = find_present(rt, digest, job.get("organization_id"))
+    if art is None or not reuse(rt, job, job["target_id"], art, digest):
+        return False
+    with rt.session() as s:
+        catalog.settle_job(s, job_id=job["id"])
+        s.commit()
+    return True
 
 
 def _close(rt, target_id: str, status: str, code: str, message: str) -> str:

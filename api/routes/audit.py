@@ -1,7 +1,10 @@
-"""GET /v1/audit: the audit trail as JSON lines for a time range (admins only once roles land).
+"""GET /v1/audit: the audit trail as JSON lines for a time range (admins only).
 
-Each line is one event with every hashed field, ``prev_hash`` and ``hash``, oldest first, so an
-export re-verifies on its own (``quantyard audit verify --file``). The range covers every seq from
+Each line is one event with every hashed field, ``prev_hash`` and ``hash``, oldest first. The
+chain runs through every organisation's events, so only the operator (an admin of the default
+organisation) gets the whole chain, which re-verifies on its own (``quantyard audit verify
+--file``); an admin of another organisation gets its organisation's events only (``X-Audit-Scope:
+organization``): each still matches its own hash, but they do not link up. The range covers every seq from
 the first event at or after ``since`` to the last one before ``until`` (see
 ``quantyard.catalog.audit.seq_range``): an export is one unbroken piece of the chain.
 """
@@ -17,6 +20,8 @@ from fastapi.responses import StreamingResponse
 
 from quantyard.catalog.audit import iter_export
 
+from api.auth import is_operator, requires
+from api.deps import principal
 from api.errors import ApiError
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -32,7 +37,8 @@ def _utc(value: datetime | None) -> datetime | None:
 
 @router.get("", summary="Export the audit trail as JSON lines for a time range",
             response_class=StreamingResponse,
-            responses={200: {"content": {"application/jsonl": {}}, "description": "one event per line"}})
+            responses={200: {"content": {"application/jsonl": {}}, "description": "one event per line"}},
+            dependencies=[requires("admin")])
 def export_audit(request: Request,
                  since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC; inclusive")] = None,
                  until: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC; exclusive")] = None,
@@ -43,13 +49,16 @@ def export_audit(request: Request,
     if since is not None and until is not None and since >= until:
         raise ApiError(422, "validation_error", "since must be earlier than until")
     factory = request.app.state.session_factory
+    caller = principal(request)
+    scope = None if is_operator(caller) else caller.organization_id
 
     def lines() -> Iterator[bytes]:
         # Its own session: the response streams after the route (and its dependencies) returned.
         with factory() as s:
-            for line in iter_export(s, since=since, until=until):
+            for line in iter_export(s, since=since, until=until, organization_id=scope):
                 yield line.encode()
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return StreamingResponse(lines(), media_type=FORMATS[format], headers={
-        "Content-Disposition": f'attachment; filename="quantyard-audit-{stamp}.jsonl"'})
+        "Content-Disposition": f'attachment; filename="quantyard-audit-{stamp}.jsonl"',
+        "X-Audit-Scope": "chain" if scope is None else "organization"})

@@ -8,12 +8,14 @@ from sqlalchemy.orm import Session
 from quantyard import catalog
 from quantyard.engine.manifest import capabilities as engine_capabilities
 
+from api.auth import requires
 from api.deps import get_session
 
 router = APIRouter(prefix="/v1", tags=["capabilities"])
 
 
-@router.get("/capabilities", summary="Formats, quantizations, architectures, hardware classes")
+@router.get("/capabilities", summary="Formats, quantizations, architectures, hardware classes",
+            dependencies=[requires("viewer")])
 def capabilities(request: Request, s: Session = Depends(get_session)):
     caps = engine_capabilities()
     stale = request.app.state.settings.worker_stale_after_s

@@ -17,7 +17,8 @@ from quantyard.engine.spec import parse_target
 from quantyard.queue import enqueue_job
 
 from api import stats
-from api.deps import actor, get_session, mark_audit, request_info
+from api.auth import requires
+from api.deps import actor, get_session, mark_audit, org_id, principal, request_info
 from api.errors import ApiError, not_found
 from api.routes.sources import register_uri_source
 
@@ -81,6 +82,15 @@ def check_targets_fit_source(source, targets: list[dict]) -> None:
                            f"folder (config.json + weights); this source is a {meta.get('source_kind')} program "
                            f"({meta.get('model_file')}), which converts to onnx targets only",
                            details={"source_kind": meta.get("source_kind"), "valid_formats": ["onnx"]})
+
+
+def check_source_not_withdrawn(s: Session, source_id: str) -> None:
+    """No new conversions of a withdrawn source: 422 naming the withdrawal."""
+    try:
+        catalog.check_not_withdrawn(s, source_id=source_id)
+    except catalog.Withdrawn as exc:
+        raise ApiError(422, "source_withdrawn", str(exc), details={"source_id": source_id,
+                                                                    "withdrawal": exc.withdrawal}) from None
 
 
 def check_hardware_class(value: str) -> str:
@@ -157,14 +167,14 @@ def job_json(job, reasons: WaitingReasons | None = None) -> dict:
 def resolve_source(request: Request, s: Session, ref: str) -> str:
     """A source id, or a URI of this store (registered as a source on the fly); returns the id."""
     if "://" not in ref:
-        source = catalog.get_source(s, source_id=ref)
+        source = catalog.get_source(s, source_id=ref, organization_id=org_id(request))
         if source is None:
             raise not_found("source", ref)
         return source.id
     return register_uri_source(request, ref)["id"]
 
 
-@router.post("", status_code=202, summary="Submit a conversion job")
+@router.post("", status_code=202, summary="Submit a conversion job", dependencies=[requires("submitter")])
 def create_job(body: JobCreate, request: Request, s: Session = Depends(get_session)):
     mark_audit(request, "job.create", "job")
     settings = request.app.state.settings
@@ -172,7 +182,8 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
     targets = parse_targets(body.targets)
     check_labels(body.labels)
     source_id = resolve_source(request, s, body.source)
-    check_targets_fit_source(catalog.get_source(s, source_id=source_id), targets)
+    check_targets_fit_source(catalog.get_source(s, source_id=source_id, organization_id=org_id(request)), targets)
+    check_source_not_withdrawn(s, source_id)
     job = catalog.create_job(s, source_id=source_id, targets=targets, hardware_class=hardware_class,
                              labels=dict(body.labels), actor=actor(request), request=request_info(request))
     s.commit()
@@ -192,7 +203,7 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
     return JSONResponse(data, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-@router.get("", summary="List jobs (newest first)")
+@router.get("", summary="List jobs (newest first)", dependencies=[requires("viewer")])
 def list_jobs(request: Request, status: str | None = Query(None), label: str | None = Query(None),
               limit: int = Query(50, ge=1, le=500), cursor: str | None = Query(None),
               s: Session = Depends(get_session)):
@@ -201,30 +212,41 @@ def list_jobs(request: Request, status: str | None = Query(None), label: str | N
     if label is not None and ("=" not in label or not label.split("=", 1)[0]):
         raise ApiError(422, "validation_error", "label must be of the form key=value")
     try:
-        jobs, next_cursor = catalog.list_jobs(s, status=status, label=label, limit=limit, cursor=cursor)
+        jobs, next_cursor = catalog.list_jobs(s, status=status, label=label, limit=limit, cursor=cursor,
+                                              organization_id=org_id(request))
     except ValueError as exc:
         raise ApiError(400, "invalid_cursor", f"invalid cursor: {exc}") from None
     reasons = WaitingReasons(s, request.app.state.settings.worker_stale_after_s)
     return {"items": [job_json(j, reasons) for j in jobs], "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}", summary="A job's status, progress, targets, artifacts and error")
+@router.get("/{job_id}", summary="A job's status, progress, targets, artifacts and error",
+            dependencies=[requires("viewer")])
 def get_job(job_id: str, request: Request, s: Session = Depends(get_session)):
-    job = catalog.get_job(s, job_id=job_id)
+    job = catalog.get_job(s, job_id=job_id, organization_id=org_id(request))
     if job is None:
         raise not_found("job", job_id)
     return job_json(job, WaitingReasons(s, request.app.state.settings.worker_stale_after_s))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a job (cooperative for running jobs)")
+@router.post("/{job_id}/cancel", summary="Cancel a job (cooperative for running jobs)",
+             dependencies=[requires("submitter")])
 def cancel_job(job_id: str, request: Request, s: Session = Depends(get_session)):
+    """A submitter cancels its own jobs (same principal name); maintainers and admins any job of
+    their organisation."""
     mark_audit(request, "job.cancel", "job", job_id)
-    job = catalog.get_job(s, job_id=job_id)
+    job = catalog.get_job(s, job_id=job_id, organization_id=org_id(request))
     if job is None:
         raise not_found("job", job_id)
+    caller = principal(request)
+    if not caller.has_role("maintainer") and job.created_by != caller.name:
+        raise ApiError(403, "forbidden", f"job {job_id} was submitted by {job.created_by}; a submitter cancels "
+                       "its own jobs only (maintainers cancel any)",
+                       details={"required_role": "maintainer", "role": caller.role})
     if job.status in FINISHED:
         raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
-    job = catalog.request_cancel(s, job_id=job_id, actor=actor(request), request=request_info(request))
+    job = catalog.request_cancel(s, job_id=job_id, actor=actor(request), request=request_info(request),
+                                 organization_id=org_id(request))
     s.commit()
     s.refresh(job)
     if job.status in FINISHED and job.status != "cancelled":  # finished while we were asking

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -12,8 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from quantyard import archive, catalog
 
 from api import uploads
-from api.deps import actor, get_session, mark_audit, request_info
+from api.auth import requires
+from api.deps import actor, get_session, mark_audit, org_id, request_info
 from api.errors import ApiError, not_found
+from api.routes.artifacts import WithdrawIn, lineage_params
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])
 
@@ -35,7 +37,7 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
     else:
         sha256, size = received.sha256, received.size_bytes
     with app.state.session_factory() as s:
-        existing = catalog.get_source_by_sha256(s, sha256=sha256)
+        existing = catalog.get_source_by_sha256(s, sha256=sha256, organization_id=org_id(request))
     if storage_key is None:
         extension = "gguf" if checked.kind == "gguf" else archive.EXTENSIONS[checked.kind]
         key = f"sources/{sha256}/source.{extension}"
@@ -94,7 +96,7 @@ _UPLOAD_BODY = {
 
 
 @router.post("", status_code=201, summary="Upload a model (an archive body, or multipart 'files')",
-             openapi_extra=_UPLOAD_BODY)
+             openapi_extra=_UPLOAD_BODY, dependencies=[requires("submitter")])
 async def upload_source(request: Request, name: str | None = Query(None, max_length=200)):
     mark_audit(request, "source.create", "source")
     settings = request.app.state.settings
@@ -122,12 +124,58 @@ async def upload_source(request: Request, name: str | None = Query(None, max_len
     return JSONResponse(result, status_code=201, headers={"Location": f"/v1/sources/{result['id']}"})
 
 
-@router.get("/{source_id}", summary="A source model's metadata")
-def get_source(source_id: str, s: Session = Depends(get_session)):
-    source = catalog.get_source(s, source_id=source_id)
+@router.get("/{source_id}/lineage", dependencies=[requires("viewer")],
+            summary="What was made from a source (downstream), any depth, with the recipe of every edge")
+def source_lineage(source_id: str, request: Request, params: dict = Depends(lineage_params),
+                   s: Session = Depends(get_session)):
+    if catalog.get_source(s, source_id=source_id, organization_id=org_id(request)) is None:
+        raise not_found("source", source_id)
+    return catalog.lineage(s, source_id=source_id, organization_id=org_id(request), **params)
+
+
+@router.post("/{source_id}/withdraw", summary="Withdraw a source and flag everything made from it",
+             dependencies=[requires("maintainer")])
+def withdraw_source(source_id: str, request: Request, body: WithdrawIn = Body(...),
+                    s: Session = Depends(get_session)):
+    """[role: maintainer] Withdraw a source with a reason: every artifact made from it (any depth) is
+    flagged, hidden from default listings and refused for download, and no new job may use the
+    source. Withdrawing again keeps the first reason."""
+    mark_audit(request, "source.withdraw", "source", source_id)
+    if catalog.get_source(s, source_id=source_id, organization_id=org_id(request)) is None:
+        raise not_found("source", source_id)
+    result = catalog.withdraw_source(s, source_id=source_id, reason=body.reason, actor=actor(request),
+                                     request=request_info(request), organization_id=org_id(request))
+    s.commit()
+    return result
+
+
+@router.get("/{source_id}", summary="A source model's metadata", dependencies=[requires("viewer")])
+def get_source(source_id: str, request: Request, s: Session = Depends(get_session)):
+    source = catalog.get_source(s, source_id=source_id, organization_id=org_id(request))
     if source is None:
         raise not_found("source", source_id)
     return source_json(source)
+
+
+# Keys the service writes itself: their objects belong to a tenant's source or artifact.
+MANAGED_PREFIXES = ("sources/", "artifacts/")
+
+
+def _may_read_key(request: Request, key: str) -> bool:
+    """A key under the service's own prefixes is readable only when one of the caller's
+    organisation's sources or artifacts is stored there (another tenant's upload is 'no object')."""
+    if not key.startswith(MANAGED_PREFIXES):
+        return True
+    from sqlalchemy import exists, or_, select
+
+    from quantyard.catalog.models import Artifact, Source
+
+    org = org_id(request)
+    with request.app.state.session_factory() as s:
+        return bool(s.execute(select(or_(
+            exists().where(Source.storage_key == key, Source.organization_id == org),
+            exists().where(Artifact.storage_key == key, Artifact.organization_id == org),
+        ))).scalar())
 
 
 def register_uri_source(request: Request, uri: str) -> dict:
@@ -143,7 +191,7 @@ def register_uri_source(request: Request, uri: str) -> dict:
     except ValueError:
         raise ApiError(422, "invalid_source", f"{uri!r} is neither a source id nor a URI in this object store "
                        f"({store.url})") from None
-    size = store.stat(key)
+    size = store.stat(key) if _may_read_key(request, key) else None
     if size is None:
         raise ApiError(404, "source_not_found", f"no object at {uri!r}")
     if size > app.state.settings.max_upload_bytes:

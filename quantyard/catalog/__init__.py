@@ -16,7 +16,7 @@ Postgres until commit.
 
 Audited: create_source, create_job, request_cancel, claim_job (claims, and the failures or
 cancellations it decides), set_target_status (when the status changes), record_artifact,
-finish_job. Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
+finish_job, withdraw (and each descendant it flags). Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
 
 Lookups by id return ``None`` when missing (``get_*``); mutations of a missing row raise
 ``NotFound``. Bad arguments raise ``InvalidArgument`` (a ValueError), bad cursors ``InvalidCursor``.
@@ -30,13 +30,25 @@ from .artifacts import (
     get_artifact,
     get_source,
     get_source_by_sha256,
-    lineage,
     list_artifacts,
     record_artifact,
 )
 from .audit import AuditVerification, RequestInfo, audit_events, canonical_json, record_audit, verify_audit_chain
 from .db import make_engine, make_session_factory, normalize_url, upgrade_database
 from .errors import CatalogError, InvalidArgument, InvalidCursor, InvalidState, NotFound
+from .identity import (
+    Principal,
+    authenticate,
+    bootstrap_admin_key,
+    create_api_key,
+    create_organization,
+    ensure_organization,
+    get_api_key,
+    get_organization,
+    get_organization_by_name,
+    list_api_keys,
+    revoke_api_key,
+)
 from .jobs import (
     ClaimOutcome,
     claim_job,
@@ -50,6 +62,7 @@ from .jobs import (
     set_progress,
     set_target_status,
 )
+from .lineage import descendants, edge_recipe, lineage
 from .models import (
     JOB_STATUSES,
     TARGET_STATUSES,
@@ -63,6 +76,18 @@ from .models import (
     Source,
     Worker,
 )
+from .retention import (
+    RetentionConflict,
+    delete_artifact,
+    due_for_purge,
+    purge_artifact,
+    purge_due,
+    release_legal_hold,
+    restore_artifact,
+    set_legal_hold,
+)
+from .reuse import recipe_digests, reusable_artifacts, reuse_artifact
+from .search import search_artifacts
 from .targets import (
     PREPARE_SHARE,
     add_job_warning,
@@ -73,18 +98,33 @@ from .targets import (
     set_target_progress,
     settle_job,
 )
+from .withdrawal import (
+    Withdrawn,
+    check_not_withdrawn,
+    withdraw,
+    withdraw_artifact,
+    withdraw_source,
+    withdrawal_of,
+)
 from .workers import live_workers, worker_heartbeat, worker_stopped
 
 __all__ = [
+    "Principal", "authenticate", "bootstrap_admin_key", "create_api_key", "create_organization",
+    "ensure_organization", "get_api_key", "get_organization", "get_organization_by_name", "list_api_keys",
+    "revoke_api_key",
     "JOB_STATUSES", "TARGET_STATUSES", "TERMINAL_JOB_STATUSES",
     "Artifact", "AuditEvent", "AuditVerification", "Base", "CatalogError", "ClaimOutcome",
     "InvalidArgument", "InvalidCursor", "InvalidState", "Job", "JobTarget", "LineageEdge", "NotFound",
     "RequestInfo", "Source", "Worker",
     "add_lineage_edge", "audit_events", "canonical_json", "claim_job", "create_job", "create_source",
     "find_artifact_by_recipe", "finish_job", "get_artifact", "get_job", "get_source", "get_source_by_sha256",
-    "lineage", "list_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",
+    "lineage", "list_artifacts", "search_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",
     "normalize_url", "queue_depth", "record_artifact", "record_audit", "renew_lease", "request_cancel",
     "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
     "worker_stopped", "assign_target_artifact", "PREPARE_SHARE", "add_job_warning", "claim_target", "finish_target",
     "mark_dispatched", "renew_target_lease", "set_target_progress", "settle_job",
+    "Withdrawn", "check_not_withdrawn", "descendants", "edge_recipe", "withdraw", "withdraw_artifact",
+    "withdraw_source", "withdrawal_of",
+    "RetentionConflict", "delete_artifact", "due_for_purge", "purge_artifact", "purge_due", "release_legal_hold",
+    "restore_artifact", "set_legal_hold", "recipe_digests", "reusable_artifacts", "reuse_artifact",
 ]

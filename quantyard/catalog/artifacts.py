@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .audit import RequestInfo, record_audit
 from .errors import InvalidState, NotFound
 from .models import Artifact, Job, JobTarget, LineageEdge, Source, new_id, utcnow
-from .pagination import paginate
-
-MAX_LINEAGE_DEPTH = 50
+from .search import label_pairs as search_label_pairs
+from .search import metric_values, search_artifacts, search_text, search_tokens
+from .withdrawal import inherit_withdrawal
 
 
 def create_source(
@@ -27,9 +27,14 @@ def create_source(
     metadata: dict[str, Any] | None = None,
     actor: str,
     request: RequestInfo | None = None,
+    organization_id: str | None = None,
 ) -> Source:
+    """``organization_id``: the owning tenant (default: the caller's, from ``request``)."""
+    if organization_id is None and request is not None:
+        organization_id = request.organization_id
     source = Source(
         id=new_id("src"),
+        organization_id=organization_id,
         name=name,
         sha256=sha256,
         size_bytes=size_bytes,
@@ -54,13 +59,22 @@ def create_source(
     return source
 
 
-def get_source(s: Session, *, source_id: str) -> Source | None:
-    return s.get(Source, source_id)
+def _visible(row, organization_id: str | None):
+    """``row`` unless it belongs to another organisation than ``organization_id`` (None: any)."""
+    if row is None or (organization_id is not None and row.organization_id != organization_id):
+        return None
+    return row
 
 
-def get_source_by_sha256(s: Session, *, sha256: str) -> Source | None:
+def get_source(s: Session, *, source_id: str, organization_id: str | None = None) -> Source | None:
+    return _visible(s.get(Source, source_id), organization_id)
+
+
+def get_source_by_sha256(s: Session, *, sha256: str, organization_id: str | None = None) -> Source | None:
     """The oldest source with these bytes (uploads are content-addressed in storage)."""
     q = select(Source).where(Source.sha256 == sha256).order_by(Source.created_at, Source.id).limit(1)
+    if organization_id is not None:
+        q = q.where(Source.organization_id == organization_id)
     return s.execute(q).scalars().first()
 
 
@@ -104,7 +118,8 @@ def record_artifact(
         ).scalars().first()
         if job is None:
             raise NotFound(f"job {job_id} not found")
-    if s.get(Source, source_id) is None:
+    source = s.get(Source, source_id)
+    if source is None:
         raise NotFound(f"source {source_id} not found")
     target = None
     if target_id is not None:
@@ -117,8 +132,11 @@ def record_artifact(
                 return existing
             if existing is not None:
                 raise InvalidState(f"target {target_id} already has artifact {existing.id} with other bytes")
+    names = search_text(filename=filename, source_name=source.name, format=format, quantization=quantization)
     artifact = Artifact(
         id=new_id("art"),
+        # The job's tenant (the source's for an artifact made outside a job).
+        organization_id=job.organization_id if job is not None else source.organization_id,
         job_id=job_id,
         target_id=target_id,
         source_id=source_id,
@@ -134,11 +152,18 @@ def record_artifact(
         engine_version=engine_version,
         recipe_hash=recipe_hash,
         created_at=utcnow(),
+        # copies the catalog search filters on (catalog/search.py)
+        architecture=source.architecture or (metadata or {}).get("architecture"),
+        label_pairs=search_label_pairs(job.labels if job is not None else None),
+        search_text=names,
+        search_tokens=search_tokens(names),
+        **metric_values(metrics),
     )
     s.add(artifact)
     # The artifact's direct inputs: the source by default, or e.g. the intermediate it was
     # quantized from.
-    for parent_type, parent_id in parents or [("source", source_id)]:
+    parents = parents or [("source", source_id)]
+    for parent_type, parent_id in parents:
         s.add(
             LineageEdge(
                 id=new_id("edg"),
@@ -162,6 +187,7 @@ def record_artifact(
         action="artifact.create",
         resource_type="artifact",
         resource_id=artifact.id,
+        organization_id=artifact.organization_id,
         details={
             "job_id": job_id,
             "target_id": target_id,
@@ -175,6 +201,7 @@ def record_artifact(
             "engine_version": engine_version,
         },
     )
+    inherit_withdrawal(s, artifact=artifact, parents=[("source", source_id), *parents], actor="system")
     return artifact
 
 
@@ -204,112 +231,21 @@ def add_lineage_edge(
     return edge
 
 
-def get_artifact(s: Session, *, artifact_id: str) -> Artifact | None:
-    return s.get(Artifact, artifact_id)
+def get_artifact(s: Session, *, artifact_id: str, organization_id: str | None = None) -> Artifact | None:
+    return _visible(s.get(Artifact, artifact_id), organization_id)
 
 
-def find_artifact_by_recipe(s: Session, *, recipe_hash: str) -> Artifact | None:
-    """The newest artifact made by this exact recipe (for reusing identical requests)."""
-    q = select(Artifact).where(Artifact.recipe_hash == recipe_hash).order_by(Artifact.created_at.desc()).limit(1)
+def find_artifact_by_recipe(s: Session, *, recipe_hash: str, organization_id: str | None = None) -> Artifact | None:
+    """The newest artifact made by this exact recipe (for reusing identical requests); a
+    withdrawn one is never reused."""
+    q = (select(Artifact).where(Artifact.recipe_hash == recipe_hash, Artifact.withdrawn_at.is_(None))
+         .order_by(Artifact.created_at.desc()).limit(1))
+    if organization_id is not None:
+        q = q.where(Artifact.organization_id == organization_id)
     return s.execute(q).scalars().first()
 
 
-def _like_pattern(q: str) -> str:
-    escaped = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-def list_artifacts(
-    s: Session,
-    *,
-    format: str | None = None,
-    quantization: str | None = None,
-    source_id: str | None = None,
-    q: str | None = None,
-    job_id: str | None = None,
-    limit: int = 50,
-    cursor: str | None = None,
-) -> tuple[list[Artifact], str | None]:
-    """Newest first. ``format`` and ``quantization`` match case-insensitively; ``q`` searches
-    filename, format, quantization, sha256 prefix and the source's name."""
-    query = select(Artifact)
-    if format:
-        query = query.where(Artifact.format == format.lower())
-    if quantization:
-        query = query.where(func.upper(Artifact.quantization) == quantization.upper())
-    if source_id:
-        query = query.where(Artifact.source_id == source_id)
-    if job_id:
-        query = query.where(Artifact.job_id == job_id)
-    if q:
-        pattern = _like_pattern(q)
-        source_names = select(Source.id).where(func.lower(Source.name).like(pattern, escape="\\"))
-        query = query.where(
-            or_(
-                func.lower(Artifact.filename).like(pattern, escape="\\"),
-                func.lower(Artifact.format).like(pattern, escape="\\"),
-                func.lower(Artifact.quantization).like(pattern, escape="\\"),
-                Artifact.sha256.startswith(q.lower()),
-                Artifact.source_id.in_(source_names),
-            )
-        )
-    return paginate(s, query, Artifact, limit=limit, cursor=cursor)
-
-
-def _node(s: Session, node_type: str, node_id: str) -> dict[str, Any]:
-    if node_type == "source":
-        src = s.get(Source, node_id)
-        summary = (
-            {"name": src.name, "sha256": src.sha256, "architecture": src.architecture, "uri": src.uri}
-            if src else None
-        )
-    else:
-        art = s.get(Artifact, node_id)
-        summary = (
-            {"format": art.format, "quantization": art.quantization, "filename": art.filename,
-             "sha256": art.sha256, "size_bytes": art.size_bytes}
-            if art else None
-        )
-    return {"type": node_type, "id": node_id, "exists": summary is not None, **(summary or {})}
-
-
-def _walk(s: Session, start: tuple[str, str], upstream: bool) -> tuple[list[dict], list[LineageEdge]]:
-    seen = {start}
-    frontier = [start]
-    nodes: list[dict[str, Any]] = []
-    edges: list[LineageEdge] = []
-    for depth in range(1, MAX_LINEAGE_DEPTH + 1):
-        if not frontier:
-            break
-        next_frontier = []
-        for node_type, node_id in frontier:
-            if upstream:
-                q = select(LineageEdge).where(LineageEdge.child_type == node_type, LineageEdge.child_id == node_id)
-            else:
-                q = select(LineageEdge).where(LineageEdge.parent_type == node_type, LineageEdge.parent_id == node_id)
-            for edge in s.execute(q.order_by(LineageEdge.created_at, LineageEdge.id)).scalars():
-                edges.append(edge)
-                other = (edge.parent_type, edge.parent_id) if upstream else (edge.child_type, edge.child_id)
-                if other in seen:
-                    continue
-                seen.add(other)
-                next_frontier.append(other)
-                nodes.append({**_node(s, *other), "depth": depth, "recipe_hash": edge.recipe_hash,
-                              "recipe": dict(edge.recipe or {})})
-        frontier = next_frontier
-    return nodes, edges
-
-
-def lineage(s: Session, *, artifact_id: str) -> dict[str, Any]:
-    """``{"artifact_id", "upstream": [...], "downstream": [...], "edges": [...]}``; each node is
-    ``{"type", "id", "depth", "recipe_hash", "recipe", ...summary}``, nearest first."""
-    if s.get(Artifact, artifact_id) is None:
-        raise NotFound(f"artifact {artifact_id} not found")
-    up_nodes, up_edges = _walk(s, ("artifact", artifact_id), upstream=True)
-    down_nodes, down_edges = _walk(s, ("artifact", artifact_id), upstream=False)
-    return {
-        "artifact_id": artifact_id,
-        "upstream": up_nodes,
-        "downstream": down_nodes,
-        "edges": [e.to_dict() for e in up_edges + down_edges],
-    }
+def list_artifacts(s: Session, **filters: Any) -> tuple[list[Artifact], str | None]:
+    """One page of the catalog: ``search.search_artifacts`` (every filter, sort and cursor it
+    takes, ``organization_id``, ``include_withdrawn`` and ``include_deleted`` included)."""
+    return search_artifacts(s, **filters)

@@ -83,16 +83,24 @@ def create_job(
     request: RequestInfo | None = None,
     max_attempts: int = 3,
     warnings: list[Any] | None = None,
+    organization_id: str | None = None,
 ) -> Job:
     """A queued job with one pending JobTarget per entry of ``targets`` (dicts as
-    ``TargetSpec.to_dict()`` gives, TargetSpec objects, or "format:quantization" strings)."""
-    if s.get(Source, source_id) is None:
+    ``TargetSpec.to_dict()`` gives, TargetSpec objects, or "format:quantization" strings).
+
+    ``organization_id``: the caller's tenant (default: from ``request``, else the source's); a
+    source of another organisation is NotFound."""
+    source = s.get(Source, source_id)
+    if organization_id is None and request is not None:
+        organization_id = request.organization_id
+    if source is None or (organization_id is not None and source.organization_id != organization_id):
         raise NotFound(f"source {source_id} not found")
     specs = [_target_dict(t) for t in targets]
     if not specs:
         raise InvalidArgument("a job needs at least one target")
     job = Job(
         id=new_id("job"),
+        organization_id=organization_id if organization_id is not None else source.organization_id,
         source_id=source_id,
         status="queued",
         progress=0.0,
@@ -115,7 +123,7 @@ def create_job(
         actor=actor,
         action="job.create",
         resource_type="job",
-        resource_id=job.id,
+        resource_id=job.id, organization_id=job.organization_id,
         request=request,
         details={
             "source_id": source_id,
@@ -130,8 +138,11 @@ def create_job(
 # ------------------------------------------------------------------------------------------ read
 
 
-def get_job(s: Session, *, job_id: str) -> Job | None:
-    return s.get(Job, job_id)
+def get_job(s: Session, *, job_id: str, organization_id: str | None = None) -> Job | None:
+    job = s.get(Job, job_id)
+    if job is None or (organization_id is not None and job.organization_id != organization_id):
+        return None
+    return job
 
 
 def _parse_labels(label: str | Iterable[str] | Mapping[str, Any] | None) -> dict[str, str]:
@@ -158,9 +169,12 @@ def list_jobs(
     cursor: str | None = None,
     hardware_class: str | None = None,
     source_id: str | None = None,
+    organization_id: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first. ``label`` is "key=value" (or several; all must match)."""
     q = select(Job)
+    if organization_id is not None:
+        q = q.where(Job.organization_id == organization_id)
     if status:
         statuses = [status] if isinstance(status, str) else list(status)
         bad = [x for x in statuses if x not in JOB_STATUSES]
@@ -210,11 +224,13 @@ def _finish(job: Job, status: str, error_code: str | None, error_message: str | 
         _close_targets(job, status, error_code, error_message)
 
 
-def request_cancel(s: Session, *, job_id: str, actor: str, request: RequestInfo | None = None) -> Job:
+def request_cancel(s: Session, *, job_id: str, actor: str, request: RequestInfo | None = None,
+                   organization_id: str | None = None) -> Job:
     """Queued: cancelled at once. Running: ``cancel_requested`` (the worker stops cooperatively).
-    Finished: unchanged (the audit event records outcome ``noop``)."""
+    Finished: unchanged (the audit event records outcome ``noop``). A job of another
+    organisation than ``organization_id`` is NotFound."""
     job = _lock_job(s, job_id)
-    if job is None:
+    if job is None or (organization_id is not None and job.organization_id != organization_id):
         raise NotFound(f"job {job_id} not found")
     previous = job.status
     outcome = "success"
@@ -231,7 +247,7 @@ def request_cancel(s: Session, *, job_id: str, actor: str, request: RequestInfo 
         actor=actor,
         action="job.cancel",
         resource_type="job",
-        resource_id=job.id,
+        resource_id=job.id, organization_id=job.organization_id,
         outcome=outcome,
         request=request,
         details={"from": previous, "to": job.status},
@@ -265,6 +281,7 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
             _finish(job, "cancelled", None, None)
             s.flush()
             record_audit(s, actor=actor, action="job.finish", resource_type="job", resource_id=job.id,
+                         organization_id=job.organization_id,
                          outcome="cancelled", details={"reason": "cancel requested before redelivery"})
             return ClaimOutcome("cancelled", job, job.attempts)
         if job.attempts >= max_attempts:
@@ -272,6 +289,7 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
             _finish(job, "failed", "attempts_exhausted", message)
             s.flush()
             record_audit(s, actor=actor, action="job.finish", resource_type="job", resource_id=job.id,
+                         organization_id=job.organization_id,
                          outcome="failed", details={"error_code": "attempts_exhausted", "attempts": job.attempts})
             return ClaimOutcome("exhausted", job, job.attempts)
         previous_status, seen_attempts, previous_worker = job.status, job.attempts, job.worker_id
@@ -301,7 +319,7 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
             actor=actor,
             action="job.claim",
             resource_type="job",
-            resource_id=job.id,
+            resource_id=job.id, organization_id=job.organization_id,
             details={"attempt": seen_attempts + 1, "redelivery": previous_status == "running",
                      "previous_worker": previous_worker},
         )
@@ -381,6 +399,7 @@ def set_target_status(
             action="job.target_status",
             resource_type="job",
             resource_id=target.job_id,
+            organization_id=job.organization_id if job else None,
             outcome="failed" if status == "failed" else "success",
             details={"target_id": target.id, "target": target.key, "from": previous, "to": status,
                      "error_code": error_code},
@@ -416,7 +435,7 @@ def finish_job(
         actor=actor or _worker_actor(job.worker_id),
         action="job.finish",
         resource_type="job",
-        resource_id=job.id,
+        resource_id=job.id, organization_id=job.organization_id,
         outcome=status,
         details={"error_code": error_code, "attempts": job.attempts},
     )

@@ -26,6 +26,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -78,6 +79,8 @@ class UTCDateTime(TypeDecorator):
 
 
 JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+# A list of strings: text[] on Postgres (GIN-indexable, per-element statistics), JSON on SQLite.
+LabelPairsType = JSON().with_variant(postgresql.ARRAY(Text), "postgresql")
 
 
 def _in(column: str, values) -> str:
@@ -88,14 +91,36 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class Source(Base):
+class Withdrawable:
+    """Withdrawal flags shared by sources and artifacts. A withdrawn node's descendants carry the
+    same flags, with ``withdrawn_root_*`` naming the node whose withdrawal reached them."""
+
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    withdrawn_reason: Mapped[str | None] = mapped_column(Text)
+    withdrawn_by: Mapped[str | None] = mapped_column(String(200))
+    withdrawn_root_type: Mapped[str | None] = mapped_column(String(20))
+    withdrawn_root_id: Mapped[str | None] = mapped_column(String(40))
+
+    def withdrawal_dict(self) -> dict[str, Any]:
+        if self.withdrawn_at is None:
+            return {"withdrawn": False, "withdrawal": None}
+        return {"withdrawn": True, "withdrawal": {
+            "at": iso(self.withdrawn_at), "reason": self.withdrawn_reason, "by": self.withdrawn_by,
+            "root": {"type": self.withdrawn_root_type, "id": self.withdrawn_root_id}}}
+
+
+class Source(Withdrawable, Base):
     __tablename__ = "sources"
     __table_args__ = (
         Index(None, "sha256"),
         Index(None, "created_at", "id"),
+        Index(None, "withdrawn_root_type", "withdrawn_root_id"),
+        Index(None, "organization_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("src"))
+    # The owning tenant. No FK (see migration 0003); NULL only for rows older than tenancy.
+    organization_id: Mapped[str | None] = mapped_column(String(40))
     name: Mapped[str] = mapped_column(String(500))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -118,6 +143,8 @@ class Source(Base):
             "metadata": dict(self.meta or {}),
             "created_by": self.created_by,
             "created_at": iso(self.created_at),
+            "organization_id": self.organization_id,
+            **self.withdrawal_dict(),
         }
 
 
@@ -130,9 +157,11 @@ class Job(Base):
         Index(None, "status", "created_at"),
         Index(None, "hardware_class", "status"),
         Index(None, "source_id"),
+        Index(None, "organization_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
+    organization_id: Mapped[str | None] = mapped_column(String(40))
     source_id: Mapped[str] = mapped_column(ForeignKey("sources.id"))
     status: Mapped[str] = mapped_column(String(20), default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -179,6 +208,8 @@ class Job(Base):
             # The artifacts the targets asked for (an intermediate a job made on the way is
             # listed under intermediate_artifact_ids).
             "artifact_ids": [t.artifact_id for t in self.targets if t.artifact_id],
+            # Of those, the ones an earlier job made (same recipe hash): nothing was converted.
+            "reused_artifact_ids": [t.artifact_id for t in self.targets if t.artifact_id and t.reused],
             "intermediate_artifact_ids": [
                 a.id for a in self.artifacts if a.target_id is None
                 and a.id not in {t.artifact_id for t in self.targets}
@@ -191,6 +222,7 @@ class Job(Base):
             "error": {"code": self.error_code, "message": self.error_message} if self.error_code else None,
             "warnings": list(self.warnings or []),
             "created_by": self.created_by,
+            "organization_id": self.organization_id,
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
@@ -223,6 +255,9 @@ class JobTarget(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The target was answered with an existing artifact of the same recipe (made by that job).
+    reused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    reused_from_job: Mapped[str | None] = mapped_column(String(40))
 
     job: Mapped[Job] = relationship(back_populates="targets")
 
@@ -246,13 +281,15 @@ class JobTarget(Base):
             "estimate": self.estimate,
             "error": {"code": self.error_code, "message": self.error_message} if self.error_code else None,
             "artifact_id": self.artifact_id,
+            "reused": bool(self.reused),
+            "reused_from_job": self.reused_from_job,
             "attempts": self.attempts,
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
         }
 
 
-class Artifact(Base):
+class Artifact(Withdrawable, Base):
     __tablename__ = "artifacts"
     __table_args__ = (
         Index(None, "created_at", "id"),
@@ -261,9 +298,23 @@ class Artifact(Base):
         Index(None, "job_id"),
         Index(None, "sha256"),
         Index(None, "recipe_hash"),
+        Index(None, "purge_after"),
+        Index(None, "withdrawn_root_type", "withdrawn_root_id"),
+        Index(None, "organization_id", "created_at", "id"),
+        # Catalog search (catalog/search.py, migration 0006): org first, sort key and id last.
+        Index(None, "organization_id", "format", "quantization", "created_at", "id"),
+        Index(None, "organization_id", "architecture", "created_at", "id"),
+        Index(None, "organization_id", "source_id", "created_at", "id"),
+        Index(None, "organization_id", "size_bytes", "id"),
+        Index(None, "organization_id", "mean_kl", "id"),
+        # GIN on Postgres (text[] containment; pg_trgm for LIKE '%...%'); plain on SQLite.
+        Index(None, "label_pairs", postgresql_using="gin"),
+        Index(None, "search_text", postgresql_using="gin", postgresql_ops={"search_text": "gin_trgm_ops"}),
+        Index(None, "search_tokens", postgresql_using="gin"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
+    organization_id: Mapped[str | None] = mapped_column(String(40))
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
     target_id: Mapped[str | None] = mapped_column(ForeignKey("job_targets.id"))
     source_id: Mapped[str] = mapped_column(ForeignKey("sources.id"))
@@ -279,6 +330,37 @@ class Artifact(Base):
     engine_version: Mapped[str] = mapped_column(String(100))
     recipe_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Search columns, copies filled by record_artifact (catalog/search.py): the source's
+    # architecture, the job's labels as "key=value", lower-cased names, and metrics out of `metrics`.
+    architecture: Mapped[str | None] = mapped_column(String(200))
+    label_pairs: Mapped[list[str] | None] = mapped_column(LabelPairsType, default=list)
+    search_text: Mapped[str | None] = mapped_column(Text)
+    search_tokens: Mapped[list[str] | None] = mapped_column(LabelPairsType, default=list)
+    mean_kl: Mapped[float | None] = mapped_column(Float)
+    top1_agreement: Mapped[float | None] = mapped_column(Float)
+    cosine_min: Mapped[float | None] = mapped_column(Float)
+    bits_per_weight: Mapped[float | None] = mapped_column(Float)
+    # Retention (catalog/retention.py): soft delete, bytes purged after purge_after, legal hold.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_by: Mapped[str | None] = mapped_column(String(200))
+    delete_reason: Mapped[str | None] = mapped_column(Text)
+    purge_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    legal_hold_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    legal_hold_by: Mapped[str | None] = mapped_column(String(200))
+    legal_hold_reason: Mapped[str | None] = mapped_column(Text)
+
+    def retention_dict(self) -> dict[str, Any]:
+        hold = None
+        if self.legal_hold_at is not None:
+            hold = {"at": iso(self.legal_hold_at), "by": self.legal_hold_by, "reason": self.legal_hold_reason}
+        return {
+            "deleted": self.deleted_at is not None,
+            "deletion": None if self.deleted_at is None else {
+                "at": iso(self.deleted_at), "by": self.deleted_by, "reason": self.delete_reason,
+                "purge_after": iso(self.purge_after), "purged_at": iso(self.purged_at)},
+            "legal_hold": hold,
+        }
 
     @property
     def key(self) -> str:
@@ -302,7 +384,10 @@ class Artifact(Base):
             "metadata": dict(self.meta or {}),
             "engine_version": self.engine_version,
             "recipe_hash": self.recipe_hash,
+            "organization_id": self.organization_id,
             "created_at": iso(self.created_at),
+            **self.withdrawal_dict(),
+            **self.retention_dict(),
         }
 
 
@@ -345,6 +430,7 @@ class AuditEvent(Base):
         UniqueConstraint("prev_hash"),
         Index(None, "resource_type", "resource_id"),
         Index(None, "at"),
+        Index(None, "organization_id", "seq"),
     )
 
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
@@ -361,6 +447,9 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # The caller's organisation (NULL for events older than tenancy and for system events).
+    # Hashed only when set, so events written before the column existed still verify.
+    organization_id: Mapped[str | None] = mapped_column(String(40))
 
     def hashed_fields(self) -> dict[str, Any]:
         """The fields the chain hash covers (everything except ``hash`` itself)."""
@@ -382,6 +471,22 @@ def hashed_fields(row) -> dict[str, Any]:
     fields = {c: get(c) for c in HASHED_COLUMNS}
     fields["at"] = iso(fields["at"])
     fields["details"] = fields["details"] or {}
+    return with_optional_hashed(fields, get)
+
+
+# Hashed when not NULL only: a column added after events were chained must leave their hashes as
+# they were computed (an event without it hashes exactly as before; setting it later breaks it).
+OPTIONAL_HASHED_COLUMNS = ("organization_id",)
+
+
+def with_optional_hashed(fields: dict[str, Any], get) -> dict[str, Any]:
+    for c in OPTIONAL_HASHED_COLUMNS:
+        try:
+            value = get(c)
+        except (KeyError, AttributeError):
+            value = None
+        if value is not None:
+            fields[c] = value
     return fields
 
 
@@ -404,4 +509,65 @@ class Worker(Base):
             "capabilities": dict(self.capabilities or {}),
             "started_at": iso(self.started_at),
             "last_heartbeat_at": iso(self.last_heartbeat_at),
+        }
+
+
+API_ROLES = ("viewer", "submitter", "maintainer", "admin")
+DEFAULT_ORGANIZATION_ID = "org_default"
+DEFAULT_ORGANIZATION_NAME = "default"
+
+
+class Organization(Base):
+    """A tenant: every source, job and artifact belongs to one; callers see only their own."""
+
+    __tablename__ = "organizations"
+    __table_args__ = (UniqueConstraint("name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("org"))
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "created_at": iso(self.created_at)}
+
+
+class ApiKey(Base):
+    """An API key: a principal (name) with a role in one organisation. Only the key's sha256 is
+    stored; the secret itself is shown once, when it is made."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        UniqueConstraint("key_hash"),
+        CheckConstraint(_in("role", API_ROLES), name="role"),
+        Index(None, "organization_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    key_prefix: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+    organization: Mapped[Organization] = relationship(lazy="joined")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Never the hash: a listing shows the prefix, which is enough to tell keys apart."""
+        return {
+            "id": self.id,
+            "organization_id": self.organization_id,
+            "organization": self.organization.name if self.organization is not None else None,
+            "name": self.name,
+            "role": self.role,
+            "key_prefix": self.key_prefix,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "last_used_at": iso(self.last_used_at),
+            "created_by": self.created_by,
         }

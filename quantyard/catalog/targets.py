@@ -42,7 +42,7 @@ def mark_dispatched(s: Session, *, job_id: str, message: str) -> Job:
     job.progress_message = message
     s.flush()
     record_audit(s, actor=_worker_actor(job.worker_id), action="job.dispatch", resource_type="job",
-                 resource_id=job.id, details={"targets": [t.id for t in job.targets
+                 resource_id=job.id, organization_id=job.organization_id, details={"targets": [t.id for t in job.targets
                                                           if t.status == "pending"]})
     return job
 
@@ -87,8 +87,8 @@ def claim_target(s: Session, *, target_id: str, worker_id: str, lease_s: float,
     target.started_at = target.started_at or now
     s.flush()
     record_audit(s, actor=_worker_actor(worker_id), action="target.claim", resource_type="job",
-                 resource_id=job.id, details={"target_id": target.id, "attempt": target.attempts,
-                                              "redelivery": redelivery})
+                 resource_id=job.id, organization_id=job.organization_id,
+                 details={"target_id": target.id, "attempt": target.attempts, "redelivery": redelivery})
     return ClaimOutcome("claimed", job, target.attempts)
 
 
@@ -147,6 +147,7 @@ def finish_target(s: Session, *, target_id: str, status: str, error_code: str | 
         s.flush()
         record_audit(s, actor=_worker_actor(target.worker_id), action="target.finish",
                      resource_type="job", resource_id=target.job_id, outcome=status,
+                     organization_id=target.job.organization_id,
                      details={"target_id": target.id, "error_code": error_code})
     return settle_job(s, job_id=target.job_id)
 
@@ -174,6 +175,6 @@ def settle_job(s: Session, *, job_id: str) -> Job | None:
     _finish(job, status, code, message)
     s.flush()
     record_audit(s, actor=_worker_actor(job.worker_id), action="job.finish", resource_type="job",
-                 resource_id=job.id, outcome=status, details={"error_code": code,
+                 resource_id=job.id, organization_id=job.organization_id, outcome=status, details={"error_code": code,
                                                               "attempts": job.attempts})
     return job

@@ -1,5 +1,9 @@
 """API test fixtures: create_app on a temp SQLite catalog, a local store in tmp and the embedded
-filesystem broker (Settings(data_dir=tmp_path)); real components, no mocks."""
+filesystem broker (Settings(data_dir=tmp_path)); real components, no mocks.
+
+Authentication stays on (the default): ``build_client`` makes a real admin key in the default
+organisation and sends it with every request (``client.api_key``); tests/api/test_auth_matrix.py
+covers the other roles and tenants."""
 
 from __future__ import annotations
 
@@ -27,13 +31,34 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings(**values)
 
 
-def build_client(settings: Settings, *, migrate: bool = True, **app_kwargs) -> TestClient:
+def make_key(settings: Settings, *, role: str = "admin", org: str = "default", name: str | None = None,
+             expires_at=None) -> tuple[str, str]:
+    """A real API key straight in the catalog: (key id, secret)."""
+    engine = catalog.make_engine(settings.resolved_database_url)
+    try:
+        with catalog.make_session_factory(engine).begin() as s:
+            organization = catalog.ensure_organization(s, name=org, actor="test-setup")
+            key, secret = catalog.create_api_key(s, organization_id=organization.id, name=name or f"{org}-{role}",
+                                                 role=role, actor="test-setup", expires_at=expires_at)
+            return key.id, secret
+    finally:
+        engine.dispose()
+
+
+def build_client(settings: Settings, *, migrate: bool = True, role: str = "admin", **app_kwargs) -> TestClient:
+    """A TestClient that sends a fresh key of ``role`` in the default organisation (role=None: no key)."""
     from api.app import create_app
 
     if migrate:
         catalog.upgrade_database(settings.resolved_database_url)
     app = create_app(settings, **app_kwargs)
-    return TestClient(app, raise_server_exceptions=False)
+    headers, secret = {}, None
+    if role is not None and settings.auth == "required":
+        secret = make_key(settings, role=role, name="test-admin" if role == "admin" else None)[1]
+        headers["Authorization"] = f"Bearer {secret}"
+    client = TestClient(app, raise_server_exceptions=False, headers=headers)
+    client.api_key = secret
+    return client
 
 
 @pytest.fixture

@@ -167,28 +167,31 @@ def test_export_time_ranges_reverify(any_db_client, tmp_path):
 
     everything = export(client)
     events = [json.loads(line) for line in everything]
-    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
-    assert [e["action"] for e in events] == ["source.create", "job.create", "job.create", "job.create", "job.cancel"]
+    # seq 1: the test client's own API key (tests/api/conftest.py build_client).
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert [e["action"] for e in events] == ["key.create", "source.create", "job.create", "job.create", "job.create",
+                                             "job.cancel"]
     assert all({"seq", "prev_hash", "hash", "at", "actor", "details"} <= e.keys() for e in events)
+    assert {e["organization_id"] for e in events} == {"org_default"}
     result = verify_export(everything, start_hash=GENESIS_HASH)
-    assert result.ok and result.checked == 5 and result.head_hash == events[-1]["hash"]
+    assert result.ok and result.checked == 6 and result.head_hash == events[-1]["hash"]
 
     later = export(client, since=mid.isoformat())
-    assert [json.loads(line)["seq"] for line in later] == [4, 5] and verify_export(later).ok
+    assert [json.loads(line)["seq"] for line in later] == [5, 6] and verify_export(later).ok
     # The piece links onto the one before it.
-    assert verify_export(later, start_hash=events[2]["hash"]).ok
-    assert not verify_export(later, start_hash=events[1]["hash"]).ok
+    assert verify_export(later, start_hash=events[3]["hash"]).ok
+    assert not verify_export(later, start_hash=events[2]["hash"]).ok
     earlier = export(client, until=mid.replace(tzinfo=None).isoformat())  # naive means UTC
-    assert [json.loads(line)["seq"] for line in earlier] == [1, 2, 3] and verify_export(earlier).ok
+    assert [json.loads(line)["seq"] for line in earlier] == [1, 2, 3, 4] and verify_export(earlier).ok
     assert export(client, since="2000-01-01T00:00:00Z", until="2000-01-02T00:00:00Z") == []
 
     # An exported line that was edited or dropped does not re-verify.
-    edited = [*everything[:2], everything[2].replace('"actor":"anonymous"', '"actor":"key:mallory"'), *everything[3:]]
+    edited = [*everything[:3], everything[3].replace('"actor":"test-admin"', '"actor":"key:mallory"'), *everything[4:]]
     assert edited != everything
     bad = verify_export(edited)
-    assert (bad.ok, bad.problem, bad.first_bad_seq) == (False, "edited", 3)
-    bad = verify_export(everything[:2] + everything[3:])
-    assert (bad.ok, bad.problem, bad.first_bad_seq) == (False, "missing", 4)
+    assert (bad.ok, bad.problem, bad.first_bad_seq) == (False, "edited", 4)
+    bad = verify_export(everything[:3] + everything[4:])
+    assert (bad.ok, bad.problem, bad.first_bad_seq) == (False, "missing", 5)
 
     # The CLI writes the same lines, and verifies the file.
     url = client.app.state.settings.resolved_database_url
@@ -199,7 +202,7 @@ def test_export_time_ranges_reverify(any_db_client, tmp_path):
     assert code == 0 and "2 event(s)" in text_out
     out.write_text("".join(edited))
     code, text_out = run_cli(["audit", "verify", "--file", str(out), "--json"], url, tmp_path)
-    assert code == 1 and json.loads(text_out)["first_bad_seq"] == 3
+    assert code == 1 and json.loads(text_out)["first_bad_seq"] == 4
 
 
 def test_export_rejects_bad_parameters(client):
@@ -209,4 +212,6 @@ def test_export_rejects_bad_parameters(client):
     assert r.status_code == 422 and "earlier" in r.json()["error"]["message"]
     r = client.get("/v1/audit", params={"since": "yesterday"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
-    assert client.get("/v1/audit").text == ""  # an empty catalog exports nothing
+    # A catalog with nothing but the test client's key exports that one event.
+    assert [json.loads(line)["action"] for line in client.get("/v1/audit").text.splitlines()] == ["key.create"]
+    assert client.get("/v1/audit", params={"until": "2000-01-01T00:00:00Z"}).text == ""

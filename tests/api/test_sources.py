@@ -51,7 +51,8 @@ def test_upload_records_audit_with_request_id(client, app):
     with app.state.session_factory() as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.resource_id == r.json()["id"])).all()
     assert events and events[0].request_id == "req-abc-123"
-    assert events[0].actor == "anonymous"
+    # The actor is the principal behind the API key, the organisation its tenant.
+    assert events[0].actor == "test-admin" and events[0].organization_id == "org_default"
 
 
 def test_request_id_generated_when_absent(client):
@@ -205,6 +206,10 @@ def test_auto_migrate(tmp_path):
 
     from api.app import create_app
 
+    from tests.api.conftest import make_key
+
     settings = make_settings(tmp_path / "fresh")
-    with TestClient(create_app(settings, auto_migrate=True)) as client:
+    app = create_app(settings, auto_migrate=True)  # the catalog exists once the app is made
+    headers = {"Authorization": f"Bearer {make_key(settings)[1]}"}
+    with TestClient(app, headers=headers) as client:
         assert upload(client, archives.model_tar_gz()).status_code == 201

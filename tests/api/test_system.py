@@ -81,10 +81,12 @@ def test_capabilities(client, app):
 
 
 def test_dashboard(client):
-    r = client.get("/")
+    r = client.get("/", headers={"Authorization": ""})  # the page itself holds no data: no key needed
     assert r.status_code == 200
     assert "text/html" in r.headers["content-type"]
     assert "/v1/jobs" in r.text and "/v1/artifacts" in r.text
+    # Its API calls carry the key pasted into the page, kept in the tab's sessionStorage.
+    assert "sessionStorage" in r.text and '"Authorization": "Bearer "' in r.text
 
 
 def test_openapi(client):
@@ -143,7 +145,8 @@ def test_serving_does_not_load_heavy_modules(tmp_path):
         from quantyard import catalog
         from quantyard.settings import Settings
         from api.app import create_app
-        s = Settings(data_dir={str(tmp_path / 'x')!r}, database_url=None, broker_url=None, storage_url=None)
+        s = Settings(data_dir={str(tmp_path / 'x')!r}, database_url=None, broker_url=None, storage_url=None,
+                     auth="disabled")
         catalog.upgrade_database(s.resolved_database_url)
         with TestClient(create_app(s)) as c:
             for p in ("/v1/capabilities", "/v1/jobs", "/v1/artifacts", "/metrics", "/readyz", "/"):

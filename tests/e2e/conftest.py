@@ -1,4 +1,9 @@
-"""Start the real thing as separate processes: API under uvicorn, Celery workers, `serve`."""
+"""Start the real thing as separate processes: API under uvicorn, Celery workers, `serve`.
+
+Authentication is on, as in production: a stack that starts `quantyard api` first makes an admin
+key with `quantyard keys create`; the embedded stack takes the bootstrap admin key that `quantyard
+serve` prints on its first start. The key is in ``stack.env`` (QUANTYARD_API_KEY, for CLI calls)
+and sent by ``stack.client()``."""
 
 from __future__ import annotations
 
@@ -38,10 +43,33 @@ class Stack:
     log_dir: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
 
+    @property
+    def api_key(self) -> str | None:
+        return self.env.get("QUANTYARD_API_KEY")
+
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.url, timeout=60, headers=headers)
+
+    def create_admin_key(self) -> str:
+        """`quantyard keys create` on the stack's (migrated) catalog; the key goes into env."""
+        made = subprocess.run([sys.executable, "-m", "quantyard.cli", "keys", "create", "--role", "admin",
+                               "--name", "e2e-admin"], env=self.env, check=True, capture_output=True, text=True)
+        self.env["QUANTYARD_API_KEY"] = made.stdout.strip()
+        return self.env["QUANTYARD_API_KEY"]
+
+    def _bootstrap_key_from_log(self) -> None:
+        """The admin key `quantyard serve` printed on its first start."""
+        log = self.log_dir / "serve.log"
+        if self.api_key or not log.exists():
+            return
+        for line in log.read_text(errors="replace").splitlines():
+            if "QUANTYARD_API_KEY=" in line:
+                self.env["QUANTYARD_API_KEY"] = line.split("=", 1)[1].strip()
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
+        if args[:1] == ("api",) and not self.api_key:
+            self.create_admin_key()
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "quantyard.cli", *args], env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,6 +98,7 @@ class Stack:
             for proc in self.processes:
                 if proc.poll() is not None:
                     raise RuntimeError(f"a process exited with {proc.returncode}\n{self.logs()}")
+            self._bootstrap_key_from_log()
             try:
                 with self.client() as c:
                     ready = c.get("/readyz")

@@ -1,0 +1,162 @@
+"""Authentication (``Authorization: Bearer <key>``) and role checks, as FastAPI dependencies.
+
+Every router but health and the dashboard page is included with :func:`authenticated` as a
+router-level dependency (see ``api/app.py``), and every route names the least role it needs with
+``dependencies=[requires("viewer")]``. Roles are ordered: viewer < submitter < maintainer < admin.
+
+Answers:
+- 401 + ``WWW-Authenticate: Bearer`` when the key is missing, malformed, unknown, expired or revoked
+  (one message for the last four: which of them it is would help whoever holds a stolen key);
+- 404 when the path names a job, source, artifact or key of another organisation (or none at all),
+  whatever the role: a 403 there would tell that the resource exists;
+- 403 when the caller sees the resource but its role is not enough (recorded in the audit trail).
+
+With ``QUANTYARD_AUTH=disabled`` every request is the admin "anonymous" of the default
+organisation (``quantyard serve`` allows that only on a loopback address).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fastapi import Depends, Request
+
+from quantyard import catalog
+from quantyard.catalog.identity import ROLE_RANK, Principal
+from quantyard.catalog.models import DEFAULT_ORGANIZATION_ID, DEFAULT_ORGANIZATION_NAME
+
+from api.errors import ApiError, not_found
+
+log = logging.getLogger("quantyard.api")
+
+ANONYMOUS_ADMIN = Principal(organization_id=DEFAULT_ORGANIZATION_ID, name="anonymous", role="admin", key_id=None,
+                            organization_name=DEFAULT_ORGANIZATION_NAME)
+CHALLENGE = 'Bearer realm="quantyard"'
+
+
+def unauthorized(message: str, error: str = "invalid_token") -> ApiError:
+    challenge = CHALLENGE if error == "missing" else f'{CHALLENGE}, error="{error}"'
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>' "
+                           "(make one with `quantyard keys create`)", "missing")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("the Authorization header must be 'Bearer <key>'", "invalid_request")
+    return token.strip()
+
+
+def authenticated(request: Request) -> Principal:
+    """The caller; also kept in ``request.state`` (``principal``, ``actor``) for audit records."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    if request.app.state.settings.auth == "disabled":
+        principal = ANONYMOUS_ADMIN
+    else:
+        secret = _bearer(request)
+        with request.app.state.session_factory() as s:
+            principal = catalog.authenticate(s, secret=secret)
+            s.commit()  # last_used_at
+        if principal is None:
+            raise unauthorized("the API key is unknown, expired or revoked")
+    request.state.principal = principal
+    request.state.actor = principal.name
+    # Read by the download route: only maintainers may override a withdrawal.
+    request.state.may_use_withdrawn = principal.has_role("maintainer")
+    return principal
+
+
+# Path parameters that name a tenant's resource, and how to look it up within an organisation.
+def _visible_job(s, ident, org):
+    return catalog.get_job(s, job_id=ident, organization_id=org)
+
+
+def _visible_source(s, ident, org):
+    return catalog.get_source(s, source_id=ident, organization_id=org)
+
+
+def _visible_artifact(s, ident, org):
+    return catalog.get_artifact(s, artifact_id=ident, organization_id=org)
+
+
+def _visible_key(s, ident, org):
+    return catalog.get_api_key(s, key_id=ident, organization_id=org)
+
+
+SCOPED_PATH_PARAMS: dict[str, tuple[str, Callable]] = {
+    "job_id": ("job", _visible_job),
+    "source_id": ("source", _visible_source),
+    "artifact_id": ("artifact", _visible_artifact),
+    "key_id": ("api_key", _visible_key),
+}
+
+
+def _hidden_resource(request: Request, principal: Principal) -> ApiError | None:
+    """A 404 for the first resource in the path the caller's organisation cannot see, else None."""
+    with request.app.state.session_factory() as s:
+        for param, (kind, visible) in SCOPED_PATH_PARAMS.items():
+            ident = request.path_params.get(param)
+            if ident is not None and visible(s, ident, principal.organization_id) is None:
+                return not_found(kind, ident)
+    return None
+
+
+class Requires:
+    """A route dependency: the caller is authenticated and has at least ``role``."""
+
+    def __init__(self, role: str):
+        if role not in ROLE_RANK:
+            raise ValueError(f"unknown role {role!r}")
+        self.role = role
+
+    def __call__(self, request: Request, principal: Principal = Depends(authenticated)) -> Principal:
+        if principal.has_role(self.role):
+            return principal
+        hidden = _hidden_resource(request, principal)
+        if hidden is not None:
+            raise hidden
+        _audit_denied(request, principal, self.role)
+        raise ApiError(403, "forbidden", f"this needs the {self.role} role; {principal.name} is a {principal.role}",
+                       details={"required_role": self.role, "role": principal.role})
+
+    def __repr__(self) -> str:
+        return f"Requires({self.role!r})"
+
+
+def requires(role: str) -> Depends:
+    """``dependencies=[requires("maintainer")]`` on a route."""
+    return Depends(Requires(role))
+
+
+def _audit_denied(request: Request, principal: Principal, role: str) -> None:
+    """Record a refused request (best effort: a failed audit write must not turn a 403 into a 500)."""
+    from api.deps import request_info
+
+    route = request.scope.get("route")
+    path = getattr(route, "path", request.url.path)
+    resource = next(((kind, request.path_params[p]) for p, (kind, _) in SCOPED_PATH_PARAMS.items()
+                     if p in request.path_params), (path.split("/")[2] if path.startswith("/v1/") else "api", None))
+    try:
+        with request.app.state.session_factory() as s:
+            catalog.record_audit(s, actor=principal.name, action="access.denied", resource_type=resource[0],
+                                 resource_id=resource[1], outcome="failure", request=request_info(request),
+                                 details={"method": request.method, "route": path, "required_role": role,
+                                          "role": principal.role, "status": 403})
+            s.commit()
+    except Exception:  # noqa: BLE001
+        log.warning("could not record the audit event of a refused request", exc_info=True)
+
+
+def is_operator(principal: Principal) -> bool:
+    """An admin of the default organisation: the platform team that runs the service. Only they
+    see the whole audit chain and make keys in other organisations."""
+    return principal.role == "admin" and principal.organization_id == DEFAULT_ORGANIZATION_ID
+
+
+__all__ = ["ANONYMOUS_ADMIN", "Requires", "authenticated", "is_operator", "requires", "unauthorized"]

@@ -1,0 +1,107 @@
+"""Reuse by recipe hash, on the worker's side: which recipe hashes a target could have been made
+by, whether an artifact of one of them is still usable (in the catalog *and* in the store), and
+recording the reuse.
+
+Where reuse is decided: in the prepare task, before the source is fetched, and again in each
+target task before its inputs are fetched. Not in the API at submit time: a GGUF target's
+recipe names the digests of the intermediate and importance matrix it was quantized from, and
+knowing which intermediate a source gets (and which targets want an imatrix) is engine pipeline
+knowledge the API does not carry; the byte check (HEAD per object) and the fall-back to
+converting when the bytes turn out to be gone belong with the worker too. The cost is one
+queue hop: a fully reusable job finishes in its prepare task without fetching or converting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from quantyard import catalog
+from quantyard.catalog.reuse import recipe_digests, reusable_artifacts, reuse_artifact
+from quantyard.engine.manifest import ENGINE_VERSION
+from quantyard.engine.spec import TargetSpec
+from worker.publish import target_recipe
+
+log = logging.getLogger(__name__)
+
+
+def imatrix_spec(text: str | None) -> TargetSpec:
+    """The recipe spec of an importance matrix computed from this calibration text."""
+    calibration = hashlib.sha256(text.encode()).hexdigest() if text else "default"
+    return TargetSpec("imatrix", "imatrix", {"calibration": calibration})
+
+
+def artifact_present(store, art: dict) -> bool:
+    """Every file of the artifact is in the store with its recorded size."""
+    if store.stat(art["storage_key"]) != art["size_bytes"]:
+        return False
+    companions = (art.get("metadata") or {}).get("companion_files") or []
+    return all(store.stat(c["key"]) == c["size_bytes"] for c in companions)
+
+
+def find_present(rt, digest: str, organization_id: str | None) -> dict | None:
+    """The newest artifact of this recipe that is usable: not deleted, purged or withdrawn, and
+    its bytes still in the store."""
+    with rt.session() as s:
+        candidates = [a.to_dict() for a in reusable_artifacts(s, recipe_hash=digest,
+                                                              organization_id=organization_id)]
+    return next((a for a in candidates if artifact_present(rt.store, a)), None)
+
+
+def _digests_of(rt, spec: TargetSpec, source_sha256: str, organization_id: str | None) -> list[str]:
+    _, digest = target_recipe(source_sha256=source_sha256, spec=spec, engine_version=ENGINE_VERSION, inputs={})
+    with rt.session() as s:
+        return recipe_digests(s, recipe_hash=digest, organization_id=organization_id)
+
+
+def candidate_recipes(rt, job: dict, spec: TargetSpec) -> list[str]:
+    """Every recipe hash this target could have been made by, computed without making anything:
+    straight from the source, or quantized from any intermediate (and importance matrix) this
+    source ever had — those are named by their digests, which the catalog keeps even when their
+    bytes are gone."""
+    from quantyard.engine.stages import LOSSLESS_TYPES, wants_imatrix
+
+    source_sha = job["source"]["sha256"]
+    org = job.get("organization_id")
+    hashes = [target_recipe(source_sha256=source_sha, spec=spec, engine_version=ENGINE_VERSION, inputs={})[1]]
+    if job["source"]["format"] == "gguf" or spec.format != "gguf":
+        return hashes
+    intermediates = [d for t in LOSSLESS_TYPES for d in _digests_of(rt, TargetSpec("gguf", t), source_sha, org)]
+    imatrices: list[str | None] = [None]
+    if wants_imatrix(spec):
+        imatrices = _digests_of(rt, imatrix_spec(spec.params.get("calibration_text")), source_sha, org)
+    for intermediate in intermediates:
+        for imatrix in imatrices:
+            inputs = {"intermediate_sha256": intermediate, "imatrix_sha256": imatrix}
+            hashes.append(target_recipe(source_sha256=source_sha, spec=spec, engine_version=ENGINE_VERSION,
+                                        inputs=inputs)[1])
+    return list(dict.fromkeys(hashes))
+
+
+def reuse(rt, job: dict, target_id: str, art: dict, digest: str) -> bool:
+    """Answer the target with ``art`` (audited as ``artifact.reuse``); False if the artifact was
+    deleted or withdrawn in the meantime."""
+    try:
+        with rt.session() as s:
+            reuse_artifact(s, target_id=target_id, artifact_id=art["id"], recipe_hash=digest,
+                           organization_id=job.get("organization_id"))
+            s.commit()
+    except catalog.InvalidState as exc:
+        log.info("target %s not reused: %s", target_id, exc)
+        return False
+    log.info("target %s of job %s reuses artifact %s (recipe %s)", target_id, job["id"], art["id"], digest[:16])
+    return True
+
+
+def reuse_known_targets(rt, job: dict) -> list[str]:
+    """Reuse what can be recognised before any work; returns the target ids reused."""
+    reused = []
+    for target_id, spec, status in job["targets"]:
+        if status == "succeeded":
+            continue
+        for digest in candidate_recipes(rt, job, spec):
+            art = find_present(rt, digest, job.get("organization_id"))
+            if art is not None and reuse(rt, job, target_id, art, digest):
+                reused.append(target_id)
+                break
+    return reused
