@@ -38,6 +38,7 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
         sha256, size = received.sha256, received.size_bytes
     with app.state.session_factory() as s:
         existing = catalog.get_source_by_sha256(s, sha256=sha256, organization_id=org_id(request))
+    uploaded = None  # the key this request stored, removed again if the source isn't recorded
     if storage_key is None:
         extension = "gguf" if checked.kind == "gguf" else archive.EXTENSIONS[checked.kind]
         key = f"sources/{sha256}/source.{extension}"
@@ -50,24 +51,39 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
                 store.delete(key)
                 raise ApiError(500, "internal_error", "stored bytes differ from the uploaded bytes")
             uri, storage_key = stored.uri, stored.key
+            uploaded = stored.key
     elif existing is not None and existing.storage_key == storage_key:
         return source_json(existing)  # this object was registered before
     display_name = name or _default_name(checked, sha256)
+    try:
+        with app.state.session_factory() as s:
+            source = catalog.create_source(
+                s,
+                name=display_name,
+                sha256=sha256,
+                size_bytes=size,
+                uri=uri,
+                storage_key=storage_key,
+                architecture=checked.architecture,
+                metadata=uploads.source_metadata(checked),
+                actor=actor(request),
+                request=request_info(request),
+            )
+            s.commit()
+            return source_json(source)
+    except BaseException:
+        if uploaded is not None:
+            _forget_upload(app, uploaded, sha256)
+        raise
+
+
+def _forget_upload(app, key: str, sha256: str) -> None:
+    """The row (or its audit record) was refused: the bytes just stored must not stay behind,
+    unless a source of any organisation already points at the same content-addressed key."""
     with app.state.session_factory() as s:
-        source = catalog.create_source(
-            s,
-            name=display_name,
-            sha256=sha256,
-            size_bytes=size,
-            uri=uri,
-            storage_key=storage_key,
-            architecture=checked.architecture,
-            metadata=uploads.source_metadata(checked),
-            actor=actor(request),
-            request=request_info(request),
-        )
-        s.commit()
-        return source_json(source)
+        known = catalog.get_source_by_sha256(s, sha256=sha256)
+    if known is None or known.storage_key != key:
+        app.state.store.delete(key)
 
 
 def _default_name(checked: uploads.CheckedSource, sha256: str) -> str:

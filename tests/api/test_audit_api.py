@@ -87,6 +87,8 @@ def test_failed_audit_write_fails_the_request(any_db_client, action):
     assert_refused(r)
     # No change without its record: no new source, job or event; the job is still queued; nothing sent.
     assert counts(app) == before
+    # ...and no bytes either: the refused upload's object was removed again
+    assert [k for k in app.state.store.list_keys("sources/") if k.startswith("sources/")] == [source["storage_key"]]
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
     assert len(broker_messages(settings)) == queued
     with app.state.session_factory() as s:
