@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from quantyard import catalog
 from quantyard.catalog import InvalidArgument, InvalidCursor
-from quantyard.catalog.search import search_artifacts
+from quantyard.catalog.search import search_artifacts, search_tokens
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 _serial = itertools.count()
@@ -302,6 +302,9 @@ def test_migration_fills_columns_of_existing_artifacts(catalog_url, tmp_path):
             assert art.architecture == "LlamaForCausalLM"
             assert sorted(art.label_pairs) == ["env=prod", "team=nlp"]
             assert art.search_text == "model-q4_k_m.gguf acme-llama gguf q4_k_m"
+            # the migration's SQL (Postgres) / Python (SQLite) split matches catalog.search.search_tokens
+            assert sorted(art.search_tokens) == search_tokens(art.search_text)
+            assert {"=acme", ">llama", "<q4", "=gguf"} <= set(art.search_tokens)
             assert (art.mean_kl, art.top1_agreement, art.cosine_min, art.bits_per_weight) == (0.02, 0.95, None, 4.0)
             assert [a.id for a in search_artifacts(s, label="team=nlp", max_mean_kl=0.05, q="acme")[0]] == ["art_1"]
         engine.dispose()
@@ -347,7 +350,7 @@ def test_query_tokens_are_a_subset_of_every_matching_rows_tokens():
     """The necessary condition behind the token path, over random texts and their substrings."""
     import random
 
-    from quantyard.catalog.search import query_tokens, search_tokens
+    from quantyard.catalog.search import query_tokens
 
     rng = random.Random(7)
     alphabet = "ab1-._ xyzq"
