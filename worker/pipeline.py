@@ -102,17 +102,71 @@ def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
 
 def _shared_work(rt, job: dict, source_dir: Path, report, work_dir: Path,
                  watch: JobWatch) -> tuple[list[str], dict]:
-    """GGUF targets share a lossless intermediate (and imatrices); other formats (ONNX) are
-    made straight from the source by their own tasks."""
-    if not any(spec.format == "gguf" for _, spec, _ in job["targets"]):
-        return [t for t, _, status in job["targets"] if status != "succeeded"], {}
-    intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
-    pending = _reuse_for_targets(rt, job, intermediate)
-    return pending, {
-        "intermediate_artifact_id": intermediate["id"],
-        "imatrix_artifact_ids": _imatrices(rt, job, pending, source_dir, intermediate, work_dir,
-                                           watch),
-    }
+    """GGUF targets share a lossless intermediate (and imatrices); ONNX targets share one fp32
+    export (_onnx_fp32). Returns the target ids still to make and the inputs for their tasks."""
+    pending = [t for t, _, status in job["targets"] if status != "succeeded"]
+    inputs: dict = {}
+    if any(spec.format == "gguf" for _, spec, _ in job["targets"]):
+        intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
+        pending = _reuse_for_targets(rt, job, intermediate)
+        inputs["intermediate_artifact_id"] = intermediate["id"]
+        inputs["imatrix_artifact_ids"] = _imatrices(rt, job, pending, source_dir, intermediate,
+                                                    work_dir, watch)
+    export, users = _onnx_fp32_users(job, pending, source_dir)
+    if len(users) >= 2:  # one target alone gains nothing from a separate export
+        start = 0.9 if inputs else 0.1  # after the GGUF work, when the job has both
+        fp32 = _onnx_fp32(rt, job, export, source_dir, work_dir, watch, start)
+        given = {t for t, quantized in users.items() if not quantized and _give(rt, job, t, fp32)}
+        pending = [t for t in pending if t not in given]
+        # per target: the others (another opset, an fp32 with params of its own) convert alone
+        inputs["onnx_fp32_artifact_ids"] = {t: fp32["id"] for t, quantized in users.items() if quantized}
+    return pending, inputs
+
+
+def _onnx_fp32_users(job: dict, pending: list[str], source_dir: Path) -> tuple[object, dict[str, bool]]:
+    """The onnx:fp32 export spec to share and the pending ONNX targets it serves, {target id:
+    quantized?}: those whose export spec (opset) equals the first ONNX target's; an fp32 target only when that export is
+    all it asks for (other params, e.g. external_data, make it convert on its own). Empty for a
+    program source: it converts whole, per target."""
+    from quantyard import engine
+
+    specs = {t: (spec, engine.onnx_fp32_spec(source_dir, spec))
+             for t, spec, _ in job["targets"] if t in pending and spec.format == "onnx"}
+    shared = next((export for _, export in specs.values() if export is not None), None)
+    users = {}
+    for target_id, (spec, export) in specs.items():
+        if export is None or export != shared:
+            continue
+        if spec.quantization != "fp32":
+            users[target_id] = True
+        elif set(spec.params) <= {"opset"}:
+            users[target_id] = False
+    return shared, users
+
+
+def _onnx_fp32(rt, job: dict, spec, source_dir: Path, work_dir: Path, watch: JobWatch,
+               start: float) -> dict:
+    """The fp32 ONNX export the job's ONNX targets are quantized from, made once and published
+    as an artifact (recipe: source + onnx:fp32 spec + engine), or an earlier job's, reused."""
+    from quantyard import engine
+
+    recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
+                                   engine_version=engine.ENGINE_VERSION, inputs={})
+    existing = find_present(rt, digest, job.get("organization_id"))
+    if existing is not None:
+        watch.progress(0.98, f"reusing onnx fp32 export {existing['id']}", force=True)
+        return existing
+
+    def on_progress(fraction: float, message: str) -> None:
+        watch.progress(start + (0.98 - start) * fraction, f"onnx fp32 export: {message}")
+
+    result = engine.convert(source_dir, spec, work_dir / "onnx-fp32", progress=on_progress,
+                            provenance={"source_sha256": job["source"]["sha256"],
+                                        "recipe_hash": digest, "name": job["source"]["name"] or ""})
+    watch.progress(0.98, "onnx fp32 export: uploading", force=True)
+    return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
+                   result=result, key=f"artifacts/{job['id']}/onnx-fp32/{result.path.name}",
+                   recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
 
 
 def _prepare_gguf_source(rt, job: dict, work_dir: Path, watch: JobWatch) -> tuple[list, dict]:
@@ -238,16 +292,20 @@ def _reuse_for_targets(rt, job: dict, intermediate: dict) -> list[str]:
         if status == "succeeded":
             continue
         same = (spec.format, spec.quantization) == (intermediate["format"], intermediate["quantization"])
-        if not same or spec.params:
+        if not same or spec.params or not _give(rt, job, target_id, intermediate):
             pending.append(target_id)
-        elif intermediate["job_id"] != job["id"]:
-            if not reuse(rt, job, target_id, intermediate, intermediate["recipe_hash"]):
-                pending.append(target_id)
-        else:
-            with rt.session() as s:
-                catalog.assign_target_artifact(s.get(catalog.JobTarget, target_id), intermediate["id"])
-                s.commit()
     return pending
+
+
+def _give(rt, job: dict, target_id: str, art: dict) -> bool:
+    """Answer a target with a shared artifact: assigned when this job made it, reused (audited)
+    when an earlier job did; False when that artifact was deleted or withdrawn meanwhile."""
+    if art["job_id"] != job["id"]:
+        return reuse(rt, job, target_id, art, art["recipe_hash"])
+    with rt.session() as s:
+        catalog.assign_target_artifact(s.get(catalog.JobTarget, target_id), art["id"])
+        s.commit()
+    return True
 
 
 def _fail(rt, job_id: str, status: str, code: str, message: str) -> None:

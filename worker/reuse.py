@@ -4,7 +4,8 @@ recording the reuse.
 
 Where reuse is decided: in the prepare task, before the source is fetched, and again in each
 target task before its inputs are fetched. Not in the API at submit time: a GGUF target's
-recipe names the digests of the intermediate and importance matrix it was quantized from, and
+recipe names the digests of the intermediate and importance matrix it was quantized from (an
+ONNX target's, the digest of the fp32 export it shared with its job's other ONNX targets), and
 knowing which intermediate a source gets (and which targets want an imatrix) is engine pipeline
 knowledge the API does not carry; the byte check (HEAD per object) and the fall-back to
 converting when the bytes turn out to be gone belong with the worker too. The cost is one
@@ -54,21 +55,44 @@ def _digests_of(rt, spec: TargetSpec, source_sha256: str, organization_id: str |
         return recipe_digests(s, recipe_hash=digest, organization_id=organization_id)
 
 
+def onnx_fp32_specs(spec: TargetSpec) -> list[TargetSpec]:
+    """The shared fp32 exports (worker/pipeline.py _onnx_fp32) an ONNX target could have been
+    quantized from, named without the source at hand: the default-opset export (params {}),
+    and one at the target's own opset when it names one. The engine's onnx_fp32_spec picks the
+    right one with the source's config; here one too many is harmless, since a recipe naming an
+    export the pipeline never pairs with this target matches no recorded artifact."""
+    specs = [TargetSpec("onnx", "fp32", {})]
+    if "opset" in spec.params:
+        specs.append(TargetSpec("onnx", "fp32", {"opset": spec.params["opset"]}))
+    return specs
+
+
+def _intermediate_digests(rt, spec: TargetSpec, source_sha: str, org: str | None) -> list[str]:
+    """Digests of every intermediate this source ever had that a target of `spec` is made from."""
+    from quantyard.engine.stages import LOSSLESS_TYPES
+
+    if spec.format == "onnx":
+        return [d for s in onnx_fp32_specs(spec) for d in _digests_of(rt, s, source_sha, org)]
+    return [d for t in LOSSLESS_TYPES for d in _digests_of(rt, TargetSpec("gguf", t), source_sha, org)]
+
+
 def candidate_recipes(rt, job: dict, spec: TargetSpec) -> list[str]:
     """Every recipe hash this target could have been made by, computed without making anything:
-    straight from the source, or quantized from any intermediate (and importance matrix) this
-    source ever had — those are named by their digests, which the catalog keeps even when their
-    bytes are gone."""
-    from quantyard.engine.stages import LOSSLESS_TYPES, wants_imatrix
+    straight from the source, or quantized from any intermediate (lossless GGUF, shared ONNX fp32
+    export) and importance matrix this source ever had — those are named by their digests, which
+    the catalog keeps even when their bytes are gone."""
+    from quantyard.engine.stages import wants_imatrix
 
     source_sha = job["source"]["sha256"]
     org = job.get("organization_id")
     hashes = [target_recipe(source_sha256=source_sha, spec=spec, engine_version=ENGINE_VERSION, inputs={})[1]]
-    if job["source"]["format"] == "gguf" or spec.format != "gguf":
+    # A GGUF source is its own intermediate; a program source converts whole, per target; an
+    # ONNX fp32 target is the shared export itself (same recipe when it asks nothing else).
+    if job["source"]["format"] in ("gguf", "program") or spec.key == "onnx:fp32":
         return hashes
-    intermediates = [d for t in LOSSLESS_TYPES for d in _digests_of(rt, TargetSpec("gguf", t), source_sha, org)]
+    intermediates = _intermediate_digests(rt, spec, source_sha, org)
     imatrices: list[str | None] = [None]
-    if wants_imatrix(spec):
+    if spec.format == "gguf" and wants_imatrix(spec):
         imatrices = _digests_of(rt, imatrix_spec(spec.params.get("calibration_text")), source_sha, org)
     for intermediate in intermediates:
         for imatrix in imatrices:

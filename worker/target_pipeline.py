@@ -1,5 +1,6 @@
 """One target of a dispatched job, as its own task: claim the target → fetch the intermediate
-(and the source, to validate against) → quantize + validate → upload → record → settle the job.
+(the lossless GGUF, or the shared ONNX fp32 export) and the source, to validate against →
+quantize + validate → upload → record → settle the job.
 
 Targets of one job run in parallel on as many workers as there are; the job finishes when its
 last target does (catalog.settle_job).
@@ -71,12 +72,15 @@ def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
         job = catalog.get_job(s, job_id=job_id)
         source = catalog.get_source(s, source_id=job.source_id)
         target = s.get(catalog.JobTarget, target_id)
-        intermediate = None
-        # The GGUF intermediate is an input of GGUF targets only: an ONNX target of the same job
-        # is converted from the source (and its recipe names no intermediate).
-        if inputs.get("intermediate_artifact_id") and target.format == "gguf":
-            intermediate = catalog.get_artifact(
-                s, artifact_id=inputs["intermediate_artifact_id"]).to_dict()
+        # Each format has its own intermediate: the lossless GGUF for GGUF targets, the shared
+        # fp32 export for the ONNX targets prepare gave it to; an ONNX target without one is
+        # converted from the source (and its recipe names no intermediate).
+        if target.format == "gguf":
+            intermediate_id = inputs.get("intermediate_artifact_id")
+        else:
+            intermediate_id = (inputs.get("onnx_fp32_artifact_ids") or {}).get(target_id)
+        intermediate = (catalog.get_artifact(s, artifact_id=intermediate_id).to_dict()
+                        if intermediate_id else None)
         imatrix_id = (inputs.get("imatrix_artifact_ids") or {}).get(target_id)
         imatrix = catalog.get_artifact(s, artifact_id=imatrix_id) if imatrix_id else None
         return {
@@ -90,10 +94,10 @@ def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
         }
 
 
-def _make_and_publish(rt, job: dict, reference: Path, input_gguf: Path | None,
+def _make_and_publish(rt, job: dict, reference: Path, input_file: Path | None,
                       imatrix: Path | None, work_dir: Path, watch: TargetWatch) -> None:
-    """Quantize the GGUF intermediate — or, for a format with no intermediate (ONNX), convert
-    straight from the source — then upload, record and settle."""
+    """Quantize the intermediate (the GGUF one, or the ONNX fp32 export) — or, with none,
+    convert straight from the source — then upload, record and settle."""
     from quantyard import engine
     from quantyard.engine.stages import quantize
 
@@ -108,11 +112,14 @@ def _make_and_publish(rt, job: dict, reference: Path, input_gguf: Path | None,
     out_dir = work_dir / "out"
     provenance = {"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
                   "name": job["source"]["name"] or ""}
-    if input_gguf is None:
+    if input_file is None:
         result = engine.convert(reference, spec, out_dir, progress=on_progress,
                                 provenance=provenance)
+    elif spec.format == "onnx":  # validated against the source, not the fp32 file
+        result = engine.quantize_onnx(reference, input_file, spec, out_dir, progress=on_progress,
+                                      provenance=provenance)
     else:
-        result = quantize(input_gguf, spec, out_dir, reference=reference, imatrix=imatrix,
+        result = quantize(input_file, spec, out_dir, reference=reference, imatrix=imatrix,
                           progress=on_progress, provenance=provenance,
                           split_max_bytes=split_max_bytes(spec))
     watch.progress(0.92, "uploading", force=True)

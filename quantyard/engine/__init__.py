@@ -115,8 +115,35 @@ def convert(source_dir: Path, target: TargetSpec, out_dir: Path, *,
                                                 provenance=provenance)
 
 
+def onnx_fp32_spec(source_dir: Path, target: TargetSpec) -> TargetSpec | None:
+    """The onnx:fp32 export an ONNX target of this Hugging Face source can be made from (targets
+    with equal specs share one export, see onnx.fp32_export_spec); None for other formats and
+    for program sources, which convert whole, per target."""
+    from .onnx.program_files import is_program_dir
+
+    target = parse_target(target)
+    if target.format != "onnx" or is_program_dir(Path(source_dir)):
+        return None
+    from .onnx import fp32_export_spec
+
+    return fp32_export_spec(Path(source_dir), target)
+
+
+def quantize_onnx(source_dir: Path, fp32_onnx: Path, target: TargetSpec, out_dir: Path, *,
+                  progress: Callable[[float, str], None] | None = None,
+                  provenance: Mapping[str, str] | None = None) -> ConversionResult:
+    """A quantized ONNX target made from an fp32 export convert() wrote for the same source
+    (spec: onnx_fp32_spec); validated against the source, never against the fp32 file."""
+    target = parse_target(target)
+    _check_architecture(source_dir, [target])
+    from .onnx import quantize_from_fp32
+
+    return quantize_from_fp32(Path(source_dir), Path(fp32_onnx), target, Path(out_dir), progress=progress,
+                              provenance=provenance)
+
+
 __all__ = [
-    "preflight", "convert", "PreflightReport", "ConversionResult", "TargetSpec", "parse_target",
+    "preflight", "convert", "onnx_fp32_spec", "quantize_onnx", "PreflightReport", "ConversionResult", "TargetSpec", "parse_target",
     "MANIFEST", "ENGINE_VERSION", "capabilities", "register_converter", "get_converter",
     "registered_formats", "ConversionError", "InvalidModel", "UnsupportedArchitecture",
     "UnsupportedTarget", "ValidationFailed", "Cancelled", "ResourceExhausted",

@@ -63,6 +63,21 @@ def convert_onnx(source: Path, target: TargetSpec, out_dir: Path, *,
     return _convert(Path(source), target, Path(out_dir), progress=progress, provenance=provenance)
 
 
+def fp32_export_spec(source: Path, target: TargetSpec) -> TargetSpec:
+    """The onnx:fp32 export `target` can be quantized from (or, for an fp32 target, is): only the
+    params that change the export (opset) are kept, and the source kind's default opset is left
+    out, so targets with equal specs can share one export and a plain onnx:fp32 names the same
+    recipe as the export itself. Raises UnsupportedTarget on bad params."""
+    from .decoder_options import DecoderOptions, parse_decoder_options
+    from .options import OnnxOptions
+
+    if describe(Path(source)).task == "text-generation":
+        opset, default = parse_decoder_options(target).opset, DecoderOptions.opset
+    else:
+        opset, default = parse_options(target).opset, OnnxOptions.opset
+    return TargetSpec("onnx", "fp32", {} if opset == default else {"opset": opset})
+
+
 def quantize_from_fp32(source: Path, fp32_onnx: Path, target: TargetSpec, out_dir: Path, *,
                        progress: Callable[[float, str], None] | None = None,
                        provenance: Mapping[str, str] | None = None) -> ConversionResult:
@@ -74,4 +89,4 @@ def quantize_from_fp32(source: Path, fp32_onnx: Path, target: TargetSpec, out_di
                      provenance=provenance)
 
 
-__all__ = ["ONNX_MANIFEST", "preflight_onnx", "convert_onnx", "quantize_from_fp32"]
+__all__ = ["ONNX_MANIFEST", "convert_onnx", "fp32_export_spec", "preflight_onnx", "quantize_from_fp32"]
