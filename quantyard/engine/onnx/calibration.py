@@ -1,4 +1,5 @@
-"""Calibration data for int8-static: texts tokenized with the model's own tokenizer."""
+"""Calibration data for int8-static: texts tokenized with the model's own tokenizer, or any list
+of ready feeds (programs: random inputs from their specs)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ def make_reader(tokenizer, names: Sequence[str], texts: Sequence[str]):
     stack activations of all batches and fail on ragged shapes.
     """
     import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader
 
     length = max(len(tokenizer(t)["input_ids"]) for t in texts)
     batches = []
     for text in texts:
         enc = tokenizer([text], padding="max_length", max_length=length, truncation=True, return_tensors="np")
         batches.append({n: enc[n].astype(np.int64) for n in names})
+    return feeds_reader(batches)
 
-    class TextReader(CalibrationDataReader):
+
+def feeds_reader(batches: Sequence[dict]):
+    """A rewindable CalibrationDataReader over a list of feed dicts."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedsReader(CalibrationDataReader):
         def __init__(self) -> None:
             self._it = iter(batches)
 
@@ -30,7 +36,7 @@ def make_reader(tokenizer, names: Sequence[str], texts: Sequence[str]):
         def rewind(self) -> None:
             self._it = iter(batches)
 
-    return TextReader()
+    return FeedsReader()
 
 
-__all__ = ["make_reader"]
+__all__ = ["feeds_reader", "make_reader"]

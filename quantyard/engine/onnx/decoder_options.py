@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import UnsupportedTarget
 from ..spec import TargetSpec
 from .manifest import QUANTIZATIONS
-from .options import BLOCK_SIZES, OPSETS, WEIGHT_TYPES
+from .options import BLOCK_SIZES, OPSETS, WEIGHT_TYPES, _bool, _choice
 
 DECODER_QUANTIZATIONS = ("fp32", "fp16", "int8-dynamic", "int4")
 
@@ -89,20 +89,6 @@ class DecoderOptions:
     def tolerances(self) -> dict[str, float]:
         return {"max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine,
                 "min_token_agreement": self.min_token_agreement}
-
-
-def _choice(params: Mapping[str, Any], key: str, valid: tuple, default: Any) -> Any:
-    value = params.get(key, default)
-    if value not in valid:
-        raise UnsupportedTarget(f"onnx param {key}={value!r} is not offered; valid: {', '.join(map(str, valid))}")
-    return value
-
-
-def _bool(params: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = params.get(key, default)
-    if not isinstance(value, bool):
-        raise UnsupportedTarget(f"onnx param {key} must be true or false, not {value!r}")
-    return value
 
 
 def _new_tokens(params: Mapping[str, Any]) -> int:

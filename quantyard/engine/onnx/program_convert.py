@@ -219,23 +219,12 @@ def optimize_source(src: ProgramSource, path: Path) -> dict:
 
 
 def _int8_static(prep: Prepared, src: Path, dst: Path, opts: OnnxOptions, samples: int) -> dict:
-    from onnxruntime.quantization import (
-        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .calibration import feeds_reader
 
     batches = [sample_inputs(prep.specs, 0, seed=100 + i) for i in range(samples)]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(batches)
-
-        def get_next(self):
-            return next(self._it, None)
-
-        def rewind(self) -> None:
-            self._it = iter(batches)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+    quantize_static(str(src), str(dst), feeds_reader(batches), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                     reduce_range=opts.reduce_range, activation_type=QuantType.QUInt8,
                     weight_type=QuantType[opts.weight_type],
                     calibrate_method=CalibrationMethod[opts.calibration_method], use_external_data_format=is_large(src))
