@@ -18,7 +18,7 @@ from quantyard.queue import make_celery
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import open_store
 
-from api import dashboard
+from api import dashboard, docs
 from api.auth import authenticated
 from api.errors import install_error_handlers
 from api.metrics import make_registry
@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
         version=API_VERSION,
         description="Convert and quantize Hugging Face models (GGUF, ...) with a catalog of artifacts.",
         lifespan=lifespan,
+        # Served by api/docs.py: the schema needs a key like the API it describes.
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     app.state.settings = settings
     app.state.db_engine = engine
@@ -81,14 +83,16 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
-    # Every /v1 router needs a valid API key (each route adds its role: api/auth.py). Open:
-    # /healthz, /readyz, /metrics (aggregate counters only, scraped by Prometheus) and the
-    # dashboard page, which holds no data (its API calls carry the key).
+    # Every /v1 router needs a valid API key (each route adds its role: api/auth.py); so do
+    # /openapi.json and /metrics (the scrape token or an operator's key). Open: /healthz, /readyz
+    # and the static dashboard and /docs pages, which hold no data (their calls carry the key).
     protected = [Depends(authenticated)]
     for router in (sources.router, jobs.router, artifacts.router, audit.router, capabilities.router, keys.router):
         app.include_router(router, dependencies=protected)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
+    docs.install_openapi(app)
     return app
 
 

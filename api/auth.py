@@ -1,6 +1,6 @@
 """Authentication (``Authorization: Bearer <key>``) and role checks, as FastAPI dependencies.
 
-Every router but health and the dashboard page is included with :func:`authenticated` as a
+Every router but health and the static pages (dashboard, /docs) is included with :func:`authenticated` as a
 router-level dependency (see ``api/app.py``), and every route names the least role it needs with
 ``dependencies=[requires("viewer")]``. Roles are ordered: viewer < submitter < maintainer < admin.
 
@@ -17,6 +17,7 @@ organisation (``quantyard serve`` allows that only on a loopback address).
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 
@@ -153,10 +154,30 @@ def _audit_denied(request: Request, principal: Principal, role: str) -> None:
         log.warning("could not record the audit event of a refused request", exc_info=True)
 
 
+def metrics_reader(request: Request) -> None:
+    """``/metrics`` counts every organisation's jobs, so it is for the platform team: the scrape
+    token (``QUANTYARD_METRICS_TOKEN``, for Prometheus) or a key of the operator's (default)
+    organisation, any role. A tenant's key gets 403 (the endpoint is no tenant's secret)."""
+    settings = request.app.state.settings
+    if settings.auth == "disabled":
+        return
+    token = settings.metrics_token
+    if token and hmac.compare_digest(_bearer(request).encode(), token.encode()):
+        request.state.actor = "metrics-scraper"
+        return
+    principal = authenticated(request)
+    if principal.organization_id != DEFAULT_ORGANIZATION_ID:
+        _audit_denied(request, principal, "operator")
+        raise ApiError(403, "forbidden", "metrics count every organisation's jobs: they need a key of the "
+                       "operator's organisation or the scrape token (QUANTYARD_METRICS_TOKEN)",
+                       details={"required_role": "operator", "role": principal.role})
+
+
 def is_operator(principal: Principal) -> bool:
     """An admin of the default organisation: the platform team that runs the service. Only they
     see the whole audit chain and make keys in other organisations."""
     return principal.role == "admin" and principal.organization_id == DEFAULT_ORGANIZATION_ID
 
 
-__all__ = ["ANONYMOUS_ADMIN", "Requires", "authenticated", "is_operator", "requires", "unauthorized"]
+__all__ = ["ANONYMOUS_ADMIN", "Requires", "authenticated", "is_operator", "metrics_reader", "requires",
+           "unauthorized"]

@@ -30,12 +30,16 @@ class Settings(BaseSettings):
     port: int = DEFAULT_PORT
     # Where CLI client commands send requests.
     server: str = f"http://127.0.0.1:{DEFAULT_PORT}"
-    # required: every endpoint but /healthz, /readyz, /metrics needs `Authorization: Bearer <key>`.
+    # required: every endpoint but /healthz, /readyz (and the static dashboard and /docs pages,
+    # which hold no data) needs `Authorization: Bearer <key>`.
     # disabled: everyone is an admin of the default organisation; `quantyard serve` allows it only
     # while bound to a loopback address.
     auth: Literal["required", "disabled"] = "required"
     # The key CLI client commands send (QUANTYARD_API_KEY).
     api_key: str | None = Field(default=None, repr=False)
+    # A bearer token Prometheus may scrape /metrics with (QUANTYARD_METRICS_TOKEN), so a scraper
+    # needs no API key; without it, /metrics takes a key of the operator's (default) organisation.
+    metrics_token: str | None = Field(default=None, repr=False, min_length=24)
 
     max_upload_bytes: int = 50 * 1024**3
     max_unpacked_bytes: int = 200 * 1024**3

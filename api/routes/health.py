@@ -1,17 +1,24 @@
-"""GET /healthz (process up), GET /readyz (catalog, broker, store), GET /metrics (Prometheus)."""
+"""GET /healthz (process up), GET /readyz (catalog, broker, store), GET /metrics (Prometheus).
+
+The first two answer without a key (probes carry none), so they say which check failed and the
+exception's type, never its message (a connection error names hosts and users): that goes to the
+log. /metrics needs the scrape token or an operator's key (api/auth.py ``metrics_reader``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from quantyard.queue import broker_ping
+
+from api.auth import metrics_reader
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("quantyard.api")
@@ -42,8 +49,8 @@ async def _run(name: str, fn, app) -> tuple[str, str | None]:
         await asyncio.wait_for(run_in_threadpool(fn, app), timeout=BROKER_TIMEOUT_S * 5)
         return name, None
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-        log.warning("readiness check %s failed: %s", name, exc)
-        return name, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log.warning("readiness check %s failed: %s", name, exc, exc_info=True)
+        return name, f"unavailable ({type(exc).__name__})"
 
 
 @router.get("/readyz", summary="Catalog, broker and object store are reachable")
@@ -66,7 +73,8 @@ async def readyz(request: Request):
     return {"status": "ok", "checks": checks}
 
 
-@router.get("/metrics", summary="Prometheus metrics (computed from the catalog)")
+@router.get("/metrics", summary="Prometheus metrics (computed from the catalog)",
+            dependencies=[Depends(metrics_reader)])
 def metrics(request: Request):
     registry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,8 +1,8 @@
 """Every endpoint x caller (no key, a bad, expired or revoked key, each role) x tenant (own, other),
 asserting the exact status code; plus what the scoping hides in listings and in the audit trail.
 
-The endpoint list comes from the app itself (its OpenAPI paths): a route added without an entry
-in ENDPOINTS fails ``test_every_route_is_in_the_matrix``.
+The endpoint list comes from the app itself (every route it serves, in the schema or not): a route
+added without an entry in ENDPOINTS or PUBLIC fails ``test_every_route_is_in_the_matrix``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from tests.api.conftest import build_client, make_key, make_settings
 
 ROLES = ("viewer", "submitter", "maintainer", "admin")
 BAD_CALLERS = ("none", "invalid", "expired", "revoked")
-PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+# Health probes, and the two static pages that hold no data (their requests carry the key).
+PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"), ("GET", "/docs")}
 
 
 @dataclass
@@ -33,10 +34,13 @@ class Endpoint:
     body: dict | None = None
     params: dict = field(default_factory=dict)
     mutates: bool = False  # needs fresh resources per call
-    prepare: str | None = None  # what to do to the fresh artifact first: "delete"
+    prepare: str | None = None  # what to do to the fresh artifact first: "delete", "withdraw"
     # Where another tenant's resource is named: "path", "body" (POST /v1/jobs' source), or None
     # (nothing to name: the "other" case is the same call, and must answer the same).
     tenant: str | None = "path"
+    # Only for the operator's (default) organisation, whatever the role (the callers here are
+    # another organisation's: 403 for every role).
+    operator: bool = False
 
 
 ENDPOINTS: dict[tuple[str, str], Endpoint] = {
@@ -54,6 +58,8 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/v1/artifacts/{artifact_id}/download"): Endpoint("viewer", 200),
     ("GET", "/v1/artifacts/{artifact_id}/lineage"): Endpoint("viewer", 200),
     ("POST", "/v1/artifacts/{artifact_id}/withdraw"): Endpoint("maintainer", 200, {"reason": "r"}, mutates=True),
+    ("POST", "/v1/artifacts/{artifact_id}/reinstate"): Endpoint("admin", 200, {"reason": "r"}, mutates=True,
+                                                                prepare="withdraw"),
     ("GET", "/v1/artifacts/{artifact_id}/card"): Endpoint("viewer", 200),
     ("GET", "/v1/artifacts/{artifact_id}/bom"): Endpoint("viewer", 200),
     ("POST", "/v1/artifacts/{artifact_id}/restore"): Endpoint("maintainer", 200, mutates=True, prepare="delete"),
@@ -65,6 +71,8 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/v1/keys"): Endpoint("admin", 200, tenant=None),
     ("POST", "/v1/keys"): Endpoint("admin", 201, {"name": "ci", "role": "viewer"}, mutates=True, tenant=None),
     ("DELETE", "/v1/keys/{key_id}"): Endpoint("admin", 200, mutates=True),
+    ("GET", "/openapi.json"): Endpoint("viewer", 200, tenant=None),
+    ("GET", "/metrics"): Endpoint("viewer", 200, tenant=None, operator=True),
 }
 
 
@@ -134,6 +142,9 @@ class World:
         if endpoint.prepare == "delete":
             with self.app.state.session_factory.begin() as s:
                 catalog.delete_artifact(s, artifact_id=ids["artifact_id"], actor="test")
+        elif endpoint.prepare == "withdraw":
+            with self.app.state.session_factory.begin() as s:
+                catalog.withdraw_artifact(s, artifact_id=ids["artifact_id"], reason="test", actor="test")
 
 
 def call(world: World, method: str, path: str, endpoint: Endpoint, caller: str, tenant: str):
@@ -158,7 +169,7 @@ def expected(endpoint: Endpoint, caller: str, tenant: str) -> int:
     other = tenant == "other"
     if other and endpoint.tenant == "path":
         return 404  # never 403: that would say the resource exists
-    if not (ROLES.index(caller) >= ROLES.index(endpoint.role)):
+    if endpoint.operator or not (ROLES.index(caller) >= ROLES.index(endpoint.role)):
         return 403
     if other and endpoint.tenant == "body":  # another tenant's source: as good as missing
         return 404
@@ -194,17 +205,68 @@ def test_status(world, method, path, caller, tenant):
         assert r.json()["error"]["code"] == "forbidden"
 
 
+def served_routes(app) -> set[tuple[str, str]]:
+    """(method, path) of every route the app serves, in the schema or not. FastAPI >= 0.16x keeps
+    an included router as one entry whose effective routes carry the prefixed paths."""
+    out = set()
+    for route in app.routes:
+        if hasattr(route, "effective_route_contexts"):
+            pairs = [(c.path, c.original_route) for c in route.effective_route_contexts()]
+        else:
+            pairs = [(route.path, route)]
+        out |= {(m, path) for path, r in pairs for m in getattr(r, "methods", None) or ()}
+    return out
+
+
 def test_every_route_is_in_the_matrix(world):
-    routes = {(m.upper(), p) for p, ops in world.app.openapi()["paths"].items() for m in ops}
+    routes = served_routes(world.app)
     assert routes - PUBLIC == set(ENDPOINTS), "add the new route to ENDPOINTS (and give it a role)"
     assert PUBLIC <= routes
+    schema = world.app.openapi()
+    in_schema = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+    assert in_schema <= routes
+    # The schema says which operations need the bearer key: all but the health probes.
+    assert schema["security"] == [{"bearer": []}]
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["bearer"][
+            "description"]}
+    opened = {(m.upper(), p) for p, ops in schema["paths"].items() for m, op in ops.items() if op.get("security") == []}
+    assert opened == {("GET", "/healthz"), ("GET", "/readyz")}
 
 
 def test_public_endpoints_need_no_key(world):
-    for method, path in sorted(PUBLIC) + [("GET", "/"), ("GET", "/openapi.json")]:
+    for method, path in sorted(PUBLIC):
         r = world.client.request(method, path)
         assert r.status_code in (200, 503), (path, r.status_code)  # readyz: the broker may be absent
-        assert r.status_code != 401
+    # The pages are shells: nothing of the catalog in them.
+    for path in ("/", "/docs"):
+        page = world.client.get(path).text
+        assert world.shared["acme"]["artifact_id"] not in page and "acme" not in page
+
+
+def test_metrics_for_the_operator_and_the_scrape_token(tmp_path):
+    token = "scrape-" + "s" * 30
+    settings = make_settings(tmp_path / "d", metrics_token=token)
+    with build_client(settings, role=None) as client:
+        viewer = make_key(settings, role="viewer", org="default", name="ops-viewer")[1]
+        tenant_admin = make_key(settings, role="admin", org="acme", name="acme-admin")[1]
+        for secret, status in ((token, 200), (viewer, 200), (tenant_admin, 403), (token + "x", 401), (None, 401)):
+            headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+            r = client.get("/metrics", headers=headers)
+            assert r.status_code == status, (secret, r.text[:200])
+            if status == 200:
+                assert "quantyard_jobs_submitted_total" in r.text
+        refused = client.get("/metrics", headers={"Authorization": f"Bearer {tenant_admin}"}).json()
+        assert "QUANTYARD_METRICS_TOKEN" in refused["error"]["message"]
+
+
+def test_a_short_metrics_token_is_refused():
+    from pydantic import ValidationError
+
+    from quantyard.settings import Settings
+
+    with pytest.raises(ValidationError, match="metrics_token"):
+        Settings(metrics_token="short")
 
 
 def test_listings_show_only_the_callers_organisation(world):
