@@ -387,6 +387,27 @@ def test_app_role_cannot_change_audit_rows(catalog_url, chain, tmp_path):
             engine.dispose()
 
 
+def test_tables_of_later_migrations_need_no_second_grant(catalog_url, chain, tmp_path):
+    """Default privileges: a table the owner creates after the grant (a later `db upgrade`) is
+    usable by the app role at once, while the audit table stays append-only."""
+    table = f"later_{uuid.uuid4().hex[:6]}"
+    with app_role(catalog_url, tmp_path) as url:
+        owner = catalog.make_engine(catalog_url)
+        with owner.begin() as conn:
+            conn.execute(text(f"CREATE TABLE {table} (id serial PRIMARY KEY, note text)"))
+        owner.dispose()
+        engine = catalog.make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"INSERT INTO {table} (note) VALUES ('a')"))  # the sequence too
+                conn.execute(text(f"UPDATE {table} SET note = 'b'"))
+                assert conn.execute(text(f"SELECT note FROM {table}")).scalar_one() == "b"
+            with pytest.raises(DBAPIError, match="permission denied"), engine.begin() as conn:
+                conn.execute(text("DELETE FROM audit_events WHERE seq = 1"))
+        finally:
+            engine.dispose()
+
+
 def test_grant_app_role_refuses_superusers_and_owners(catalog_url, chain, tmp_path):
     code, out = run_cli(["db", "grant-app-role", "postgres"], catalog_url, tmp_path)
     assert code == 1 and "is a superuser" in out
