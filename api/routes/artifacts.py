@@ -194,6 +194,27 @@ def withdraw_artifact(artifact_id: str, request: Request, body: WithdrawIn = Bod
     return result
 
 
+class ReinstateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(..., min_length=1, max_length=2000, description="why the withdrawal is undone (audited)")
+
+
+@router.post("/{artifact_id}/reinstate", dependencies=[requires("admin")],
+             summary="Undo an artifact's withdrawal (and the flags it put on everything made from it)")
+def reinstate_artifact(artifact_id: str, request: Request, body: ReinstateIn = Body(...),
+                       s: Session = Depends(get_session)):
+    """[role: admin, as lifting a legal hold] Undo the withdrawal of this artifact. Only the
+    withdrawn node itself: one flagged through an ancestor is a 409 naming that ancestor. Its
+    descendants are cleared too, except those that still come from another withdrawn node (they
+    take that one's flag: ``still_withdrawn``)."""
+    mark_audit(request, "artifact.reinstate", "artifact", artifact_id)
+    _get(s, artifact_id, request)
+    result = catalog.reinstate(s, node_type="artifact", node_id=artifact_id, reason=body.reason,
+                               actor=actor(request), request=request_info(request), organization_id=org_id(request))
+    s.commit()
+    return result
+
+
 def _card_inputs(s: Session, artifact_id: str, request: Request) -> tuple[dict, dict, dict]:
     art = _get(s, artifact_id, request)
     source = catalog.get_source(s, source_id=art.source_id, organization_id=org_id(request))

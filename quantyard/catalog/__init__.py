@@ -16,7 +16,7 @@ Postgres until commit.
 
 Audited: create_source, create_job, request_cancel, claim_job (claims, and the failures or
 cancellations it decides), set_target_status (when the status changes), record_artifact,
-finish_job, withdraw (and each descendant it flags). Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
+finish_job, withdraw and reinstate (and each descendant they change). Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
 
 Lookups by id return ``None`` when missing (``get_*``); mutations of a missing row raise
 ``NotFound``. Bad arguments raise ``InvalidArgument`` (a ValueError), bad cursors ``InvalidCursor``.
@@ -101,6 +101,7 @@ from .targets import (
 from .withdrawal import (
     Withdrawn,
     check_not_withdrawn,
+    reinstate,
     withdraw,
     withdraw_artifact,
     withdraw_source,
@@ -123,7 +124,7 @@ __all__ = [
     "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
     "worker_stopped", "assign_target_artifact", "PREPARE_SHARE", "add_job_warning", "claim_target", "finish_target",
     "mark_dispatched", "renew_target_lease", "set_target_progress", "settle_job",
-    "Withdrawn", "check_not_withdrawn", "descendants", "edge_recipe", "withdraw", "withdraw_artifact",
+    "Withdrawn", "check_not_withdrawn", "reinstate", "descendants", "edge_recipe", "withdraw", "withdraw_artifact",
     "withdraw_source", "withdrawal_of",
     "RetentionConflict", "delete_artifact", "due_for_purge", "purge_artifact", "purge_due", "release_legal_hold",
     "restore_artifact", "set_legal_hold", "recipe_digests", "reusable_artifacts", "reuse_artifact",

@@ -6,6 +6,11 @@ readable); listings hide them by default and downloads refuse them unless a main
 The first withdrawal wins: withdrawing again, or withdrawing a descendant already flagged by an
 ancestor, keeps the first reason and root. Artifacts recorded later from a withdrawn parent
 inherit its flag (see :func:`inherit_withdrawal`), so "every descendant" stays true.
+
+A withdrawal made in error is undone by :func:`reinstate` on the node that was withdrawn (its
+root): the flags it caused are cleared, and a node that still descends from another withdrawn
+node takes that one's flag instead, so "every descendant of a withdrawn node is flagged" holds
+afterwards too.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .audit import RequestInfo, record_audit
-from .errors import InvalidArgument, NotFound
-from .lineage import Node, descendants
+from .errors import InvalidArgument, InvalidState, NotFound
+from .lineage import Node, descendants, reachable_edges
 from .models import Artifact, Source, utcnow
 
 MAX_REASON = 2000
@@ -74,6 +79,28 @@ def _rows(s: Session, nodes: dict[Node, int]) -> list[tuple[Any, int]]:
     return sorted(out, key=lambda item: (item[1], item[0].id))
 
 
+def _clear(row) -> None:
+    row.withdrawn_at = row.withdrawn_reason = row.withdrawn_by = None
+    row.withdrawn_root_type = row.withdrawn_root_id = None
+
+
+def _check_reason(reason: str | None, what: str) -> str:
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidArgument(f"a {what} needs a reason")
+    if len(reason) > MAX_REASON:
+        raise InvalidArgument(f"the reason is longer than {MAX_REASON} characters")
+    return reason
+
+
+def _locked_node(s: Session, node_type: str, node_id: str, organization_id: str | None):
+    model = _model(node_type)
+    row = s.execute(select(model).where(model.id == node_id).with_for_update()).scalars().first()
+    if row is None or (organization_id is not None and row.organization_id != organization_id):
+        raise NotFound(f"{node_type} {node_id} not found")
+    return row
+
+
 def withdraw(s: Session, *, node_type: str, node_id: str, reason: str, actor: str,
              request: RequestInfo | None = None, organization_id: str | None = None) -> dict[str, Any]:
     """Withdraw a source or artifact and flag every descendant; audited in the caller's
@@ -85,15 +112,8 @@ def withdraw(s: Session, *, node_type: str, node_id: str, reason: str, actor: st
     withdrawal had (they keep its reason). With ``organization_id`` the node must belong to that
     organisation, and the lists show only its rows; the flags still reach every descendant,
     since a withdrawn base model taints whatever was made from it."""
-    reason = (reason or "").strip()
-    if not reason:
-        raise InvalidArgument("a withdrawal needs a reason")
-    if len(reason) > MAX_REASON:
-        raise InvalidArgument(f"the reason is longer than {MAX_REASON} characters")
-    model = _model(node_type)
-    root = s.execute(select(model).where(model.id == node_id).with_for_update()).scalars().first()
-    if root is None or (organization_id is not None and root.organization_id != organization_id):
-        raise NotFound(f"{node_type} {node_id} not found")
+    reason = _check_reason(reason, "withdrawal")
+    root = _locked_node(s, node_type, node_id, organization_id)
     now = utcnow()
     already = root.withdrawn_at is not None
     if not already:
@@ -127,6 +147,74 @@ def withdraw(s: Session, *, node_type: str, node_id: str, reason: str, actor: st
                      details={"cause": {"type": node_type, "id": node_id}, "depth": depth,
                               "withdrawal": withdrawal_of(row)})
     return result
+
+
+def _withdrawn_ancestor(s: Session, node: Node):
+    """The nearest withdrawn node upstream of ``node`` (any depth), or None."""
+    ancestors, _ = reachable_edges(s, start=node, upstream=True)
+    for (node_type, node_id), _depth in sorted(ancestors.items(), key=lambda item: (item[1], item[0])):
+        row = s.get(_model(node_type), node_id)
+        if row is not None and row.withdrawn_at is not None:
+            return row
+    return None
+
+
+def reinstate(s: Session, *, node_type: str, node_id: str, reason: str, actor: str,
+              request: RequestInfo | None = None, organization_id: str | None = None) -> dict[str, Any]:
+    """Undo the withdrawal of a source or artifact (a withdrawal made in error, a licence
+    restored). Only the withdrawn node itself can be reinstated: one flagged because an ancestor
+    was withdrawn raises InvalidState naming that ancestor. Clears the flag of the node and of
+    every descendant it caused; any of them that still descends from another withdrawn node is
+    flagged again with that node's reason and root. Audited in the caller's transaction: one
+    ``<type>.reinstate`` event (the reason, the withdrawal undone, what was cleared and what stays
+    withdrawn) and one ``<type>.reinstated`` or ``<type>.withdrawn`` event per node changed.
+
+    Returns ``{"node", "reinstated": [...], "still_withdrawn": [...]}`` (the node is in one of
+    the lists; with ``organization_id`` they show only that organisation's rows)."""
+    reason = _check_reason(reason, "reinstatement")
+    root = _locked_node(s, node_type, node_id, organization_id)
+    if root.withdrawn_at is None:
+        raise InvalidState(f"{node_type} {node_id} is not withdrawn")
+    cause: Node = (root.withdrawn_root_type, root.withdrawn_root_id)
+    if cause != (node_type, node_id):
+        raise InvalidState(f"{node_type} {node_id} is withdrawn because {cause[0]} {cause[1]} was withdrawn: "
+                           f"reinstate {cause[0]} {cause[1]} instead")
+    undone = withdrawal_of(root)
+    rows = [(root, 0)] + _rows(s, descendants(s, node_type=node_type, node_id=node_id))
+    cleared = [(row, depth) for row, depth in rows if (row.withdrawn_root_type, row.withdrawn_root_id) == cause]
+    for row, _ in cleared:
+        _clear(row)
+    s.flush()
+    now, back, still = utcnow(), [], []
+    for row, depth in cleared:  # nearest first: a parent flagged again is seen by its children
+        other = _withdrawn_ancestor(s, (_type(row), row.id))
+        if other is None:
+            back.append((row, depth))
+            continue
+        _flag(row, at=now, reason=other.withdrawn_reason, by=other.withdrawn_by,
+              root=(other.withdrawn_root_type, other.withdrawn_root_id))
+        still.append((row, depth))
+        s.flush()
+
+    def visible(items):
+        return [_entry(r, d) for r, d in items
+                if organization_id is None or r.organization_id == organization_id]
+
+    record_audit(s, actor=actor, action=f"{node_type}.reinstate", resource_type=node_type, resource_id=node_id,
+                 request=request, organization_id=root.organization_id, details={
+                     "reason": reason, "undone": undone,
+                     "reinstated": [{"type": _type(r), "id": r.id, "depth": d} for r, d in back],
+                     "still_withdrawn": [{"type": _type(r), "id": r.id, "depth": d,
+                                          "withdrawal": withdrawal_of(r)} for r, d in still]})
+    for row, depth in back + still:
+        if (row, depth) == (root, 0):
+            continue
+        action = f"{_type(row)}.reinstated" if row.withdrawn_at is None else f"{_type(row)}.withdrawn"
+        record_audit(s, actor=actor, action=action, resource_type=_type(row), resource_id=row.id, request=request,
+                     organization_id=row.organization_id,
+                     details={"cause": {"type": node_type, "id": node_id, "reinstated": True}, "depth": depth,
+                              "withdrawal": withdrawal_of(row)})
+    return {"node": _entry(root, 0), "reinstated": visible(back), "still_withdrawn": visible(still)}
 
 
 def withdraw_source(s: Session, *, source_id: str, reason: str, actor: str,

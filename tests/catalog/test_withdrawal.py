@@ -214,3 +214,71 @@ def test_withdrawing_the_intermediate_leaves_the_source(chain, factory):
     assert flags[chain.q4] == ("bad conversion", *root)
     with factory() as s, pytest.raises(catalog.Withdrawn, match="licence"):
         catalog.check_not_withdrawn(s, source_id=chain.source)
+
+
+def test_reinstating_the_source_clears_all_three(chain, factory, client):
+    client.post(f"/v1/sources/{chain.source}/withdraw", json={"reason": "licence unclear"})
+    # Only the withdrawn node itself can be reinstated: a flagged descendant names its cause.
+    r = client.post(f"/v1/artifacts/{chain.q4}/reinstate", json={"reason": "mistake"})
+    assert r.status_code == 409 and f"source {chain.source}" in r.json()["error"]["message"]
+    with factory.begin() as s:
+        result = catalog.reinstate(s, node_type="source", node_id=chain.source, reason="licence confirmed",
+                                   actor="key:admin")
+    assert result["still_withdrawn"] == []
+    assert {(n["type"], n["id"]) for n in result["reinstated"]} == (
+        {("source", chain.source)} | {("artifact", a) for a in chain.artifacts})
+    assert _flags(factory, chain) == {i: None for i in chain.artifacts | {chain.source}}
+    # Listed, downloadable and convertible again.
+    assert {a["id"] for a in client.get("/v1/artifacts").json()["items"]} == chain.artifacts
+    assert client.get(f"/v1/artifacts/{chain.q8}/download").status_code == 200
+    with factory() as s:
+        catalog.check_not_withdrawn(s, source_id=chain.source)
+        events = [e.to_dict() for e in catalog.audit_events(s, limit=1000)]
+        assert catalog.verify_audit_chain(s).ok
+    undo = next(e for e in events if e["action"] == "source.reinstate")
+    assert undo["details"]["reason"] == "licence confirmed"
+    assert undo["details"]["undone"]["reason"] == "licence unclear"
+    assert {e["resource_id"] for e in events if e["action"] == "artifact.reinstated"} == chain.artifacts
+    # Nothing left to undo.
+    with factory.begin() as s, pytest.raises(catalog.InvalidState, match="not withdrawn"):
+        catalog.reinstate(s, node_type="source", node_id=chain.source, reason="again", actor="key:admin")
+
+
+def test_reinstating_the_intermediate_under_a_withdrawn_source(chain, factory):
+    """F16 withdrawn first (its children carry its flag), then the source: undoing F16's
+    withdrawal must leave all three flagged by the source, since they still descend from it."""
+    with factory.begin() as s:
+        catalog.withdraw_artifact(s, artifact_id=chain.f16, reason="bad conversion", actor="key:maint")
+        catalog.withdraw_source(s, source_id=chain.source, reason="licence", actor="key:maint")
+    with factory.begin() as s:
+        result = catalog.reinstate(s, node_type="artifact", node_id=chain.f16, reason="conversion was fine",
+                                   actor="key:admin")
+    assert result["reinstated"] == []
+    assert {n["id"] for n in result["still_withdrawn"]} == chain.artifacts
+    source_root = ("licence", "source", chain.source)
+    assert _flags(factory, chain) == {i: source_root for i in chain.artifacts | {chain.source}}
+    # Then undoing the source's clears everything.
+    with factory.begin() as s:
+        result = catalog.reinstate(s, node_type="source", node_id=chain.source, reason="licence ok",
+                                   actor="key:admin")
+    assert len(result["reinstated"]) == 4 and result["still_withdrawn"] == []
+    assert set(_flags(factory, chain).values()) == {None}
+
+
+def test_reinstating_needs_an_admin_and_a_reason(chain, factory, tmp_path):
+    with factory.begin() as s:
+        catalog.withdraw_artifact(s, artifact_id=chain.q8, reason="wrong quant", actor="key:maint")
+    settings = make_settings(tmp_path / "auth", database_url=chain.url, storage_url=chain.storage_url)
+    from tests.api.conftest import make_key
+
+    with build_client(settings, migrate=False, role=None) as c:
+        maint = {"Authorization": f"Bearer {make_key(settings, role='maintainer')[1]}"}
+        admin = {"Authorization": f"Bearer {make_key(settings, role='admin', name='adm')[1]}"}
+        r = c.post(f"/v1/artifacts/{chain.q8}/reinstate", json={"reason": "ok"}, headers=maint)
+        assert r.status_code == 403
+        r = c.post(f"/v1/artifacts/{chain.q8}/reinstate", json={"reason": " "}, headers=admin)
+        assert r.status_code == 422 and "reason" in r.text
+        r = c.post(f"/v1/artifacts/{chain.q8}/reinstate", json={"reason": "ok"}, headers=admin)
+        assert r.status_code == 200, r.text
+        assert [n["id"] for n in r.json()["reinstated"]] == [chain.q8]
+    assert _flags(factory, chain)[chain.q8] is None
