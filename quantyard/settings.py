@@ -53,8 +53,11 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 10.0
     worker_stale_after_s: float = 60.0
     worker_concurrency: int = 1
-    # Workers anchor the audit chain's head in the object store this often (0: never).
-    audit_anchor_interval_s: float = 3600.0
+    # Workers anchor the audit chain's head in the object store this often (0: never). Events
+    # after the newest anchor are what a database superuser could still cut off unnoticed, so
+    # the window is short; an idle chain is not anchored again (one small object per interval
+    # with activity).
+    audit_anchor_interval_s: float = 300.0
     # A deleted artifact's bytes stay this long (restore is possible until then), then are purged.
     retention_grace_s: float = 7 * 24 * 3600.0
     # Workers look for deleted artifacts whose grace period is over this often (0: never).
