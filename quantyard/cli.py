@@ -324,17 +324,24 @@ def _fail(exc) -> None:
 @click.option("--hardware-class", default="cpu", show_default=True)
 @click.option("--label", "labels", multiple=True, help="key=value (repeatable).")
 @click.option("--name", default=None, help="Source name (default: the folder name).")
+@click.option("--base-model", default=None,
+              help="The Hugging Face repo the uploaded model comes from (org/name or its huggingface.co URL); "
+                   "model cards and ML-BOMs name it as base_model.")
 @click.option("--wait", is_flag=True, help="Wait for the job, with a progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
 @server_option
-def submit(source, targets, hardware_class, labels, name, wait, as_json, server) -> None:
+def submit(source, targets, hardware_class, labels, name, base_model, wait, as_json, server) -> None:
     """Submit SOURCE (a model folder, an archive, one .pt2 / TorchScript / .onnx file, a source id or
     a storage URI) for conversion."""
     from quantyard.client import ApiError
 
+    if base_model and not Path(source).exists():
+        raise click.BadParameter(f"names the repo of an upload, but {source!r} is no local folder or file "
+                                 "(a registered source keeps the metadata it was uploaded with)",
+                                 param_hint="--base-model")
     client = _client(server)
     try:
-        source_ref = _resolve_source(client, source, name, quiet=as_json)
+        source_ref = _resolve_source(client, source, name, quiet=as_json, base_model=base_model)
         job = client.create_job(source=source_ref, targets=list(targets),
                                 hardware_class=hardware_class, labels=_parse_labels(labels))
         if not as_json:
@@ -358,7 +365,7 @@ def _parse_labels(labels) -> dict:
     return out
 
 
-def _resolve_source(client, source: str, name: str | None, *, quiet: bool) -> str:
+def _resolve_source(client, source: str, name: str | None, *, quiet: bool, base_model: str | None = None) -> str:
     path = Path(source)
     if not path.exists():
         return source  # a source id or a storage URI: the API resolves it
@@ -375,7 +382,7 @@ def _resolve_source(client, source: str, name: str | None, *, quiet: bool) -> st
         with tqdm(total=archive.stat().st_size, unit="B", unit_scale=True, desc="upload",
                   disable=quiet, file=sys.stderr) as bar:
             uploaded = client.upload_source(archive, name=name or path.name.split(".")[0],
-                                            on_bytes=bar.update)
+                                            base_model=base_model, on_bytes=bar.update)
     return uploaded["id"]
 
 
@@ -417,26 +424,94 @@ def status(job_id, as_json, server) -> None:
     click.echo(json.dumps(job, indent=2) if as_json else _job_line(job))
 
 
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _parse_bytes(text: str | None, name: str) -> int | None:
+    """'1500', '500M', '2G', '1.5K' -> bytes (binary units; a trailing B is allowed)."""
+    if text is None:
+        return None
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        value = float(raw[:-1]) * _SIZE_UNITS[raw[-1]] if raw and raw[-1] in _SIZE_UNITS else int(raw)
+    except ValueError:
+        value = -1
+    if not (0 <= value < 1 << 63):  # also refuses nan and inf ("NANK", "INFM")
+        raise click.BadParameter(f"{text!r} is not a size like 1500, 500M or 2G", param_hint=name)
+    return int(value)
+
+
+def _artifact_filters(opts: dict) -> dict:
+    """The CLI's search options as GET /v1/artifacts query parameters (the server checks the
+    values and answers 422 naming the parameter; sizes and labels are checked here first)."""
+    labels = opts.pop("labels")
+    for item in labels:  # same check as --label of submit, but the server wants "k=v" strings
+        _parse_labels([item])
+    return {
+        **opts, "label": list(labels) or None,
+        "min_size": _parse_bytes(opts["min_size"], "--min-size"),
+        "max_size": _parse_bytes(opts["max_size"], "--max-size"),
+        "include_withdrawn": opts["include_withdrawn"] or None,
+        "include_deleted": opts["include_deleted"] or None,
+    }
+
+
+def _artifact_line(a: dict) -> str:
+    flags = [f for f, on in (("deleted", a.get("deleted")), ("withdrawn", a.get("withdrawn")),
+                             ("legal-hold", a.get("legal_hold"))) if on]
+    return (f"{a['id']}  {a['format']}:{a['quantization']:<8} {a['size_bytes']:>14,d}  "
+            f"{a['sha256'][:16]}  {a['filename']}" + (f"  [{', '.join(flags)}]" if flags else ""))
+
+
 @main.command()
-@click.option("--format", "fmt", default=None)
-@click.option("--quantization", default=None)
-@click.option("--source", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--format", "fmt", default=None, help="gguf, onnx (any case).")
+@click.option("--quantization", default=None, help="e.g. Q4_K_M (any case).")
+@click.option("--architecture", default=None, help="The source's, e.g. LlamaForCausalLM.")
+@click.option("--source", default=None, help="A source id.")
+@click.option("--label", "labels", multiple=True, help="key=value of the job (repeatable: all must match).")
+@click.option("--min-size", default=None, help="Bytes, or 500M, 2G, ...")
+@click.option("--max-size", default=None, help="Bytes, or 500M, 2G, ...")
+@click.option("--created-after", default=None, help="ISO 8601 date or time (inclusive).")
+@click.option("--created-before", default=None, help="ISO 8601 date or time (exclusive).")
+@click.option("--max-mean-kl", type=float, default=None, help="GGUF: mean KL divergence vs the source.")
+@click.option("--min-top1", type=float, default=None, help="GGUF: top-1 agreement with the source (0..1).")
+@click.option("--min-cosine", type=float, default=None, help="ONNX: worst cosine vs PyTorch (0..1).")
+@click.option("--max-bits-per-weight", type=float, default=None)
+@click.option("--q", default=None, help="Free text: file or source name, format, quantization, sha256 prefix.")
+@click.option("--sort", type=click.Choice(["created", "size", "mean_kl"]), default="created", show_default=True,
+              help="created: newest first; size: smallest first; mean_kl: lowest first (artifacts with a KL).")
+@click.option("--include-withdrawn", is_flag=True, help="Also list withdrawn (and flagged) artifacts.")
+@click.option("--include-deleted", is_flag=True, help="Also list soft-deleted artifacts (to restore one).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many (default 50; more than one page is fetched as needed).")
+@click.option("--all", "fetch_all", is_flag=True, help="Every match, following the cursors.")
+@click.option("--cursor", default=None, help="Continue after a previous listing (its next_cursor).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"items": [...], "next_cursor": ...} (next_cursor: null when nothing is left).')
 @server_option
-def artifacts(fmt, quantization, source, as_json, server) -> None:
-    """List artifacts in the catalog."""
+def artifacts(as_json, server, limit, fetch_all, **opts) -> None:
+    """Search the artifact catalog (filters, sort, cursor paging)."""
     from quantyard.client import ApiError
 
+    if fetch_all and limit is not None:
+        raise click.UsageError("--all and --limit exclude each other")
+    filters = _artifact_filters(opts)
+    filters["format"] = filters.pop("fmt")
+    items, shown, next_cursor = [], 0, None
     try:
-        page = _client(server).list_artifacts(format=fmt, quantization=quantization, source=source)
+        for page in _client(server).artifact_pages(limit=None if fetch_all else limit or 50, **filters):
+            next_cursor, shown = page.get("next_cursor"), shown + len(page["items"])
+            if as_json:
+                items += page["items"]
+            else:  # print as pages come: --all over a large catalog shows progress
+                for a in page["items"]:
+                    click.echo(_artifact_line(a))
     except ApiError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps(page, indent=2))
-        return
-    for a in page["items"]:
-        click.echo(f"{a['id']}  {a['format']}:{a['quantization']:<8} {a['size_bytes']:>14,d}  "
-                   f"{a['sha256'][:16]}  {a['filename']}")
+        click.echo(json.dumps({"items": items, "next_cursor": next_cursor}, indent=2))
+    elif next_cursor:
+        click.echo(f"{shown} shown; more with --cursor {next_cursor} (or --all)", err=True)
 
 
 @main.command()
@@ -534,6 +609,100 @@ def withdraw(kind, node_id, reason, as_json, server) -> None:
         what = item.get("name") or f"{item.get('format')}:{item.get('quantization')} {item.get('filename')}"
         click.echo(f"  {'  ' * (item['depth'] - 1)}{item['type']} {item['id']} {what} "
                    f"(root {item['withdrawal']['root']['id']})")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["source", "artifact"]))
+@click.argument("node_id")
+@click.option("--reason", required=True, help="Why the withdrawal is undone (kept in the audit trail).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@server_option
+def reinstate(kind, node_id, reason, as_json, server) -> None:
+    """Undo the withdrawal of a source or artifact (admins). What was flagged only because of it
+    is cleared; what still comes from another withdrawn node stays withdrawn."""
+    from quantyard.client import ApiError
+
+    try:
+        result = _client(server).reinstate(kind, node_id, reason=reason)
+    except ApiError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{kind} {node_id}: withdrawal undone ({reason})")
+    for item in result["reinstated"]:
+        if (item["type"], item["id"]) != (kind, node_id):
+            click.echo(f"  {item['type']} {item['id']} reinstated")
+    for item in result["still_withdrawn"]:
+        root = item["withdrawal"]["root"]
+        click.echo(f"  {item['type']} {item['id']} still withdrawn (via {root['type']} {root['id']})")
+
+
+def _retention_call(server, as_json: bool, call) -> dict | None:
+    """Run a retention call; print the server's JSON with --json (None returned), else return it."""
+    from quantyard.client import ApiError
+
+    try:
+        result = call(_client(server))
+    except ApiError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return None
+    return result
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("--reason", default=None, help="Why (kept with the deletion and in the audit trail).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@server_option
+def delete(artifact_id, reason, as_json, server) -> None:
+    """Soft-delete an artifact (maintainers): hidden from listings, downloads refused, restorable until
+    its bytes are purged; refused while it is under a legal hold."""
+    art = _retention_call(server, as_json, lambda c: c.delete_artifact(artifact_id, reason=reason))
+    if art is None:
+        return
+    click.echo(f"artifact {artifact_id} deleted; restorable until {art['deletion']['purge_after']} "
+               f"(`quantyard restore {artifact_id}`)")
+    derived = art.get("derived_artifacts") or []
+    if derived:
+        click.echo(f"  {len(derived)} artifact(s) made from it stay available: {', '.join(derived)}")
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@server_option
+def restore(artifact_id, as_json, server) -> None:
+    """Undo the deletion of an artifact (maintainers), as long as its bytes are not purged."""
+    if _retention_call(server, as_json, lambda c: c.restore_artifact(artifact_id)) is not None:
+        click.echo(f"artifact {artifact_id} restored")
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("--reason", required=True, help="The matter or order behind the hold (kept in the audit trail).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@server_option
+def hold(artifact_id, reason, as_json, server) -> None:
+    """Place a legal hold on an artifact (maintainers): it cannot be deleted, and a deleted one is
+    not purged, until an admin releases the hold."""
+    art = _retention_call(server, as_json, lambda c: c.set_legal_hold(artifact_id, reason=reason))
+    if art is not None:
+        held = art["legal_hold"]
+        click.echo(f"artifact {artifact_id} on legal hold since {held['at']} by {held['by']}: {held['reason']}")
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("--reason", default=None, help="Why the hold ends (kept in the audit trail).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's answer as JSON.")
+@server_option
+def release(artifact_id, reason, as_json, server) -> None:
+    """Release an artifact's legal hold (admins only: maintainers may place a hold, not lift it)."""
+    if _retention_call(server, as_json, lambda c: c.release_legal_hold(artifact_id, reason=reason)) is not None:
+        click.echo(f"artifact {artifact_id}: legal hold released")
 
 
 @main.command()

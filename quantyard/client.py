@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import httpx
 
 FINAL_STATUSES = {"succeeded", "failed", "cancelled"}
+MAX_PAGE = 500  # the largest `limit` GET /v1/artifacts accepts
 
 
 class ApiError(Exception):
@@ -26,6 +27,13 @@ def _content_type(path: Path) -> str:
     if head[:4] == b"PK\x03\x04":
         return "application/zip"
     return "application/x-tar"
+
+
+def _query_value(value: Any) -> Any:
+    """Booleans as the server's query parser reads them ("true"/"false", not "True")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 class QuantyardClient:
@@ -51,8 +59,10 @@ class QuantyardClient:
                 raise ApiError(response.status_code, "http_error", response.text[:500]) from None
         return response
 
-    def upload_source(self, archive: Path, *, name: str,
+    def upload_source(self, archive: Path, *, name: str, base_model: str | None = None,
                       on_bytes: Callable[[int], None] | None = None) -> dict:
+        """``base_model``: the Hugging Face repo id ("org/name" or its huggingface.co URL) the
+        upload was taken from; model cards and ML-BOMs then name it instead of ``name``."""
         size = archive.stat().st_size
 
         def chunks() -> Iterator[bytes]:
@@ -63,7 +73,8 @@ class QuantyardClient:
                     yield block
 
         headers = {"Content-Type": _content_type(archive), "Content-Length": str(size)}
-        return self._request("POST", "/v1/sources", params={"name": name}, content=chunks(),
+        params = {"name": name, **({"base_model": base_model} if base_model else {})}
+        return self._request("POST", "/v1/sources", params=params, content=chunks(),
                              headers=headers, timeout=None).json()
 
     def create_job(self, *, source: str, targets: list, hardware_class: str = "cpu",
@@ -79,8 +90,32 @@ class QuantyardClient:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
     def list_artifacts(self, **filters: Any) -> dict:
-        params = {k: v for k, v in filters.items() if v is not None}
+        """One page of GET /v1/artifacts: {"items", "next_cursor"}. ``filters`` are its query
+        parameters (format, quantization, architecture, source, label=[...], min_size, ..., q,
+        sort, limit, cursor, include_withdrawn, include_deleted); None values are left out."""
+        params = {k: _query_value(v) for k, v in filters.items() if v is not None and v != []}
         return self._request("GET", "/v1/artifacts", params=params).json()
+
+    def artifact_pages(self, *, limit: int | None = None, page_size: int = MAX_PAGE,
+                       **filters: Any) -> Iterator[dict]:
+        """The pages of a search, following ``next_cursor`` until the last page or until
+        ``limit`` artifacts (None: all). Each request asks for no more than is still wanted,
+        so the last page's ``next_cursor`` points just past the last artifact returned."""
+        remaining = limit
+        while remaining is None or remaining > 0:
+            want = page_size if remaining is None else min(page_size, remaining)
+            page = self.list_artifacts(**filters, limit=want)
+            yield page
+            if remaining is not None:
+                remaining -= len(page["items"])
+            if not page.get("next_cursor") or not page["items"]:
+                return
+            filters["cursor"] = page["next_cursor"]
+
+    def iter_artifacts(self, *, limit: int | None = None, **filters: Any) -> Iterator[dict]:
+        """Every artifact of a search (at most ``limit``), across pages."""
+        for page in self.artifact_pages(limit=limit, **filters):
+            yield from page["items"]
 
     def get_artifact(self, artifact_id: str) -> dict:
         return self._request("GET", f"/v1/artifacts/{artifact_id}").json()
@@ -145,6 +180,29 @@ class QuantyardClient:
     def withdraw(self, kind: str, node_id: str, *, reason: str) -> dict:
         """Withdraw a source or an artifact (kind "source" | "artifact"); returns what was flagged."""
         return self._request("POST", f"/v1/{kind}s/{node_id}/withdraw", json={"reason": reason}).json()
+
+    def reinstate(self, kind: str, node_id: str, *, reason: str) -> dict:
+        """Undo the withdrawal of a source or an artifact (admins); returns what was reinstated and
+        what stays withdrawn because it still comes from another withdrawn node."""
+        return self._request("POST", f"/v1/{kind}s/{node_id}/reinstate", json={"reason": reason}).json()
+
+    # Retention (maintainers; lifting a legal hold: admins). Each returns the artifact as the
+    # server now has it (deleting also lists ``derived_artifacts``, which stay available).
+
+    def delete_artifact(self, artifact_id: str, *, reason: str | None = None) -> dict:
+        """Soft delete: hidden from listings, downloads refused, restorable until its purge_after."""
+        body = {"reason": reason} if reason else None
+        return self._request("DELETE", f"/v1/artifacts/{artifact_id}", json=body).json()
+
+    def restore_artifact(self, artifact_id: str) -> dict:
+        return self._request("POST", f"/v1/artifacts/{artifact_id}/restore").json()
+
+    def set_legal_hold(self, artifact_id: str, *, reason: str) -> dict:
+        return self._request("PUT", f"/v1/artifacts/{artifact_id}/legal-hold", json={"reason": reason}).json()
+
+    def release_legal_hold(self, artifact_id: str, *, reason: str | None = None) -> dict:
+        body = {"reason": reason} if reason else None
+        return self._request("DELETE", f"/v1/artifacts/{artifact_id}/legal-hold", json=body).json()
 
     def lineage(self, kind: str, node_id: str, *, direction: str = "both", depth: int | None = None) -> dict:
         params: dict[str, Any] = {"direction": direction}

@@ -10,12 +10,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from quantyard import archive, catalog
+from quantyard.cards import facts
 
 from api import uploads
 from api.auth import requires
 from api.deps import actor, get_session, mark_audit, org_id, request_info
 from api.errors import ApiError, not_found
-from api.routes.artifacts import WithdrawIn, lineage_params
+from api.routes.artifacts import ReinstateIn, WithdrawIn, lineage_params
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])
 
@@ -25,9 +26,10 @@ def source_json(source) -> dict:
 
 
 def store_source(request: Request, path: Path, *, name: str | None, received: uploads.Received | None = None,
-                 uri: str | None = None, storage_key: str | None = None) -> dict:
+                 uri: str | None = None, storage_key: str | None = None, base_model: str | None = None) -> dict:
     """Check the archive at ``path``, store it (unless it already lives at ``storage_key``) and
-    record the source. Runs in a worker thread."""
+    record the source. ``base_model``: a Hugging Face repo id, already normalised ("org/name"),
+    kept in the source's metadata. Runs in a worker thread."""
     app = request.app
     settings = app.state.settings
     checked = uploads.check_source_archive(path, settings)
@@ -55,6 +57,9 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
     elif existing is not None and existing.storage_key == storage_key:
         return source_json(existing)  # this object was registered before
     display_name = name or _default_name(checked, sha256)
+    metadata = uploads.source_metadata(checked)
+    if base_model is not None:  # the caller's word wins over a repo URL read from a GGUF header
+        metadata["base_model"] = base_model
     try:
         with app.state.session_factory() as s:
             source = catalog.create_source(
@@ -65,7 +70,7 @@ def store_source(request: Request, path: Path, *, name: str | None, received: up
                 uri=uri,
                 storage_key=storage_key,
                 architecture=checked.architecture,
-                metadata=uploads.source_metadata(checked),
+                metadata=metadata,
                 actor=actor(request),
                 request=request_info(request),
             )
@@ -111,10 +116,34 @@ _UPLOAD_BODY = {
 }
 
 
+# Hub paths that are not model repos: "https://huggingface.co/spaces/x" is no base model.
+_NOT_MODEL_NAMESPACES = {"datasets", "spaces", "docs", "blog", "models", "settings", "organizations"}
+
+
+def parse_base_model(value: str | None) -> str | None:
+    """The ``base_model`` query parameter as "org/name" (None when absent); 400 naming it when
+    it is neither a Hugging Face repo id nor a huggingface.co model URL."""
+    if value is None or not value.strip():
+        return None
+    repo = facts.hf_repo_id(value)
+    if repo is None or repo.split("/", 1)[0].lower() in _NOT_MODEL_NAMESPACES or ".." in repo:
+        raise ApiError(400, "invalid_base_model",
+                       f"base_model {value!r} is not a Hugging Face model repo id: give \"org/name\" "
+                       "(e.g. meta-llama/Llama-3.2-1B) or https://huggingface.co/org/name",
+                       details={"parameter": "base_model"})
+    return repo
+
+
 @router.post("", status_code=201, summary="Upload a model (an archive body, or multipart 'files')",
              openapi_extra=_UPLOAD_BODY, dependencies=[requires("submitter")])
-async def upload_source(request: Request, name: str | None = Query(None, max_length=200)):
+async def upload_source(request: Request, name: str | None = Query(None, max_length=200),
+                        base_model: str | None = Query(
+                            None, max_length=300,
+                            description="the Hugging Face repo the model comes from: \"org/name\" or "
+                                        "https://huggingface.co/org/name; model cards and ML-BOMs name it "
+                                        "as base_model (kept as metadata.base_model, \"org/name\")")):
     mark_audit(request, "source.create", "source")
+    repo = parse_base_model(base_model)  # before the body is read: a typo costs no upload
     settings = request.app.state.settings
     limit = settings.max_upload_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -134,7 +163,8 @@ async def upload_source(request: Request, name: str | None = Query(None, max_len
             received = await uploads.receive_body(request, path, limit)
             if received.size_bytes == 0:
                 raise ApiError(400, "invalid_archive", "the request body is empty")
-        result = await run_in_threadpool(store_source, request, path, name=name, received=received)
+        result = await run_in_threadpool(store_source, request, path, name=name, received=received,
+                                         base_model=repo)
     finally:
         await run_in_threadpool(uploads.remove, workdir)
     return JSONResponse(result, status_code=201, headers={"Location": f"/v1/sources/{result['id']}"})
@@ -161,6 +191,21 @@ def withdraw_source(source_id: str, request: Request, body: WithdrawIn = Body(..
         raise not_found("source", source_id)
     result = catalog.withdraw_source(s, source_id=source_id, reason=body.reason, actor=actor(request),
                                      request=request_info(request), organization_id=org_id(request))
+    s.commit()
+    return result
+
+
+@router.post("/{source_id}/reinstate", dependencies=[requires("admin")],
+             summary="Undo a source's withdrawal (and the flags it put on everything made from it)")
+def reinstate_source(source_id: str, request: Request, body: ReinstateIn = Body(...),
+                     s: Session = Depends(get_session)):
+    """[role: admin] Undo the withdrawal of this source: it takes jobs again, and what was made from
+    it is listed and downloadable again, except what still comes from another withdrawn node."""
+    mark_audit(request, "source.reinstate", "source", source_id)
+    if catalog.get_source(s, source_id=source_id, organization_id=org_id(request)) is None:
+        raise not_found("source", source_id)
+    result = catalog.reinstate(s, node_type="source", node_id=source_id, reason=body.reason, actor=actor(request),
+                               request=request_info(request), organization_id=org_id(request))
     s.commit()
     return result
 

@@ -54,7 +54,8 @@ def create_source(
         resource_type="source",
         resource_id=source.id,
         request=request,
-        details={"name": name, "sha256": sha256, "size_bytes": size_bytes, "uri": uri},
+        details={"name": name, "sha256": sha256, "size_bytes": size_bytes, "uri": uri,
+                 **({"base_model": metadata["base_model"]} if (metadata or {}).get("base_model") else {})},
     )
     return source
 

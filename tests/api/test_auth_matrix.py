@@ -34,7 +34,7 @@ class Endpoint:
     body: dict | None = None
     params: dict = field(default_factory=dict)
     mutates: bool = False  # needs fresh resources per call
-    prepare: str | None = None  # what to do to the fresh artifact first: "delete", "withdraw"
+    prepare: str | None = None  # what to do to the fresh artifact first: "delete", "withdraw", "withdraw-source"
     # Where another tenant's resource is named: "path", "body" (POST /v1/jobs' source), or None
     # (nothing to name: the "other" case is the same call, and must answer the same).
     tenant: str | None = "path"
@@ -48,6 +48,8 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("GET", "/v1/sources/{source_id}"): Endpoint("viewer", 200),
     ("GET", "/v1/sources/{source_id}/lineage"): Endpoint("viewer", 200),
     ("POST", "/v1/sources/{source_id}/withdraw"): Endpoint("maintainer", 200, {"reason": "r"}, mutates=True),
+    ("POST", "/v1/sources/{source_id}/reinstate"): Endpoint("admin", 200, {"reason": "r"}, mutates=True,
+                                                            prepare="withdraw-source"),
     ("POST", "/v1/jobs"): Endpoint("submitter", 202, mutates=True, tenant="body"),
     ("GET", "/v1/jobs"): Endpoint("viewer", 200, tenant=None),
     ("GET", "/v1/jobs/{job_id}"): Endpoint("viewer", 200),
@@ -142,6 +144,9 @@ class World:
         if endpoint.prepare == "delete":
             with self.app.state.session_factory.begin() as s:
                 catalog.delete_artifact(s, artifact_id=ids["artifact_id"], actor="test")
+        elif endpoint.prepare == "withdraw-source":
+            with self.app.state.session_factory.begin() as s:
+                catalog.withdraw_source(s, source_id=ids["source_id"], reason="test", actor="test")
         elif endpoint.prepare == "withdraw":
             with self.app.state.session_factory.begin() as s:
                 catalog.withdraw_artifact(s, artifact_id=ids["artifact_id"], reason="test", actor="test")
