@@ -99,12 +99,9 @@ def _iso(t: datetime) -> str:
     return t.isoformat()
 
 
-def seed(url: str, rows: int, rng: random.Random) -> dict:
-    """COPY the rows in; returns facts the queries pick their values from."""
-    import psycopg
-
-    from quantyard.catalog.search import search_text, search_tokens
-
+def plan_rows(rows: int, rng: random.Random) -> tuple[list[str], list[tuple], list[tuple]]:
+    """Organisations, sources and jobs for ``rows`` artifacts (the first draws of ``rng``: a kept
+    database's facts are rebuilt from the same --rows and --seed, see ``--reuse``)."""
     orgs = [f"org_{i}" for i in range(len(ORG_WEIGHTS))]
     n_sources = max(50, min(5_000, rows // 200))
     n_jobs = max(100, rows // 4)
@@ -126,7 +123,17 @@ def seed(url: str, rows: int, rng: random.Random) -> dict:
             labels["release"] = "2026.1-rc"
         created = max(src[5], YEAR_START + timedelta(seconds=rng.uniform(0, 365 * 86400)))
         jobs.append((f"job_{i:08d}", src, labels, created))
+    return orgs, sources, jobs
 
+
+def seed(url: str, rows: int, rng: random.Random) -> dict:
+    """COPY the rows in; returns facts the queries pick their values from."""
+    import psycopg
+
+    from quantyard.catalog.search import search_text, search_tokens
+
+    orgs, sources, jobs = plan_rows(rows, rng)
+    n_jobs = len(jobs)
     t0 = time.perf_counter()
     with psycopg.connect(_pg(url)) as conn:
         conn.execute("SET maintenance_work_mem = '512MB'")
@@ -218,6 +225,8 @@ def queries(facts: dict, rng: random.Random) -> list[tuple[str, dict]]:
         ("text: one source name", {"organization_id": mid, "q": src[2]}),
         ("text: common word", {"organization_id": big, "q": "instruct"}),
         ("text: rare word+format", {"organization_id": big, "q": "granite-70b", "format": "gguf"}),
+        # a partial two-word q matching ~5% of the org: walking newest-first finds a page in ~1,000 rows
+        ("text: partial words (5%)", {"organization_id": big, "q": "instruct-v4"}),
         ("sort=size org+format", {"organization_id": big, "format": "gguf", "sort": "size"}),
         ("sort=mean_kl org+max_kl", {"organization_id": big, "max_mean_kl": 0.05, "sort": "mean_kl"}),
         ("everything", {"organization_id": big, "format": "gguf", "quantization": "Q4_K_M", "label": "env=prod",
@@ -235,24 +244,37 @@ def _plan_nodes(node: dict):
 
 
 def explain(s, params: dict, cursor: str | None) -> dict:
-    """Index names the plan uses on artifacts, and whether it reads artifacts sequentially."""
-    from quantyard.catalog.search import build_query, make_filters
+    """The plan search_artifacts used for this page ("query"; for free text "walk" or
+    "text-index"), the index names its SQL uses on artifacts, and whether it reads artifacts
+    sequentially."""
+    from quantyard.catalog.search import _text_first_query, _walk_query, build_query, make_filters, search_page
 
     kw = {k: v for k, v in params.items() if k != "sort"}
-    query = build_query(make_filters(**kw), dialect="postgresql", sort=params.get("sort", "created"), cursor=cursor)
+    filters, sort = make_filters(**kw), params.get("sort", "created")
+    _, used_plan = search_page(s, filters, sort=sort, cursor=cursor, limit=50)
+    page = {"sort": sort, "cursor": cursor, "include_withdrawn": False, "include_deleted": False, "limit": 50}
+    if used_plan == "walk":
+        query = _walk_query(filters, **page)
+    elif used_plan == "text-index":
+        query = _text_first_query(filters, **page)
+    else:
+        query = build_query(filters, dialect="postgresql", **page)
     compiled = query.compile(dialect=s.get_bind().dialect)
     conn = s.connection()
+    if used_plan != "query":  # planned as search_page plans it
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
     raw = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.construct_params()).scalar()
+    conn.exec_driver_sql("RESET enable_seqscan")
     plan = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
     nodes = list(_plan_nodes(plan))
     # (a Bitmap Index Scan node names its index but not its table)
     used = sorted({n["Index Name"] for n in nodes if n.get("Index Name", "").startswith(ARTIFACT_INDEX_NAMES)
                    or (n.get("Relation Name") == "artifacts" and "Index Name" in n)})
     seq = any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "artifacts" for n in nodes)
-    return {"indexes": used, "seq_scan": seq}
+    return {"plan": used_plan, "indexes": used, "seq_scan": seq}
 
 
-def run_queries(url: str, facts: dict, repeat: int, rng: random.Random) -> list[dict]:
+def run_queries(url: str, facts: dict, repeat: int, rng: random.Random, only: list[str] | None = None) -> list[dict]:
     from quantyard import catalog
     from quantyard.catalog.search import search_artifacts
 
@@ -261,6 +283,8 @@ def run_queries(url: str, facts: dict, repeat: int, rng: random.Random) -> list[
     results = []
     with factory() as s:
         for label, params in queries(facts, rng):
+            if only and not any(part in label for part in only):
+                continue
             first, cursor = search_artifacts(s, limit=50, **params)
             plans = {"first": explain(s, params, None), "next": explain(s, params, cursor) if cursor else None}
             timings = {"first": [], "next": []}
@@ -294,11 +318,40 @@ def print_table(results: list[dict], target_ms: float) -> None:
     for r in results:
         nxt = r["next"] or {"p50_ms": "-", "p95_ms": "-"}
         seq = r["plans"]["first"]["seq_scan"] or bool(r["plans"]["next"] and r["plans"]["next"]["seq_scan"])
-        idx = ", ".join(i.removeprefix("ix_artifacts_") for i in r["plans"]["first"]["indexes"]) or "NONE"
+        first = r["plans"]["first"]
+        idx = ", ".join(i.removeprefix("ix_artifacts_") for i in first["indexes"]) or "NONE"
+        idx = idx if first.get("plan", "query") == "query" else f"{first['plan']}: {idx}"
         print(f"| {r['query']} | {r['rows']} | {r['first']['p50_ms']} | {r['first']['p95_ms']} | {nxt['p50_ms']} | "
               f"{nxt['p95_ms']} | {idx} | {'YES' if seq else 'no'} |")
     worst = max(max(r["first"]["p95_ms"], (r["next"] or {"p95_ms": 0})["p95_ms"]) for r in results)
     print(f"\nworst p95: {worst:.2f} ms (target < {target_ms:g} ms): {'OK' if worst < target_ms else 'OVER'}")
+
+
+def reuse_facts(url: str, rows: int, rng: random.Random) -> dict:
+    """Facts of a database kept by an earlier run (same --rows and --seed), after upgrading it to
+    the current migrations; refuses a database that holds another number of artifacts."""
+    import psycopg
+
+    from quantyard import catalog
+
+    catalog.upgrade_database(url)
+    with psycopg.connect(_pg(url)) as conn:
+        count = conn.execute("SELECT count(*) FROM artifacts").fetchone()[0]
+    if count != rows:
+        raise SystemExit(f"--reuse: {url} holds {count:,} artifacts, not --rows {rows:,} (seeded with other "
+                         "--rows/--seed?)")
+    orgs, sources, jobs = plan_rows(rows, rng)
+    return {"orgs": orgs, "sources": sources, "jobs": len(jobs)}
+
+
+def analyze(url: str) -> float:
+    """ANALYZE again: a new random sample, as a fresh seeding would draw (plans can differ)."""
+    import psycopg
+
+    t = time.perf_counter()
+    with psycopg.connect(_pg(url), autocommit=True) as conn:
+        conn.execute("ANALYZE artifacts")
+    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pg-admin-url", default=None, help=f"default: QUANTYARD_TEST_PG_ADMIN_URL or {DEFAULT_ADMIN_URL}")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="leave the database (its URL is printed)")
+    ap.add_argument("--reuse", metavar="URL", help="time the queries on a database kept by --keep (same --rows and "
+                    "--seed; upgraded to the current migrations first; never dropped)")
+    ap.add_argument("--analyze", action="store_true", help="with --reuse: ANALYZE artifacts first (new statistics)")
+    ap.add_argument("--only", action="append", metavar="TEXT", help="time only the queries whose label contains "
+                    "TEXT (repeatable), e.g. --only text:")
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--target-ms", type=float, default=50.0)
     args = ap.parse_args(argv)
@@ -317,6 +375,14 @@ def main(argv: list[str] | None = None) -> int:
 
     admin = args.pg_admin_url or os.environ.get("QUANTYARD_TEST_PG_ADMIN_URL", DEFAULT_ADMIN_URL)
     rng = random.Random(args.seed)
+    if args.reuse:
+        facts = reuse_facts(args.reuse, args.rows, rng)
+        seed_s = {"reused": args.reuse}
+        if args.analyze:
+            seed_s["analyze"] = analyze(args.reuse)
+        print(f"reusing {args.reuse} ({args.rows:,} artifacts){' after a new ANALYZE' if args.analyze else ''}")
+        _time_and_report(args, args.reuse, facts, seed_s, rng)
+        return 0
     name, url = create_database(admin)
     try:
         t = time.perf_counter()
@@ -326,19 +392,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seeded {args.rows:,} artifacts, {len(facts['sources']):,} sources, {facts['jobs']:,} jobs in "
               f"{len(facts['orgs'])} organisations: migrate {migrate_s:.1f} s, COPY {facts['copy_s']:.1f} s, "
               f"indexes {facts['index_s']:.1f} s, VACUUM ANALYZE {facts['vacuum_analyze_s']:.1f} s")
-        results = run_queries(url, facts, args.repeat, rng)
-        print(f"\n{args.repeat} timed runs per page (limit 50) through quantyard.catalog.search_artifacts:\n")
-        print_table(results, args.target_ms)
-        if args.json_out:
-            args.json_out.write_text(json.dumps({"rows": args.rows, "repeat": args.repeat, "seed_s": {
-                "migrate": migrate_s, "copy": facts["copy_s"], "indexes": facts["index_s"],
-                "vacuum_analyze": facts["vacuum_analyze_s"]}, "results": results}, indent=2))
+        seed_s = {"migrate": migrate_s, "copy": facts["copy_s"], "indexes": facts["index_s"],
+                  "vacuum_analyze": facts["vacuum_analyze_s"]}
+        _time_and_report(args, url, facts, seed_s, rng)
     finally:
         if args.keep:
             print(f"kept database: {url}")
         else:
             drop_database(admin, name)
     return 0
+
+
+def _time_and_report(args, url: str, facts: dict, seed_s: dict, rng: random.Random) -> None:
+    results = run_queries(url, facts, args.repeat, rng, args.only)
+    print(f"\n{args.repeat} timed runs per page (limit 50) through quantyard.catalog.search_artifacts:\n")
+    print_table(results, args.target_ms)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"rows": args.rows, "repeat": args.repeat, "seed_s": seed_s,
+                                             "results": results}, indent=2))
 
 
 if __name__ == "__main__":

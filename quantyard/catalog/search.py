@@ -21,8 +21,13 @@ trigram index alone is slow (every trigram of "llama-0.1b-instruct-v4" is requir
 ``q`` is a whole word, a word's end or a word's start of the matching text, so the row's
 ``search_tokens`` must hold "=word", ">end" or "<start" for it (``query_tokens``): an exact text[]
 containment on a GIN index with far shorter lists, with the LIKE as recheck. Used from
-TOKEN_PATH_MIN such conditions on; shorter ``q`` (one word, a sha256 prefix, two words) keeps
-the trigram index.
+TOKEN_PATH_MIN such conditions on; shorter ``q`` (one word, a sha256 prefix, one word and a
+short one) keeps the trigram index.
+
+Which index reads a free-text page is decided at run time, not by the planner (whose LIKE
+estimates swing with each ANALYZE sample): first a walk of at most 40 rows per page row in page
+order with the text as a plain filter (fills the page for any text in 1 of 40 of the rows the other
+filters pass), and only if that does not fill it, the text index first (``_free_text_page``).
 
 Sorts: ``created`` (newest first, the default), ``size`` (smallest first), ``mean_kl`` (lowest
 KL first; only artifacts that have a KL). Each cursor names its sort.
@@ -35,7 +40,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,7 +60,7 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .errors import InvalidArgument, InvalidCursor
 from .models import Artifact, UTCDateTime, iso
@@ -248,47 +253,49 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _has_labels(dialect: str, pairs: tuple[str, ...]):
+def _has_labels(dialect: str, pairs: tuple[str, ...], A=Artifact):
     if dialect == "postgresql":
         # text[] @> ARRAY[...]: the GIN index, and per-element statistics for the planner
-        return type_coerce(Artifact.label_pairs, postgresql.ARRAY(Text)).contains(
+        return type_coerce(A.label_pairs, postgresql.ARRAY(Text)).contains(
             cast(postgresql.array(list(pairs)), postgresql.ARRAY(Text)))
     conditions = []
     for pair in pairs:
-        each = func.json_each(Artifact.label_pairs).table_valued("value")
+        each = func.json_each(A.label_pairs).table_valued("value")
         conditions.append(exists().select_from(each).where(each.c.value == pair))
     return conditions
 
 
-# The token path from this many token conditions on. With fewer (e.g. "granite-70b": ">granite",
-# "<70b") the trigram index is as fast (22 ms at 1M rows), and the token path's bitmap, being
-# estimated less selective, was ANDed with an (organization_id, format, ...) index range of 200k
-# entries (55 ms). With 5 ("llama-0.1b-instruct-v4") tokens take 27 ms, trigrams 77 ms.
-TOKEN_PATH_MIN = 3
+# The token path from this many token conditions on. Two already pay: "granite-70b" (">granite",
+# "<70b") is a 6 ms token bitmap against 19 ms of trigrams for the same 4,062 rows at 1M rows; with
+# 5 ("llama-0.1b-instruct-v4") tokens take 27 ms, trigrams 77 ms. (A lone token can be a far weaker
+# condition than the trigrams: "a-0.1" gives only "=0".) The text index is only read text-first,
+# fenced from the other filters (``_text_first_query``): the token bitmap, estimated less
+# selective, had been ANDed with an (organization_id, format, ...) range of 200k entries (55 ms).
+TOKEN_PATH_MIN = 2
 
 
-def _text_match(q: str, dialect: str):
+def _text_match(q: str, dialect: str, A=Artifact):
     tokens = query_tokens(q) if dialect == "postgresql" else []
     if len(tokens) >= TOKEN_PATH_MIN:
         # The token index narrows; the LIKE on an expression (not the pg_trgm index, which the
         # planner would otherwise AND in at the very cost this avoids) keeps substring semantics.
-        contains = type_coerce(Artifact.search_tokens, postgresql.ARRAY(Text)).contains(
+        contains = type_coerce(A.search_tokens, postgresql.ARRAY(Text)).contains(
             cast(postgresql.array(tokens), postgresql.ARRAY(Text)))
-        return contains & Artifact.search_text.concat("").like(_like(q), escape="\\")
-    match = Artifact.search_text.like(_like(q), escape="\\")
+        return contains & A.search_text.concat("").like(_like(q), escape="\\")
+    match = A.search_text.like(_like(q), escape="\\")
     if _HEX.match(q):
         # a sha256 prefix, as a range (a btree bound on any collation; LIKE 'x%' is not)
-        return or_(match, Artifact.sha256.between(q, q + "g"))
+        return or_(match, A.sha256.between(q, q + "g"))
     return match
 
 
-def _where(query, f: Filters, dialect: str):
-    A = Artifact
+def _where(query, f: Filters, dialect: str, A=Artifact):
+    """``query`` narrowed by every filter of ``f``, on ``A`` (Artifact or an alias of it)."""
     equal = {A.organization_id: f.organization_id, A.format: f.format, A.quantization: f.quantization,
              A.architecture: f.architecture, A.source_id: f.source_id, A.job_id: f.job_id}
     query = query.where(*(col == value for col, value in equal.items() if value is not None))
     if f.labels:
-        cond = _has_labels(dialect, f.labels)
+        cond = _has_labels(dialect, f.labels, A)
         query = query.where(*(cond if isinstance(cond, list) else [cond]))
     bounds = [
         (A.size_bytes >= f.min_size) if f.min_size is not None else None,
@@ -299,18 +306,18 @@ def _where(query, f: Filters, dialect: str):
         (A.top1_agreement >= f.min_top1) if f.min_top1 is not None else None,
         (A.cosine_min >= f.min_cosine) if f.min_cosine is not None else None,
         (A.bits_per_weight <= f.max_bits_per_weight) if f.max_bits_per_weight is not None else None,
-        _text_match(f.q, dialect) if f.q else None,
+        _text_match(f.q, dialect, A) if f.q else None,
     ]
     return query.where(*(b for b in bounds if b is not None))
 
 
-def visibility(query, *, include_withdrawn: bool, include_deleted: bool):
+def visibility(query, *, include_withdrawn: bool, include_deleted: bool, entity=Artifact):
     """Hides withdrawn artifacts (and those flagged by an ancestor's withdrawal) and soft-deleted
     ones unless asked for."""
     if not include_withdrawn:
-        query = query.where(Artifact.withdrawn_at.is_(None))
+        query = query.where(entity.withdrawn_at.is_(None))
     if not include_deleted:
-        query = query.where(Artifact.deleted_at.is_(None))
+        query = query.where(entity.deleted_at.is_(None))
     return query
 
 
@@ -364,8 +371,8 @@ def decode_cursor(sort: _Sort, cursor: str) -> tuple[Any, str]:
     return key, id_
 
 
-def _after(sort: _Sort, key: Any, id_: str):
-    row = tuple_(sort.column, Artifact.id)
+def _after(sort: _Sort, key: Any, id_: str, A=Artifact):
+    row = tuple_(getattr(A, sort.column.key), A.id)
     bound = tuple_(literal(key, sort.key_type), literal(id_, String()))
     return row < bound if sort.descending else row > bound
 
@@ -373,18 +380,143 @@ def _after(sort: _Sort, key: Any, id_: str):
 # ---------------------------------------------------------------------------------- search
 
 
+def _order_keys(order: _Sort, A=Artifact) -> list:
+    key, id_ = getattr(A, order.column.key), A.id
+    return [key.desc(), id_.desc()] if order.descending else [key.asc(), id_.asc()]
+
+
+def _filtered(f: Filters, *, dialect: str, order: _Sort, cursor: str | None, include_withdrawn: bool,
+              include_deleted: bool, A=Artifact, query=None):
+    """SELECT ``A`` (or ``query``) narrowed by the filters, visibility, the sort's own condition
+    and the cursor."""
+    query = _where(select(A) if query is None else query, f, dialect, A)
+    query = visibility(query, include_withdrawn=include_withdrawn, include_deleted=include_deleted, entity=A)
+    if order.name == "mean_kl":
+        query = query.where(A.mean_kl.is_not(None))
+    if cursor:
+        query = query.where(_after(order, *decode_cursor(order, cursor), A))
+    return query
+
+
 def build_query(f: Filters, *, dialect: str, sort: str = "created", cursor: str | None = None,
                 include_withdrawn: bool = False, include_deleted: bool = False, limit: int = 50):
     """The SELECT for one page (``limit + 1`` rows, to know whether there is a next page)."""
     order = _sort(sort)
-    query = _where(select(Artifact), f, dialect)
-    query = visibility(query, include_withdrawn=include_withdrawn, include_deleted=include_deleted)
-    if order.name == "mean_kl":
-        query = query.where(Artifact.mean_kl.is_not(None))
-    if cursor:
-        query = query.where(_after(order, *decode_cursor(order, cursor)))
-    direction = (lambda c: c.desc()) if order.descending else (lambda c: c.asc())
-    return query.order_by(direction(order.column), direction(Artifact.id)).limit(clamp_limit(limit) + 1)
+    query = _filtered(f, dialect=dialect, order=order, cursor=cursor, include_withdrawn=include_withdrawn,
+                      include_deleted=include_deleted)
+    return query.order_by(*_order_keys(order)).limit(clamp_limit(limit) + 1)
+
+
+# Free text on Postgres is decided at run time, not by the planner. Its LIKE estimate for
+# '%granite-70b%' is the share of ~100 sampled values that match, 0 or 1 from one ANALYZE to the
+# next, and its plan flipped between the trigram index (22 ms) and walking the org's newest-first
+# index with a filter (76 ms); for "instruct-v4" (5% of the org) both index plans read every match
+# (250-400 ms) where the walk stops after ~1,000 rows. So:
+# 1. walk the page order with the text as a plain filter, at most WALK_ROWS_PER_ROW * (limit + 1)
+#    rows: a text in at least 1 of 40 of the rows the other filters pass fills the page there
+#    (a common word: ~200 rows), and so does any filter set passing fewer rows than that;
+# 2. otherwise the text is rare there: read it from its index first (every match in the catalog),
+#    the other filters applied to those rows, then sort (``_text_first_query``).
+WALK_ROWS_PER_ROW = 40
+
+
+def _subquery_order(order: _Sort, sub) -> list:
+    """The page order on a subquery's (key, id) columns."""
+    key, id_ = sub.c[order.column.key], sub.c.id
+    return [key.desc(), id_.desc()] if order.descending else [key.asc(), id_.asc()]
+
+
+def walk_rows(limit: int) -> int:
+    return WALK_ROWS_PER_ROW * (clamp_limit(limit) + 1)
+
+
+def _plain_text_match(q: str, columns) -> Any:
+    """``_text_match`` as a row filter (no index): the LIKE, or a sha256 prefix."""
+    match = columns.search_text.like(_like(q), escape="\\")
+    return or_(match, columns.sha256.between(q, q + "g")) if _HEX.match(q) else match
+
+
+def _walk_query(f: Filters, *, sort: str, cursor: str | None, include_withdrawn: bool, include_deleted: bool,
+                limit: int):
+    """The first ``walk_rows(limit)`` rows the other filters pass, in page order (an index walk the
+    planner chooses as for any structured page), filtered by the text. Returns rows (artifact,
+    hit, position); the last walked row comes back too (position == walk_rows) so a capped walk
+    can be told from an exhausted one. The walk carries only the columns it needs (row_number
+    keeps what it numbers: whole rows cost a third more); matches are joined back by id."""
+    order = _sort(sort)
+    cap = walk_rows(limit)
+    keys = _order_keys(order)
+    A = Artifact
+    walked = (_filtered(replace(f, q=None), dialect="postgresql", order=order, cursor=cursor,
+                        include_withdrawn=include_withdrawn, include_deleted=include_deleted)
+              .with_only_columns(A.id, order.column, A.search_text, A.sha256,
+                                 func.row_number().over(order_by=keys).label("walk_pos"))
+              .order_by(*keys).limit(cap).subquery("walked"))
+    hit = _plain_text_match(f.q, walked.c)
+    page_order = _subquery_order(order, walked)
+    return (select(A, hit.label("hit"), walked.c.walk_pos)
+            .join_from(walked, A, A.id == walked.c.id)
+            .where(or_(hit, walked.c.walk_pos == cap))
+            .order_by(*page_order)
+            .limit(clamp_limit(limit) + 2))
+
+
+def _text_first_query(f: Filters, *, sort: str, cursor: str | None, include_withdrawn: bool,
+                      include_deleted: bool, limit: int):
+    """Every row the text matches, read through its own index (OFFSET 0 fences the subquery, so no
+    other condition reaches it), then the other filters and the page's sort. Left to itself the
+    planner ANDed the text bitmap with an (organization_id, ...) range of 100k+ entries whenever it
+    expected a few thousand matches (52-67 ms, 340 ms with a third index, instead of 22 ms). Only
+    ids and sort keys are sorted; the page's rows are joined back by id (whole rows: 70 -> 27 ms)."""
+    order = _sort(sort)
+    matching = select(Artifact).where(_text_match(f.q, "postgresql")).offset(0).subquery("matching")
+    t = aliased(Artifact, matching)
+    page = (_filtered(replace(f, q=None), dialect="postgresql", order=order, cursor=cursor,
+                      include_withdrawn=include_withdrawn, include_deleted=include_deleted, A=t,
+                      query=select(t.id, getattr(t, order.column.key)))
+            .order_by(*_order_keys(order, t)).limit(clamp_limit(limit) + 1).subquery("page"))
+    return select(Artifact).join_from(page, Artifact, Artifact.id == page.c.id).order_by(*_subquery_order(order, page))
+
+
+def _free_text_page(s: Session, f: Filters, *, sort: str, cursor: str | None, include_withdrawn: bool,
+                    include_deleted: bool, limit: int) -> tuple[list[Artifact], str]:
+    """A free-text page on Postgres and the plan that answered it: "walk" or "text-index"."""
+    opts = {"sort": sort, "cursor": cursor, "include_withdrawn": include_withdrawn,
+            "include_deleted": include_deleted}
+    # The walk is meant as an index walk that stops early; on a small table the planner would
+    # rather read the whole org and sort it (harmless there, but never what the walk is for). The
+    # text-first query runs under the same setting: a bitmap of the text index, never a scan of
+    # the whole table. The caller's setting is back before returning.
+    previous = s.execute(text("SELECT current_setting('enable_seqscan'), "
+                              "set_config('enable_seqscan', 'off', true)")).scalar_one()
+    try:
+        rows = s.execute(_walk_query(f, limit=limit, **opts)).all()
+        hits = [art for art, hit, _ in rows if hit]
+        capped = any(pos == walk_rows(limit) for _, _, pos in rows)
+        if len(hits) > limit or not capped:
+            return hits[:limit + 1], "walk"
+        return list(s.execute(_text_first_query(f, limit=limit, **opts)).scalars()), "text-index"
+    finally:
+        s.execute(text("SELECT set_config('enable_seqscan', :value, true)"), {"value": previous})
+
+
+def search_page(s: Session, f: Filters, *, sort: str = "created", cursor: str | None = None,
+                include_withdrawn: bool = False, include_deleted: bool = False,
+                limit: int = 50) -> tuple[list[Artifact], str]:
+    """Up to ``limit + 1`` artifacts of one page and the plan used ("query", or for free text on
+    Postgres "walk" / "text-index"); ``search_artifacts`` is the public entry."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        # psycopg prepares a statement after 5 runs, and Postgres then may switch to a generic
+        # plan that ignores the values: for a time or size range it picked a bitmap scan + sort
+        # of every matching row (170 ms instead of 2 ms at 1M rows). Plan for the values given.
+        s.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+        if f.q:
+            return _free_text_page(s, f, sort=sort, cursor=cursor, include_withdrawn=include_withdrawn,
+                                   include_deleted=include_deleted, limit=limit)
+    query = build_query(f, dialect=dialect, sort=sort, cursor=cursor, include_withdrawn=include_withdrawn,
+                        include_deleted=include_deleted, limit=limit)
+    return list(s.execute(query).scalars()), "query"
 
 
 def search_artifacts(
@@ -423,14 +555,8 @@ def search_artifacts(
         min_cosine=min_cosine, max_bits_per_weight=max_bits_per_weight, q=q,
     )
     limit = clamp_limit(limit)
-    if s.get_bind().dialect.name == "postgresql":
-        # psycopg prepares a statement after 5 runs, and Postgres then may switch to a generic
-        # plan that ignores the values: for a time or size range it picked a bitmap scan + sort
-        # of every matching row (170 ms instead of 2 ms at 1M rows). Plan for the values given.
-        s.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-    query = build_query(filters, dialect=s.get_bind().dialect.name, sort=sort, cursor=cursor,
-                        include_withdrawn=include_withdrawn, include_deleted=include_deleted, limit=limit)
-    items = list(s.execute(query).scalars())
+    items, _ = search_page(s, filters, sort=sort, cursor=cursor, include_withdrawn=include_withdrawn,
+                           include_deleted=include_deleted, limit=limit)
     if len(items) <= limit:
         return items, None
     items = items[:limit]

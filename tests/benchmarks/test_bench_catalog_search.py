@@ -46,3 +46,14 @@ def test_bench_catalog_search_quick(tmp_path):
     assert "ix_artifacts_organization_id_format_quantization_created_at_id" in by_query["org+format+quant"]
     assert "ix_artifacts_organization_id_size_bytes_id" in by_query["sort=size org+format"]
     assert "ix_artifacts_organization_id_mean_kl_id" in by_query["sort=mean_kl org+max_kl"]
+    # free text is planned at run time: a bounded page-order walk, or the text index first
+    for r in results:
+        plan = r["plans"]["first"]["plan"]
+        if r["query"].startswith("text:"):
+            assert plan in ("walk", "text-index"), (r["query"], plan)
+        else:
+            assert plan == "query", (r["query"], plan)
+    assert "text: partial words (5%)" in by_query
+    # a common word fills its page from the walk
+    plans = {r["query"]: r["plans"]["first"]["plan"] for r in results}
+    assert plans["text: common word"] == "walk"

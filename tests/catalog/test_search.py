@@ -361,3 +361,68 @@ def test_query_tokens_are_a_subset_of_every_matching_rows_tokens():
         assert set(query_tokens(q)) <= set(search_tokens(text_)), (text_, q)
     assert query_tokens("llama-0.1b-instruct-v4") == ["<v4", "=0", "=1b", "=instruct", ">llama"]
     assert query_tokens("instruct") == [] and query_tokens("0a1b2c3d4e5f") == []
+
+
+# ------------------------------------------------- free text on Postgres: walk, then text index
+
+
+def _walk_all(factory, q, sort, limit):
+    """Every page of ``q`` (org_a, ``sort``) through search_page; the ids in order and the plans."""
+    from quantyard.catalog.search import make_filters, search_page
+
+    ids, plans, cursor = [], set(), None
+    f = make_filters(organization_id="org_a", q=q)
+    while True:
+        with factory() as s:
+            page, plan = search_page(s, f, sort=sort, cursor=cursor, limit=limit)
+            plans.add(plan)
+            items, cursor = page[:limit], None
+            if len(page) > limit:
+                from quantyard.catalog.search import _sort, encode_cursor
+
+                cursor = encode_cursor(_sort(sort), items[-1])
+            ids += [a.id for a in items]
+        if cursor is None:
+            return ids, plans
+
+
+@pytest.mark.parametrize("sort", ["created", "size", "mean_kl"])
+def test_free_text_walk_and_text_index_pages(factory, wordy, monkeypatch, sort):
+    """With a tiny walk (1 row per page row), pages come from the bounded page-order walk when the
+    text is common and from the text index when it is rare; either way the pages concatenate to
+    the unfiltered order restricted to rows containing ``q`` (a Python substring test)."""
+    from quantyard.catalog import search
+
+    monkeypatch.setattr(search, "WALK_ROWS_PER_ROW", 1)
+    with factory.begin() as s:  # distinct sizes and KLs, some shared, so every sort has ties to break
+        for n, art_id in enumerate(sorted(wordy)):
+            art = s.get(catalog.Artifact, art_id)
+            art.size_bytes, art.mean_kl = 1000 + (n % 5), (0.01 * (n % 4)) if n % 6 else None
+            art.created_at = T0 + timedelta(minutes=n % 7)
+    with factory() as s:
+        full, _ = search_artifacts(s, organization_id="org_a", sort=sort, limit=500)
+        text_of = {a.id: a.search_text for a in full}
+        sha_of = {a.id: a.sha256 for a in full}
+        order = [a.id for a in full]
+    hex_q = sha_of[order[3]][:9]
+    seen_plans = set()
+    for q in FREE_TEXT + [hex_q]:
+        expected = [i for i in order if q in text_of[i] or (q == hex_q and sha_of[i].startswith(q))]
+        for limit in (1, 2, 3):
+            got, plans = _walk_all(factory, q, sort, limit)
+            assert got == expected, (q, sort, limit, plans)
+            seen_plans |= plans
+    postgres = factory.kw["bind"].dialect.name == "postgresql"
+    assert seen_plans == ({"walk", "text-index"} if postgres else {"query"}), seen_plans
+
+
+@pytest.mark.parametrize("catalog_url", ["postgres"], indirect=True)  # a Postgres planner setting
+def test_free_text_leaves_the_callers_planner_settings(factory, wordy):
+    """The walk turns sequential scans off for its own queries only (Postgres)."""
+    with factory() as s:
+        assert s.get_bind().dialect.name == "postgresql"
+        for setting in ("on", "off"):
+            s.execute(text(f"SET LOCAL enable_seqscan = {setting}"))
+            items, _ = search_artifacts(s, organization_id="org_a", q="llama", limit=2)
+            assert items
+            assert s.execute(text("SHOW enable_seqscan")).scalar_one() == setting
