@@ -157,7 +157,8 @@ def record_artifact(
         architecture=source.architecture or (metadata or {}).get("architecture"),
         label_pairs=search_label_pairs(job.labels if job is not None else None),
         search_text=names,
-        search_tokens=search_tokens(names),
+        search_tokens=search_tokens(names, organization_id=job.organization_id if job is not None
+                                    else source.organization_id),
         **metric_values(metrics),
     )
     s.add(artifact)

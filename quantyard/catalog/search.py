@@ -22,7 +22,10 @@ trigram index alone is slow (every trigram of "llama-0.1b-instruct-v4" is requir
 ``search_tokens`` must hold "=word", ">end" or "<start" for it (``query_tokens``): an exact text[]
 containment on a GIN index with far shorter lists, with the LIKE as recheck. Used from
 TOKEN_PATH_MIN such conditions on; shorter ``q`` (one word, a sha256 prefix, one word and a
-short one) keeps the trigram index.
+short one) keeps the trigram index. The tokens are per organisation (each starts with a short
+hash of the artifact's organization_id, migration 0007), so an org-scoped search reads only its
+organisation's posting lists and matching rows; a search without an organisation (internal
+callers) uses the trigram index.
 
 Which index reads a free-text page is decided at run time, not by the planner (whose LIKE
 estimates swing with each ANALYZE sample): first a walk of at most 40 rows per page row in page
@@ -36,6 +39,7 @@ KL first; only artifacts that have a KL). Each cursor names its sort.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -107,21 +111,39 @@ _WORD = re.compile(r"[0-9a-z]+")
 AFFIX_MAX = 12
 
 
-def search_tokens(text_: str | None) -> list[str]:
-    """The elements ``search_tokens`` holds for a ``search_text``: "=w" for each word w, "<p" for
-    its prefixes and ">s" for its suffixes of 2..AFFIX_MAX characters; sorted, distinct."""
+# Tokens are per organisation: each starts with ORG_PREFIX_LEN hex digits of md5(organization_id)
+# (migration 0007 computes the same with Postgres' md5()), so an org-scoped token condition reads
+# that organisation's posting lists only: "=0" was in 370k rows of every organisation at 1M rows.
+# A collision of two organisations' prefixes only adds rows that the organization_id filter drops.
+# An artifact without an organisation keeps unprefixed tokens (only org-scoped searches use them).
+ORG_PREFIX_LEN = 6
+
+
+def org_token_prefix(organization_id: str | None) -> str:
+    if organization_id is None:
+        return ""
+    return hashlib.md5(organization_id.encode(), usedforsecurity=False).hexdigest()[:ORG_PREFIX_LEN]
+
+
+def search_tokens(text_: str | None, *, organization_id: str | None = None) -> list[str]:
+    """The elements ``search_tokens`` holds for a ``search_text`` of an artifact of
+    ``organization_id``: "=w" for each word w, "<p" for its prefixes and ">s" for its suffixes of
+    2..AFFIX_MAX characters, each after the organisation's prefix; sorted, distinct."""
     out: set[str] = set()
     for word in _WORD.findall(text_ or ""):
         out.add("=" + word)
         for n in range(2, min(len(word), AFFIX_MAX) + 1):
             out.add("<" + word[:n])
             out.add(">" + word[-n:])
-    return sorted(out)
+    prefix = org_token_prefix(organization_id)
+    return sorted(prefix + token for token in out)
 
 
-def query_tokens(q: str) -> list[str]:
-    """Elements every row whose ``search_text`` contains ``q`` has in ``search_tokens`` (empty when
-    ``q`` is one word with no separator around it: an infix, left to the trigram index)."""
+def query_tokens(q: str, *, organization_id: str | None = None) -> list[str]:
+    """Elements every row of ``organization_id`` whose ``search_text`` contains ``q`` has in
+    ``search_tokens`` (empty when ``q`` is one word with no separator around it: an infix, left to
+    the trigram index)."""
+    prefix = org_token_prefix(organization_id)
     matches = list(_WORD.finditer(q))
     out = []
     for m in matches:
@@ -134,7 +156,7 @@ def query_tokens(q: str) -> list[str]:
             out.append("<" + word[:AFFIX_MAX])
         elif ends and len(word) >= 2:
             out.append(">" + word[-AFFIX_MAX:])
-    return sorted(set(out))
+    return sorted({prefix + token for token in out})
 
 
 # ------------------------------------------------------------------------- argument parsing
@@ -274,8 +296,10 @@ def _has_labels(dialect: str, pairs: tuple[str, ...], A=Artifact):
 TOKEN_PATH_MIN = 2
 
 
-def _text_match(q: str, dialect: str, A=Artifact):
-    tokens = query_tokens(q) if dialect == "postgresql" else []
+def _text_match(q: str, dialect: str, A=Artifact, *, organization_id: str | None = None):
+    # Tokens are per organisation: without one (internal callers) the trigram index answers.
+    scoped = dialect == "postgresql" and organization_id is not None
+    tokens = query_tokens(q, organization_id=organization_id) if scoped else []
     if len(tokens) >= TOKEN_PATH_MIN:
         # The token index narrows; the LIKE on an expression (not the pg_trgm index, which the
         # planner would otherwise AND in at the very cost this avoids) keeps substring semantics.
@@ -306,7 +330,7 @@ def _where(query, f: Filters, dialect: str, A=Artifact):
         (A.top1_agreement >= f.min_top1) if f.min_top1 is not None else None,
         (A.cosine_min >= f.min_cosine) if f.min_cosine is not None else None,
         (A.bits_per_weight <= f.max_bits_per_weight) if f.max_bits_per_weight is not None else None,
-        _text_match(f.q, dialect, A) if f.q else None,
+        _text_match(f.q, dialect, A, organization_id=f.organization_id) if f.q else None,
     ]
     return query.where(*(b for b in bounds if b is not None))
 
@@ -469,7 +493,8 @@ def _text_first_query(f: Filters, *, sort: str, cursor: str | None, include_with
     expected a few thousand matches (52-67 ms, 340 ms with a third index, instead of 22 ms). Only
     ids and sort keys are sorted; the page's rows are joined back by id (whole rows: 70 -> 27 ms)."""
     order = _sort(sort)
-    matching = select(Artifact).where(_text_match(f.q, "postgresql")).offset(0).subquery("matching")
+    text_match = _text_match(f.q, "postgresql", organization_id=f.organization_id)
+    matching = select(Artifact).where(text_match).offset(0).subquery("matching")
     t = aliased(Artifact, matching)
     page = (_filtered(replace(f, q=None), dialect="postgresql", order=order, cursor=cursor,
                       include_withdrawn=include_withdrawn, include_deleted=include_deleted, A=t,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy import text
 
 from quantyard import catalog
 from quantyard.catalog import InvalidArgument, InvalidCursor
-from quantyard.catalog.search import search_artifacts, search_tokens
+from quantyard.catalog.search import org_token_prefix, search_artifacts, search_tokens
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 _serial = itertools.count()
@@ -262,8 +263,22 @@ def test_withdrawn_and_deleted_hidden_unless_asked(factory, corpus):
     assert set(_find(factory, corpus, label="env=dev", include_deleted=True)) == {"same_size_a", "same_size_b", "q2"}
 
 
+def _artifact_indexes(url: str) -> dict[str, tuple]:
+    """{name: (columns, unique, dialect options)} of the artifacts table's indexes."""
+    from sqlalchemy import inspect
+
+    engine = catalog.make_engine(url)
+    try:
+        found = inspect(engine).get_indexes("artifacts")
+    finally:
+        engine.dispose()
+    return {i["name"]: (tuple(i["column_names"]), i["unique"], repr(sorted(i.get("dialect_options", {}).items())))
+            for i in found}
+
+
 def test_migration_fills_columns_of_existing_artifacts(catalog_url, tmp_path):
-    """Artifacts recorded before 0006 get their search columns from the upgrade."""
+    """Artifacts recorded before 0006 get their search columns from the upgrade (0007: tokens with
+    their organisation's prefix; its downgrade strips it)."""
     if catalog_url.startswith("sqlite"):
         url = f"sqlite:///{tmp_path / 'old.db'}"
     else:
@@ -289,25 +304,50 @@ def test_migration_fills_columns_of_existing_artifacts(catalog_url, tmp_path):
                 "INSERT INTO jobs (id, source_id, status, progress, hardware_class, labels, attempts, max_attempts, "
                 f"cancel_requested, warnings, created_at) VALUES ('job_1', 'src_1', 'succeeded', 1, 'cpu', '{labels}', "
                 f"1, 3, false, '[]', '{now}')"))
-            conn.execute(text(
-                "INSERT INTO artifacts (id, job_id, source_id, format, quantization, filename, sha256, size_bytes, "
-                "uri, storage_key, metrics, metadata, engine_version, recipe_hash, created_at) VALUES ('art_1', "
-                f"'job_1', 'src_1', 'gguf', 'Q4_K_M', 'Model-Q4_K_M.gguf', 'bb', 5, 'u', 'k', '{metrics}', '{{}}', "
-                f"'e', 'r', '{now}')"))
+            for id_, org in (("art_1", "'org_a'"), ("art_2", "NULL")):
+                conn.execute(text(
+                    "INSERT INTO artifacts (id, organization_id, job_id, source_id, format, quantization, filename, "
+                    f"sha256, size_bytes, uri, storage_key, metrics, metadata, engine_version, recipe_hash, created_at) "
+                    f"VALUES ('{id_}', {org}, 'job_1', 'src_1', 'gguf', 'Q4_K_M', 'Model-Q4_K_M.gguf', 'bb', 5, 'u', "
+                    f"'k', '{metrics}', '{{}}', 'e', 'r', '{now}')"))
         engine.dispose()
+        catalog.upgrade_database(url, "0006")
+        indexes_0006 = _artifact_indexes(url)
         catalog.upgrade_database(url)
+        # 0007 rebuilds the indexes it drops for the rewrite (Postgres), each from its definition
+        assert _artifact_indexes(url) == indexes_0006
         engine = catalog.make_engine(url)
         with catalog.make_session_factory(engine)() as s:
             art = s.get(catalog.Artifact, "art_1")
             assert art.architecture == "LlamaForCausalLM"
             assert sorted(art.label_pairs) == ["env=prod", "team=nlp"]
             assert art.search_text == "model-q4_k_m.gguf acme-llama gguf q4_k_m"
-            # the migration's SQL (Postgres) / Python (SQLite) split matches catalog.search.search_tokens
-            assert sorted(art.search_tokens) == search_tokens(art.search_text)
-            assert {"=acme", ">llama", "<q4", "=gguf"} <= set(art.search_tokens)
+            # the migrations' SQL (Postgres) / Python (SQLite) split and org prefix (0006, 0007)
+            # match catalog.search.search_tokens
+            assert sorted(art.search_tokens) == search_tokens(art.search_text, organization_id="org_a")
+            prefix = org_token_prefix("org_a")
+            assert {prefix + t for t in ("=acme", ">llama", "<q4", "=gguf")} <= set(art.search_tokens)
+            assert sorted(s.get(catalog.Artifact, "art_2").search_tokens) == search_tokens(art.search_text)
             assert (art.mean_kl, art.top1_agreement, art.cosine_min, art.bits_per_weight) == (0.02, 0.95, None, 4.0)
-            assert [a.id for a in search_artifacts(s, label="team=nlp", max_mean_kl=0.05, q="acme")[0]] == ["art_1"]
+            found = search_artifacts(s, label="team=nlp", max_mean_kl=0.05, q="acme")[0]
+            assert sorted(a.id for a in found) == ["art_1", "art_2"]
+            found = search_artifacts(s, organization_id="org_a", q="model-q4_k_m.gguf acme-llama")[0]
+            assert [a.id for a in found] == ["art_1"]
         engine.dispose()
+        # 0007's downgrade takes the organisation prefixes off again
+        from alembic import command
+
+        from quantyard.catalog.db import alembic_config
+
+        command.downgrade(alembic_config(url), "0006")
+        engine = catalog.make_engine(url)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, search_text, search_tokens FROM artifacts ORDER BY id")).all()
+        engine.dispose()
+        for id_, text_, tokens in rows:
+            tokens = json.loads(tokens) if isinstance(tokens, str) else tokens
+            assert sorted(tokens) == search_tokens(text_), id_
+        assert _artifact_indexes(url) == indexes_0006
     finally:
         if not catalog_url.startswith("sqlite"):
             drop_pg_database(name)
@@ -426,3 +466,70 @@ def test_free_text_leaves_the_callers_planner_settings(factory, wordy):
             items, _ = search_artifacts(s, organization_id="org_a", q="llama", limit=2)
             assert items
             assert s.execute(text("SHOW enable_seqscan")).scalar_one() == setting
+
+
+# ------------------------------------------------ free text: per-organisation tokens, unscoped search
+
+
+def _two_orgs(factory):
+    """org_a and org_b with sources of the same names (their words, prefixes and suffixes shared),
+    org_b also one name of its own; ``{id: (organization, search_text)}``."""
+    with factory.begin() as s:
+        arts = []
+        for org, names in (("org_a", WORDY[:4]), ("org_b", WORDY[1:3] + ["granite-70b-base"])):
+            for name in names:
+                src = _source(s, name, "LlamaForCausalLM", org=org)
+                for quant in ("Q8_0", "Q4_K_M"):
+                    arts.append(_artifact(s, src, None, quant=quant))
+        return {a.id: (a.organization_id, a.search_text) for a in arts}
+
+
+@pytest.mark.parametrize("prefix_len", [6, 0])  # 0: every organisation's prefix collides
+def test_free_text_scoped_and_unscoped_over_two_organisations(factory, monkeypatch, prefix_len):
+    """Per-organisation tokens: an org-scoped search reads its own tokens, an unscoped one (no
+    organisation: the trigram index) reads every organisation's rows; both return exactly the rows
+    a Python substring test picks, also when two organisations' token prefixes collide. Pages come
+    from the walk and the text index (a walk of 1 row per page row)."""
+    from quantyard.catalog import search
+
+    monkeypatch.setattr(search, "ORG_PREFIX_LEN", prefix_len)
+    monkeypatch.setattr(search, "WALK_ROWS_PER_ROW", 1)
+    rows = _two_orgs(factory)
+    for q in FREE_TEXT + ["granite-70b", "70b-base-q8_0"]:
+        for org in ("org_a", "org_b", None):
+            expected = {i for i, (o, t) in rows.items() if q in t and org in (None, o)}
+            for limit in (2, 500):
+                with factory() as s:
+                    got, cursor = search_artifacts(s, organization_id=org, q=q, limit=limit)
+                    ids = {a.id for a in got}
+                    while cursor:
+                        got, cursor = search_artifacts(s, organization_id=org, q=q, limit=limit, cursor=cursor)
+                        ids |= {a.id for a in got}
+                assert ids == expected, (q, org, limit)
+
+
+def test_tokens_carry_the_organisation_prefix():
+    text_ = "llama-0.1b-instruct-v4-q8_0.gguf llama-0.1b-instruct-v4 gguf q8_0"
+    prefix = org_token_prefix("org_a")
+    assert len(prefix) == 6 and prefix != org_token_prefix("org_b") and org_token_prefix(None) == ""
+    assert search_tokens(text_, organization_id="org_a") == sorted(prefix + t for t in search_tokens(text_))
+    from quantyard.catalog.search import query_tokens
+
+    assert query_tokens("instruct-v4", organization_id="org_a") == [prefix + "<v4", prefix + ">instruct"]
+    # which index an unscoped search may use: never the (per-organisation) tokens
+    from sqlalchemy.dialects import postgresql
+
+    from quantyard.catalog.search import _text_match
+
+    def sql(org):
+        return str(_text_match("llama-0.1b", "postgresql", organization_id=org).compile(dialect=postgresql.dialect()))
+
+    assert "search_tokens" in sql("org_a") and "search_tokens" not in sql(None)
+
+
+@pytest.mark.parametrize("catalog_url", ["postgres"], indirect=True)
+def test_org_prefix_matches_postgres_md5(factory):
+    """Migration 0007 computes the prefix with Postgres' md5(); record_artifact with hashlib."""
+    with factory() as s:
+        for org in ("org_a", "org_default", "org_ünï"):
+            assert s.execute(text("SELECT left(md5(:o), 6)"), {"o": org}).scalar_one() == org_token_prefix(org)
