@@ -584,6 +584,21 @@ def bom(artifact_id, output, server) -> None:
     _write_or_print(text, output)
 
 
+def _call_server(server, as_json: bool, call) -> dict | None:
+    """``call(client)``; a refusal prints the server's message and exits 1. With ``as_json`` the
+    answer is printed as JSON (None returned), else returned for the command to print."""
+    from quantyard.client import ApiError
+
+    try:
+        result = call(_client(server))
+    except ApiError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return None
+    return result
+
+
 @main.command()
 @click.argument("kind", type=click.Choice(["source", "artifact"]))
 @click.argument("node_id")
@@ -593,14 +608,8 @@ def bom(artifact_id, output, server) -> None:
 def withdraw(kind, node_id, reason, as_json, server) -> None:
     """Withdraw a source or artifact (maintainers): everything made from it is flagged, hidden from
     listings and refused for download."""
-    from quantyard.client import ApiError
-
-    try:
-        result = _client(server).withdraw(kind, node_id, reason=reason)
-    except ApiError as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    result = _call_server(server, as_json, lambda c: c.withdraw(kind, node_id, reason=reason))
+    if result is None:
         return
     node = result["node"]
     state = "was already withdrawn" if result["already_withdrawn"] else "withdrawn"
@@ -620,14 +629,8 @@ def withdraw(kind, node_id, reason, as_json, server) -> None:
 def reinstate(kind, node_id, reason, as_json, server) -> None:
     """Undo the withdrawal of a source or artifact (admins). What was flagged only because of it
     is cleared; what still comes from another withdrawn node stays withdrawn."""
-    from quantyard.client import ApiError
-
-    try:
-        result = _client(server).reinstate(kind, node_id, reason=reason)
-    except ApiError as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    result = _call_server(server, as_json, lambda c: c.reinstate(kind, node_id, reason=reason))
+    if result is None:
         return
     click.echo(f"{kind} {node_id}: withdrawal undone ({reason})")
     for item in result["reinstated"]:
@@ -638,20 +641,6 @@ def reinstate(kind, node_id, reason, as_json, server) -> None:
         click.echo(f"  {item['type']} {item['id']} still withdrawn (via {root['type']} {root['id']})")
 
 
-def _retention_call(server, as_json: bool, call) -> dict | None:
-    """Run a retention call; print the server's JSON with --json (None returned), else return it."""
-    from quantyard.client import ApiError
-
-    try:
-        result = call(_client(server))
-    except ApiError as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return None
-    return result
-
-
 @main.command()
 @click.argument("artifact_id")
 @click.option("--reason", default=None, help="Why (kept with the deletion and in the audit trail).")
@@ -660,7 +649,7 @@ def _retention_call(server, as_json: bool, call) -> dict | None:
 def delete(artifact_id, reason, as_json, server) -> None:
     """Soft-delete an artifact (maintainers): hidden from listings, downloads refused, restorable until
     its bytes are purged; refused while it is under a legal hold."""
-    art = _retention_call(server, as_json, lambda c: c.delete_artifact(artifact_id, reason=reason))
+    art = _call_server(server, as_json, lambda c: c.delete_artifact(artifact_id, reason=reason))
     if art is None:
         return
     click.echo(f"artifact {artifact_id} deleted; restorable until {art['deletion']['purge_after']} "
@@ -676,7 +665,7 @@ def delete(artifact_id, reason, as_json, server) -> None:
 @server_option
 def restore(artifact_id, as_json, server) -> None:
     """Undo the deletion of an artifact (maintainers), as long as its bytes are not purged."""
-    if _retention_call(server, as_json, lambda c: c.restore_artifact(artifact_id)) is not None:
+    if _call_server(server, as_json, lambda c: c.restore_artifact(artifact_id)) is not None:
         click.echo(f"artifact {artifact_id} restored")
 
 
@@ -688,7 +677,7 @@ def restore(artifact_id, as_json, server) -> None:
 def hold(artifact_id, reason, as_json, server) -> None:
     """Place a legal hold on an artifact (maintainers): it cannot be deleted, and a deleted one is
     not purged, until an admin releases the hold."""
-    art = _retention_call(server, as_json, lambda c: c.set_legal_hold(artifact_id, reason=reason))
+    art = _call_server(server, as_json, lambda c: c.set_legal_hold(artifact_id, reason=reason))
     if art is not None:
         held = art["legal_hold"]
         click.echo(f"artifact {artifact_id} on legal hold since {held['at']} by {held['by']}: {held['reason']}")
@@ -701,7 +690,7 @@ def hold(artifact_id, reason, as_json, server) -> None:
 @server_option
 def release(artifact_id, reason, as_json, server) -> None:
     """Release an artifact's legal hold (admins only: maintainers may place a hold, not lift it)."""
-    if _retention_call(server, as_json, lambda c: c.release_legal_hold(artifact_id, reason=reason)) is not None:
+    if _call_server(server, as_json, lambda c: c.release_legal_hold(artifact_id, reason=reason)) is not None:
         click.echo(f"artifact {artifact_id}: legal hold released")
 
 
@@ -713,13 +702,7 @@ def release(artifact_id, reason, as_json, server) -> None:
 @server_option
 def lineage(kind, node_id, direction, depth, server) -> None:
     """A source's or artifact's lineage graph (JSON), with the recipe of every edge."""
-    from quantyard.client import ApiError
-
-    try:
-        result = _client(server).lineage(kind, node_id, direction=direction, depth=depth)
-    except ApiError as exc:
-        _fail(exc)
-    click.echo(json.dumps(result, indent=2))
+    _call_server(server, True, lambda c: c.lineage(kind, node_id, direction=direction, depth=depth))
 
 
 # ---------------------------------------------------------------- audit trail (reads the catalog directly)

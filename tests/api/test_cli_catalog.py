@@ -216,3 +216,8 @@ def test_withdraw_then_reinstate_from_the_cli(run, client, seeded, source):
     r = run("reinstate", "artifact", seeded["q8"], "--reason", "quant was fine")
     assert r.exit_code == 0 and "withdrawal undone" in r.output
     assert client.get(f"/v1/artifacts/{seeded['q8']}").json()["withdrawn"] is False
+    r = run("lineage", "source", source["id"], "--direction", "downstream", "--depth", "1")
+    assert r.exit_code == 0, r.output
+    assert {n["id"] for n in json.loads(r.output)["downstream"]} == set(seeded.values())
+    r = run("lineage", "source", "src_missing")
+    assert r.exit_code == 1 and "src_missing" in r.output
