@@ -60,6 +60,13 @@ class ResourceExhausted(ConversionError):
     retryable = True
 
 
+class ResourceLimit(ConversionError):
+    """The conversion hit its own memory, scratch-disk or time limit (or preflight saw that it
+    would): the same model would hit it again, so it is not retried."""
+
+    code = "resource_limit"
+
+
 __all__ = [
     "ConversionError",
     "InvalidModel",
@@ -68,4 +75,5 @@ __all__ = [
     "ValidationFailed",
     "Cancelled",
     "ResourceExhausted",
+    "ResourceLimit",
 ]
