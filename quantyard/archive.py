@@ -11,15 +11,23 @@ Rules (both at inspection and, again, while extracting):
 * no duplicate member names;
 * at most ``max_members`` members and at most ``max_unpacked_bytes`` bytes in total. Extraction
   counts the bytes really written, so an archive whose headers under-state its sizes is stopped
-  as soon as it passes the cap.
+  as soon as it passes the cap;
+* no compression bomb: past ``RATIO_FLOOR_BYTES``, neither one zip member nor the whole archive
+  may unpack to more than ``max_ratio`` times its compressed size. Sizes are checked from the
+  headers, before the data is decompressed;
+* caps checked before anything is allocated for them: a zip's member count is read from its
+  end-of-central-directory record (zip64 too) and its central directory is walked entry by entry
+  before ``zipfile`` builds a ZipInfo per entry; tar metadata headers (pax, GNU long names) are
+  limited to ``MAX_META_HEADER_BYTES`` before ``tarfile`` reads them into memory;
+* archives inside the archive are ordinary files: never unpacked.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -27,7 +35,21 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from quantyard.engine.errors import InvalidModel
+from quantyard.engine.jsonsafe import load_json_object
+
 _CHUNK = 1 << 20
+
+#: A member (or archive) may unpack to at most this many times its compressed size ...
+MAX_COMPRESSION_RATIO = 100
+#: ... once it unpacks to more than this (small files compress far better than weights do).
+RATIO_FLOOR_BYTES = 32 * 1024 * 1024
+#: Longest member name accepted (Linux's PATH_MAX).
+MAX_NAME_BYTES = 4096
+#: Biggest pax / GNU long-name header tarfile may read into memory.
+MAX_META_HEADER_BYTES = 1024 * 1024
+#: Biggest zip central directory zipfile may parse (10,000 members with long names fit easily).
+MAX_ZIP_DIRECTORY_BYTES = 64 * 1024 * 1024
 
 KIND_TAR = "tar"
 KIND_TAR_GZ = "tar.gz"
@@ -120,37 +142,78 @@ def _normalise_name(raw: str) -> str:
     return str(PurePosixPath(*parts))
 
 
+def _too_many(max_members: int, raw: str | None = None) -> UnsafeArchive:
+    at = f" (at {raw!r})" if raw is not None else ""
+    return UnsafeArchive(f"archive has more than {max_members} members{at}", member=raw)
+
+
 class _Budget:
-    def __init__(self, max_members: int, max_unpacked_bytes: int):
+    def __init__(self, max_members: int, max_unpacked_bytes: int, *, archive_bytes: int = 0,
+                 max_ratio: float = MAX_COMPRESSION_RATIO):
         self.max_members = max_members
         self.max_bytes = max_unpacked_bytes
+        self.archive_bytes = archive_bytes
+        self.max_ratio = max_ratio
+        self.entries = 0  # every header, the root "./" and skipped ones included
         self.members = 0
         self.bytes = 0
         self.names: set[str] = set()
 
+    def entry(self, raw: str) -> None:
+        self.entries += 1
+        if self.entries > self.max_members + 1:  # + 1: an archive may also list its root
+            raise _too_many(self.max_members, raw)
+
     def member(self, name: str, raw: str) -> None:
         self.members += 1
         if self.members > self.max_members:
-            raise UnsafeArchive(
-                f"archive has more than {self.max_members} members (at {raw!r})", member=raw
-            )
+            raise _too_many(self.max_members, raw)
         if name in self.names:
             raise UnsafeArchive(f"member {raw!r} appears more than once", member=raw)
         self.names.add(name)
 
-    def add_bytes(self, n: int, raw: str) -> None:
+    def add_bytes(self, n: int, raw: str, *, compressed: int | None = None) -> None:
         self.bytes += n
         if self.bytes > self.max_bytes:
             raise UnsafeArchive(
                 f"archive unpacks to more than {self.max_bytes} bytes (at member {raw!r})",
                 member=raw,
             )
+        if compressed is not None and self._bomb(n, compressed):
+            raise UnsafeArchive(
+                f"member {raw!r} unpacks to {n} bytes from {compressed}: more than "
+                f"{self.max_ratio:g} times its compressed size (a compression bomb?)", member=raw)
+        if self.archive_bytes and self._bomb(self.bytes, self.archive_bytes):
+            raise UnsafeArchive(
+                f"archive unpacks to more than {self.max_ratio:g} times its size of "
+                f"{self.archive_bytes} bytes (at member {raw!r}; a compression bomb?)", member=raw)
+
+    def _bomb(self, unpacked: int, compressed: int) -> bool:
+        return unpacked > RATIO_FLOOR_BYTES and unpacked > self.max_ratio * max(compressed, 1)
 
 
 # --------------------------------------------------------------------------- per-format iteration
 
 
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header's whole body into memory, at whatever size
+    the header claims: refuse big ones before that read (and sparse files, whose maps grow
+    without bound)."""
+
+    def _proc_member(self, tarfile_):
+        meta = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+        if self.type in meta and self.size > MAX_META_HEADER_BYTES:
+            raise UnsafeArchive(f"a tar metadata header claims {self.size} bytes "
+                                f"(at most {MAX_META_HEADER_BYTES} allowed)")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchive(f"member {self.name!r} is a sparse file", member=self.name)
+        return super()._proc_member(tarfile_)
+
+
 def _tar_type_problem(ti: tarfile.TarInfo) -> str | None:
+    if ti.sparse is not None:
+        return "is a sparse file"
     if ti.issym():
         return f"is a symbolic link (to {ti.linkname!r})"
     if ti.islnk():
@@ -183,37 +246,116 @@ def _zip_type_problem(zi: zipfile.ZipInfo) -> str | None:
     return None
 
 
+# Zip structures (APPNOTE 4.3.12-4.3.16): end of central directory, its zip64 locator and
+# record, and a central directory file header.
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CD_ENTRY = struct.Struct("<4s6H3L5H2L")
+
+
+def _zip_directory(f, file_size: int) -> tuple[int, int, int]:
+    """(offset, size, declared entry count) of the central directory, found the way zipfile
+    finds it (the EOCD record at the end, after an optional comment; zip64 when its locator
+    sits right before)."""
+    tail_len = min(file_size, _EOCD.size + 0xFFFF)
+    f.seek(file_size - tail_len)
+    tail = f.read(tail_len)
+    pos = tail.rfind(b"PK\x05\x06", 0, max(len(tail) - _EOCD.size + 4, 0))  # whole record fits
+    if pos < 0:
+        raise InvalidArchive("corrupt zip archive: no end of central directory record")
+    _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, pos)
+    eocd_at = file_size - tail_len + pos
+    loc_at = eocd_at - _EOCD64_LOCATOR.size
+    if loc_at >= _EOCD64.size:
+        f.seek(loc_at)
+        if f.read(4) == b"PK\x06\x07":
+            f.seek(loc_at - _EOCD64.size)
+            rec = f.read(_EOCD64.size)
+            if len(rec) != _EOCD64.size or rec[:4] != b"PK\x06\x06":
+                raise InvalidArchive("corrupt zip archive: bad zip64 end of central directory")
+            _, _, _, _, _, _, _, entries, cd_size, _ = _EOCD64.unpack(rec)
+            eocd_at = loc_at - _EOCD64.size
+    if cd_size > eocd_at:
+        raise InvalidArchive("corrupt zip archive: the central directory does not fit the file")
+    return eocd_at - cd_size, cd_size, entries
+
+
+def _zip_precheck(path: str | os.PathLike, max_members: int) -> None:
+    """Member count and central directory size from the zip's own records, then a walk over the
+    directory's fixed-size entry headers (zipfile trusts the directory size, not the count), so
+    a zip of a million empty members is refused after reading max_members + 1 headers."""
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        start, size, declared = _zip_directory(f, file_size)
+        if declared > max_members + 1:
+            raise _too_many(max_members)
+        if size > MAX_ZIP_DIRECTORY_BYTES:
+            raise UnsafeArchive(f"the zip's central directory is {size} bytes "
+                                f"(at most {MAX_ZIP_DIRECTORY_BYTES} allowed)")
+        f.seek(start)
+        seen = count = 0
+        while seen < size:
+            head = f.read(_CD_ENTRY.size)
+            if len(head) != _CD_ENTRY.size or head[:4] != b"PK\x01\x02":
+                raise InvalidArchive("corrupt zip archive: bad central directory entry")
+            name_len, extra_len, comment_len = _CD_ENTRY.unpack(head)[10:13]
+            count += 1
+            if count > max_members + 1:
+                raise _too_many(max_members)
+            if name_len > MAX_NAME_BYTES:
+                raise UnsafeArchive(f"a zip member name is {name_len} bytes long "
+                                    f"(at most {MAX_NAME_BYTES} allowed)")
+            f.seek(name_len + extra_len + comment_len, os.SEEK_CUR)
+            seen += _CD_ENTRY.size + name_len + extra_len + comment_len
+
+
+def _check_name_length(raw: str) -> None:
+    if len(raw.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeArchive(f"member {raw[:64]!r}... has a name longer than {MAX_NAME_BYTES} bytes",
+                            member=raw[:256])
+
+
+def _iter_zip(path: str | os.PathLike, budget: _Budget):
+    _zip_precheck(path, budget.max_members)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InvalidArchive(f"corrupt zip archive: {exc}") from exc
+    with zf:
+        for zi in zf.infolist():
+            raw = zi.filename
+            budget.entry(raw)
+            name = _normalise_name(raw)
+            problem = _zip_type_problem(zi)
+            if problem:
+                raise UnsafeArchive(f"member {raw!r} {problem}", member=raw)
+            if not name:
+                continue
+            budget.member(name, raw)
+            is_dir = zi.is_dir()
+            size = 0 if is_dir else zi.file_size
+            budget.add_bytes(size, raw, compressed=zi.compress_size)
+            yield MemberInfo(name, size, is_dir), (lambda zi=zi: zf.open(zi))
+
+
 def _iter_checked(path: str | os.PathLike, budget: _Budget):
     """Yield (MemberInfo, opener) for every member after checking it; opener() -> file object."""
     kind = detect_kind(path)
+    budget.archive_bytes = os.stat(path).st_size
     if kind == KIND_ZIP:
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise InvalidArchive(f"corrupt zip archive: {exc}") from exc
-        with zf:
-            for zi in zf.infolist():
-                raw = zi.filename
-                name = _normalise_name(raw)
-                problem = _zip_type_problem(zi)
-                if problem:
-                    raise UnsafeArchive(f"member {raw!r} {problem}", member=raw)
-                if not name:
-                    continue
-                budget.member(name, raw)
-                is_dir = zi.is_dir()
-                size = 0 if is_dir else zi.file_size
-                budget.add_bytes(size, raw)
-                yield MemberInfo(name, size, is_dir), (lambda zi=zi: zf.open(zi))
+        yield from _iter_zip(path, budget)
         return
     try:
-        tf = tarfile.open(path, _tar_mode(kind))
+        tf = tarfile.open(path, _tar_mode(kind), tarinfo=_CappedTarInfo)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise InvalidArchive(f"corrupt {kind} archive: {exc}") from exc
     with tf:
         try:
             for ti in tf:
                 raw = ti.name
+                budget.entry(raw)
+                _check_name_length(raw)
                 name = _normalise_name(raw)
                 problem = _tar_type_problem(ti)
                 if problem:
@@ -232,14 +374,15 @@ def _iter_checked(path: str | os.PathLike, budget: _Budget):
 
 
 def inspect_archive(
-    path: str | os.PathLike, *, max_members: int, max_unpacked_bytes: int
+    path: str | os.PathLike, *, max_members: int, max_unpacked_bytes: int,
+    max_ratio: float = MAX_COMPRESSION_RATIO,
 ) -> list[MemberInfo]:
     """Check every member of the archive at ``path`` without unpacking it.
 
     Returns the members (directories included). Raises UnsafeArchive naming the offending
     member, or InvalidArchive when the file is not a readable archive.
     """
-    budget = _Budget(max_members, max_unpacked_bytes)
+    budget = _Budget(max_members, max_unpacked_bytes, max_ratio=max_ratio)
     return [info for info, _ in _iter_checked(path, budget)]
 
 
@@ -249,6 +392,7 @@ def extract_archive(
     *,
     max_members: int,
     max_unpacked_bytes: int,
+    max_ratio: float = MAX_COMPRESSION_RATIO,
 ) -> list[MemberInfo]:
     """Unpack the archive into ``dest`` (created if needed), re-checking every member.
 
@@ -260,7 +404,7 @@ def extract_archive(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
-    header_budget = _Budget(max_members, max_unpacked_bytes)
+    header_budget = _Budget(max_members, max_unpacked_bytes, max_ratio=max_ratio)
     written = 0
     out: list[MemberInfo] = []
     for info, opener in _iter_checked(path, header_budget):
@@ -291,11 +435,17 @@ def extract_archive(
                             member=info.name,
                         )
                     dst.write(chunk)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error,
+                NotImplementedError) as exc:  # NotImplementedError: an unknown zip method
             raise InvalidArchive(f"corrupt archive at member {info.name!r}: {exc}") from exc
         os.chmod(target, 0o644)
         out.append(info)
     return out
+
+
+# read_member / extract_member look one member up in an archive already inspected with the
+# caller's caps; these only keep a lookup bounded.
+_LOOKUP_MAX_MEMBERS = 1 << 20
 
 
 def model_root(members: list[MemberInfo], marker: str = "config.json") -> str | None:
@@ -314,7 +464,7 @@ def model_root(members: list[MemberInfo], marker: str = "config.json") -> str | 
 
 def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20) -> bytes:
     """Read one (small) regular-file member by its normalised name; KeyError if absent."""
-    budget = _Budget(max_members=1 << 62, max_unpacked_bytes=1 << 62)
+    budget = _Budget(max_members=_LOOKUP_MAX_MEMBERS, max_unpacked_bytes=1 << 62)
     for info, opener in _iter_checked(path, budget):
         if info.name == name and not info.is_dir:
             if info.size > max_bytes:
@@ -329,7 +479,7 @@ def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20
 
 def extract_member(path: str | os.PathLike, name: str, dest: str | os.PathLike, *, max_bytes: int) -> Path:
     """Stream one regular-file member (by its normalised name) to ``dest``; KeyError if absent."""
-    budget = _Budget(max_members=1 << 62, max_unpacked_bytes=1 << 62)
+    budget = _Budget(max_members=_LOOKUP_MAX_MEMBERS, max_unpacked_bytes=1 << 62)
     for info, opener in _iter_checked(path, budget):
         if info.name == name and not info.is_dir:
             written = 0
@@ -343,6 +493,10 @@ def extract_member(path: str | os.PathLike, name: str, dest: str | os.PathLike, 
     raise KeyError(name)
 
 
+#: config.json is a few KB; anything past this is not a model config.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def read_model_config(path: str | os.PathLike, members: list[MemberInfo]) -> tuple[str, dict]:
     """Return (model root inside the archive, parsed config.json). Raises KeyError when the
     archive holds no config.json at its top (or in its single top-level directory) and
@@ -350,13 +504,12 @@ def read_model_config(path: str | os.PathLike, members: list[MemberInfo]) -> tup
     root = model_root(members)
     if root is None:
         raise KeyError("config.json")
-    raw = read_member(path, f"{root}/config.json" if root else "config.json")
+    raw = read_member(path, f"{root}/config.json" if root else "config.json",
+                      max_bytes=MAX_CONFIG_BYTES)
     try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"config.json is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueError("config.json is not a JSON object")
+        config = load_json_object(raw, name="config.json", max_bytes=MAX_CONFIG_BYTES)
+    except InvalidModel as exc:
+        raise ValueError(exc.message) from None
     return root, config
 
 

@@ -42,8 +42,16 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(default=None, repr=False, min_length=24)
 
     max_upload_bytes: int = 50 * 1024**3
-    max_unpacked_bytes: int = 200 * 1024**3
+    # Model weights hardly compress, so an archive unpacks to about its own size; archives are
+    # also refused past 100x compression (quantyard.archive.MAX_COMPRESSION_RATIO).
+    max_unpacked_bytes: int = 64 * 1024**3
     max_archive_members: int = 10_000
+    # Per conversion (the worker's pool process): its memory (RLIMIT_DATA: heap and anonymous
+    # mappings, not the memory-mapped model files), unset = 75% of RAM / worker_concurrency,
+    # 0 = no limit; and its scratch folder, unset = 2 x (max_upload_bytes + max_unpacked_bytes),
+    # 0 = no limit. Either limit hit fails the target with code resource_limit.
+    conversion_memory_bytes: int | None = Field(default=None, ge=0)
+    conversion_scratch_bytes: int | None = Field(default=None, ge=0)
 
     job_max_attempts: int = 3
     # Hard time limit of one conversion task; the broker's visibility timeout is kept above it
