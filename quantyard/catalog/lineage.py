@@ -177,7 +177,7 @@ def lineage(s: Session, *, artifact_id: str | None = None, source_id: str | None
         raise InvalidArgument(f"direction must be one of {', '.join(DIRECTIONS)}, not {direction!r}")
     if depth is not None and depth < 1:
         raise InvalidArgument(f"depth must be at least 1, not {depth}")
-    start: Node = ("artifact", artifact_id) if artifact_id is not None else ("source", source_id)
+    start: Node = ("artifact", artifact_id) if artifact_id is not None else ("source", str(source_id))
     _start(s, *start, organization_id)
     sides: dict[str, tuple[dict[Node, int], list[tuple[LineageEdge, int]]]] = {}
     for name, upstream in (("upstream", True), ("downstream", False)):

@@ -60,6 +60,8 @@ def reuse_artifact(s: Session, *, target_id: str, artifact_id: str, recipe_hash:
     if target is None:
         raise NotFound(f"target {target_id} not found")
     job = _lock_job(s, target.job_id)
+    if job is None:
+        raise NotFound(f"job {target.job_id} not found")
     target = s.execute(select(JobTarget).where(JobTarget.id == target_id).with_for_update()
                        .execution_options(populate_existing=True)).scalars().one()
     if target.status in TERMINAL_TARGET_STATUSES:

@@ -80,7 +80,7 @@ def grant_app_role(engine: Engine, role: str, *, create: bool = False) -> list[s
     if engine.dialect.name != "postgresql":
         raise RoleError(f"database roles are a Postgres feature; this catalog is {engine.dialect.name}")
     with engine.begin() as conn:
-        schema = conn.execute(text("SELECT current_schema()")).scalar()
+        schema = conn.execute(text("SELECT current_schema()")).scalar_one()
         owner = _check_role(conn, role, schema, create=create)
         statements = app_role_statements(conn, role, schema, owner)
         for statement in statements:

@@ -92,7 +92,7 @@ def metric_values(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
     for key, column in METRIC_COLUMNS.items():
         value = (metrics or {}).get(key)
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        out[column] = float(value) if ok else None
+        out[column] = float(value) if ok and value is not None else None
     return out
 
 
@@ -160,6 +160,11 @@ def query_tokens(q: str, *, organization_id: str | None = None) -> list[str]:
 
 
 # ------------------------------------------------------------------------- argument parsing
+
+
+def _integer(name: str, value: Any) -> int | None:
+    number = _number(name, value, integer=True)
+    return None if number is None else int(number)
 
 
 def _number(name: str, value: Any, *, integer: bool = False) -> float | int | None:
@@ -247,8 +252,8 @@ def make_filters(**raw: Any) -> Filters:
         source_id=raw.get("source_id") or None,
         job_id=raw.get("job_id") or None,
         labels=tuple(parse_labels(raw.get("label"))),
-        min_size=_number("min_size", raw.get("min_size"), integer=True),
-        max_size=_number("max_size", raw.get("max_size"), integer=True),
+        min_size=_integer("min_size", raw.get("min_size")),
+        max_size=_integer("max_size", raw.get("max_size")),
         created_after=_time("created_after", raw.get("created_after")),
         created_before=_time("created_before", raw.get("created_before")),
         max_mean_kl=_number("max_mean_kl", raw.get("max_mean_kl")),
@@ -476,7 +481,7 @@ def _walk_query(f: Filters, *, sort: str, cursor: str | None, include_withdrawn:
               .with_only_columns(A.id, order.column, A.search_text, A.sha256,
                                  func.row_number().over(order_by=keys).label("walk_pos"))
               .order_by(*keys).limit(cap).subquery("walked"))
-    hit = _plain_text_match(f.q, walked.c)
+    hit = _plain_text_match(f.q or "", walked.c)
     page_order = _subquery_order(order, walked)
     return (select(A, hit.label("hit"), walked.c.walk_pos)
             .join_from(walked, A, A.id == walked.c.id)
@@ -493,7 +498,7 @@ def _text_first_query(f: Filters, *, sort: str, cursor: str | None, include_with
     expected a few thousand matches (52-67 ms, 340 ms with a third index, instead of 22 ms). Only
     ids and sort keys are sorted; the page's rows are joined back by id (whole rows: 70 -> 27 ms)."""
     order = _sort(sort)
-    text_match = _text_match(f.q, "postgresql", organization_id=f.organization_id)
+    text_match = _text_match(f.q or "", "postgresql", organization_id=f.organization_id)
     matching = select(Artifact).where(text_match).offset(0).subquery("matching")
     t = aliased(Artifact, matching)
     page = (_filtered(replace(f, q=None), dialect="postgresql", order=order, cursor=cursor,
@@ -506,8 +511,8 @@ def _text_first_query(f: Filters, *, sort: str, cursor: str | None, include_with
 def _free_text_page(s: Session, f: Filters, *, sort: str, cursor: str | None, include_withdrawn: bool,
                     include_deleted: bool, limit: int) -> tuple[list[Artifact], str]:
     """A free-text page on Postgres and the plan that answered it: "walk" or "text-index"."""
-    opts = {"sort": sort, "cursor": cursor, "include_withdrawn": include_withdrawn,
-            "include_deleted": include_deleted}
+    opts: dict[str, Any] = {"sort": sort, "cursor": cursor, "include_withdrawn": include_withdrawn,
+                            "include_deleted": include_deleted}
     # The walk is meant as an index walk that stops early; on a small table the planner would
     # rather read the whole org and sort it (harmless there, but never what the walk is for). The
     # text-first query runs under the same setting: a bitmap of the text index, never a scan of

@@ -35,8 +35,10 @@ class Withdrawn(InvalidArgument):
     code = "withdrawn"
 
     def __init__(self, row, what: str):
-        self.withdrawal = withdrawal_of(row)
-        root = self.withdrawal["root"]
+        withdrawal = withdrawal_of(row)
+        assert withdrawal is not None, "Withdrawn is raised for withdrawn rows only"
+        self.withdrawal = withdrawal
+        root = withdrawal["root"]
         cause = "" if (root["type"], root["id"]) == (_type(row), row.id) else f" (via {root['type']} {root['id']})"
         super().__init__(f"{what}: {_type(row)} {row.id} is withdrawn{cause}: {self.withdrawal['reason']}")
 

@@ -100,10 +100,11 @@ def parse_target(value: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
             raise UnsupportedTarget(f"target {value!r} is not of the form 'format:QUANTIZATION' (e.g. 'gguf:Q8_0')")
         params: Mapping[str, Any] = {}
     elif isinstance(value, Mapping):
-        fmt, quant = value.get("format"), value.get("quantization")
+        raw_fmt, raw_quant = value.get("format"), value.get("quantization")
         params = value.get("params") or {}
-        if not isinstance(fmt, str) or not isinstance(quant, str):
+        if not isinstance(raw_fmt, str) or not isinstance(raw_quant, str):
             raise UnsupportedTarget("a target needs string fields 'format' and 'quantization'")
+        fmt, quant = raw_fmt, raw_quant
         if not isinstance(params, Mapping):
             raise UnsupportedTarget("a target's 'params' must be an object")
     else:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from .dominant import dominant_type
 from .manifest import ENGINE_VERSION
 from .results import ConversionResult, PreflightReport
 from .spec import TargetSpec
@@ -81,10 +82,7 @@ def preflight_gguf(path: Path, targets: Sequence[TargetSpec]) -> PreflightReport
     with GGUFInput(Path(path)) as gguf_in:
         fields = gguf_in.small_fields()
         count = sum(t.n_elements for t in gguf_in.tensors.values())
-        types: dict[str, int] = {}
-        for t in gguf_in.tensors.values():
-            types[t.type_name] = types.get(t.type_name, 0) + t.n_elements
-    dominant = max(types, key=types.get) if types else "unknown"
+        dominant = dominant_type((t.type_name, t.n_elements) for t in gguf_in.tensors.values())
     estimates = {t.key: {"size_bytes": estimate_size(Path(path), t.quantization)}
                  for t in targets}
     return PreflightReport(architecture=str(fields.get("general.architecture")),

@@ -38,6 +38,8 @@ def encode_kv(key: str, vtype: int, value, sub_type: int | None = None) -> bytes
     head = _string(key) + struct.pack("<I", vtype)
     if vtype != ARRAY:
         return head + _value(vtype, value)
+    if sub_type is None:
+        raise ValueError(f"array {key!r} needs its item type")
     items = list(value)
     body = b"".join(_value(sub_type, v) for v in items)
     return head + struct.pack("<IQ", sub_type, len(items)) + body

@@ -15,6 +15,7 @@ checks them against llama.cpp's own llama_quant_compute_types on many synthetic 
 from __future__ import annotations
 
 import re
+from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -101,7 +102,7 @@ class ModelInfo:
         arch = str(fields.get("general.architecture", ""))
 
         def first(key: str, default: int = 0) -> int:
-            v = fields.get(f"{arch}.{key}", default)
+            v: Any = fields.get(f"{arch}.{key}", default)
             if isinstance(v, (list, tuple)):  # per-layer arrays: llama.cpp's n_gqa() reads layer 0
                 v = v[0] if v else default
             return int(v)

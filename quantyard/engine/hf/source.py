@@ -37,10 +37,9 @@ class HFModelSource:
     @property
     def source_dtype(self) -> str:
         """The dtype holding most parameters ("F32", "BF16", ...)."""
-        counts: dict[str, int] = {}
-        for t in self.tensors.values():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.n_elements
-        return max(counts, key=counts.get) if counts else "unknown"
+        from ..dominant import dominant_type
+
+        return dominant_type((t.dtype, t.n_elements) for t in self.tensors.values())
 
     @property
     def name(self) -> str:

@@ -48,10 +48,9 @@ def preflight_onnx(source: Path, targets: Sequence[TargetSpec]) -> PreflightRepo
 
 
 def _dominant(tensors) -> str:
-    counts: dict[str, int] = {}
-    for t in tensors.values():
-        counts[t.dtype] = counts.get(t.dtype, 0) + t.n_elements
-    return max(counts, key=counts.get) if counts else "unknown"
+    from ..dominant import dominant_type
+
+    return dominant_type((t.dtype, t.n_elements) for t in tensors.values())
 
 
 def convert_onnx(source: Path, target: TargetSpec, out_dir: Path, *,

@@ -54,7 +54,9 @@ def prepare_weights(src: Path, dst: Path) -> dict:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    new_inits, nodes, counts = [], [], {"gemm_to_matmul": 0, "untied_transposed_weights": 0}
+    new_inits: list = []
+    nodes: list = []
+    counts = {"gemm_to_matmul": 0, "untied_transposed_weights": 0}
     for node in graph.node:
         if _plain_gemm(node, inits):
             nodes += _rewrite_gemm(node, inits, new_inits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..dominant import dominant_type
 from ..results import PreflightReport
 from ..spec import TargetSpec
 from .decoder_options import DecoderOptions, parse_decoder_options
@@ -54,10 +55,7 @@ def preflight_decoder(src: EncoderSource, targets: Sequence[TargetSpec]) -> Pref
 
         tensors = _collect_tensors(src.root, _shard_map(src.root))
         count = sum(t.n_elements for t in tensors.values())
-        counts: dict[str, int] = {}
-        for t in tensors.values():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.n_elements
-        dtype = max(counts, key=counts.get) if counts else "unknown"
+        dtype = dominant_type((t.dtype, t.n_elements) for t in tensors.values())
         estimates = {t.key: estimate_decoder(tensors, src.config, o) for t, o in zip(targets, opts)}
     else:
         # a pickle has no header to read: its size is all we know without loading it
