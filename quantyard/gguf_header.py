@@ -1,24 +1,21 @@
 """Read a GGUF file's header key/values with the standard library only.
 
 The API uses it to accept a GGUF upload as a source (and say which architecture and file type
-it holds) without importing numpy or gguf-py; tensor data is never read.
+it holds) without importing numpy or gguf-py; tensor data is never read. The parsing is the
+engine's (engine.gguf.gguf_layout, stdlib only): one reader, one set of caps.
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from quantyard.engine.errors import InvalidModel
+from quantyard.engine.gguf.gguf_layout import read_layout
 
 MAGIC = b"GGUF"
-# GGUF value types: uint8, int8, uint16, int16, uint32, int32, float32, bool, string, array,
-# uint64, int64, float64.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-# Arrays longer than this (token lists, merges) are skipped, not returned: only their length.
+# Arrays longer than this (token lists, merges) are summarised by their length, not returned.
 _MAX_ARRAY_KEPT = 64
-_MAX_STRING = 64 * 1024 * 1024
 
 
 class NotGGUF(ValueError):
@@ -30,50 +27,18 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == MAGIC
 
 
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise NotGGUF("the GGUF header ends early")
-    return struct.unpack(fmt, data)[0]
-
-
-def _string(f: BinaryIO) -> str:
-    length = _read(f, "<Q")
-    if length > _MAX_STRING:
-        raise NotGGUF(f"a GGUF string claims {length} bytes")
-    data = f.read(length)
-    if len(data) != length:
-        raise NotGGUF("the GGUF header ends early")
-    return data.decode("utf-8", errors="replace")
-
-
-def _value(f: BinaryIO, vtype: int) -> Any:
-    if vtype in _SCALARS:
-        return _read(f, _SCALARS[vtype])
-    if vtype == _STRING:
-        return _string(f)
-    if vtype == _ARRAY:
-        item_type, count = _read(f, "<I"), _read(f, "<Q")
-        items = [_value(f, item_type) for _ in range(count)]
-        return items if count <= _MAX_ARRAY_KEPT else {"array_length": count}
-    raise NotGGUF(f"unknown GGUF value type {vtype}")
-
-
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Every key/value of the header (long arrays summarised by their length)."""
-    with open(path, "rb") as f:
-        if f.read(4) != MAGIC:
-            raise NotGGUF(f"{path.name} is not a GGUF file (no GGUF magic)")
-        version = _read(f, "<I")
-        if version not in (2, 3):
-            raise NotGGUF(f"unsupported GGUF version {version}")
-        tensor_count, kv_count = _read(f, "<Q"), _read(f, "<Q")
-        meta: dict[str, Any] = {"gguf.version": version, "gguf.tensor_count": tensor_count}
-        for _ in range(kv_count):
-            key = _string(f)
-            meta[key] = _value(f, _read(f, "<I"))
-        return meta
+    """Every key/value of the header (long arrays summarised by their length), read by the
+    engine's strict layout reader (every count and length capped before it costs memory)."""
+    try:
+        layout = read_layout(Path(path), keep_raw=False)
+    except InvalidModel as exc:
+        raise NotGGUF(exc.message) from None
+    meta: dict[str, Any] = {"gguf.version": layout.version, "gguf.tensor_count": len(layout.tensors)}
+    for key, kv in layout.kv.items():
+        long = kv.array_length is not None and (kv.value is None or kv.array_length > _MAX_ARRAY_KEPT)
+        meta[key] = {"array_length": kv.array_length} if long else kv.value
+    return meta
 
 
 # llama_ftype values (llama.h) whose weights are already quantized, by name.
@@ -87,16 +52,25 @@ FILE_TYPE_NAMES = {
 LOSSLESS_FILE_TYPES = {"F32", "F16", "BF16"}
 
 
+def _typed(meta: dict[str, Any], key: str, kind: type, default=None):
+    """A header value of the type the field must have; a field of another type (an array where
+    a name belongs) is refused naming it, so nothing downstream trips over it."""
+    value = meta.get(key, default)
+    if value is not None and (type(value) is not kind):
+        raise NotGGUF(f"{key} must be a {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
 def summary(path: Path) -> dict[str, Any]:
     """What a catalog wants to know about a GGUF source."""
     meta = read_metadata(path)
-    file_type = FILE_TYPE_NAMES.get(meta.get("general.file_type", 0), "unknown")
+    file_type = FILE_TYPE_NAMES.get(_typed(meta, "general.file_type", int, 0), "unknown")
     return {
         "format": "gguf",
-        "architecture": meta.get("general.architecture"),
-        "name": meta.get("general.name"),
+        "architecture": _typed(meta, "general.architecture", str),
+        "name": _typed(meta, "general.name", str),
         "file_type": file_type,
         "quantized": file_type not in LOSSLESS_FILE_TYPES,
         "tensor_count": meta["gguf.tensor_count"],
-        "split_count": meta.get("split.count"),
+        "split_count": _typed(meta, "split.count", int),
     }

@@ -20,6 +20,7 @@ from .ggml_types import GGML_TYPES_BY_ID
 from .gguf_layout import read_layout
 
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+_MAX_SHARDS = 99999
 _SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -98,7 +99,10 @@ class GGUFInput:
 
     def _other_shards(self) -> list[Path]:
         """llama.cpp's naming: <prefix>-00001-of-0000N.gguf, the first shard holds the KV."""
-        count = int(self.value("split.count", 1) or 1)
+        count = self.value("split.count", 1)
+        if type(count) is not int or not 0 <= count <= _MAX_SHARDS:  # the name has 5 digits
+            raise InvalidModel(f"{self.path.name}: split.count must be a number of shards up to "
+                               f"{_MAX_SHARDS}, not {count!r}"[:300], details={"file": self.path.name})
         if count <= 1:
             return []
         m = _SPLIT_NAME.match(self.path.name)
@@ -121,9 +125,11 @@ class GGUFInput:
                 nbytes = _tensor_nbytes(t.type_id, t.ne)
                 if start + nbytes > data.size:
                     raise InvalidModel(f"{path.name}: tensor {t.name} runs past the end of the file")
+                if t.name in tensors:
+                    raise InvalidModel(f"{path.name}: tensor {t.name} is in more than one shard")
                 tensors[t.name] = InputTensor(t.name, t.ne, t.type_id, data[start:start + nbytes])
         expected = self.value("split.tensors.count")
-        if expected is not None and int(expected) != len(tensors):
+        if expected is not None and expected != len(tensors):
             raise InvalidModel(f"split GGUF declares {expected} tensors but its shards hold {len(tensors)}")
         return tensors
 

@@ -1,9 +1,16 @@
-"""A fast reader of a GGUF file's layout: key/values (raw bytes and decoded values) and tensor
-infos. Tensor data is not touched.
+"""A fast, strict reader of a GGUF file's layout: key/values (raw bytes and decoded values) and
+tensor infos. Tensor data is not touched. Stdlib only: the API reads uploads with it too
+(quantyard.gguf_header).
 
 gguf-py's GGUFReader builds a numpy view for every element of every array, which takes seconds
 on a real vocabulary (150,000 tokens and merges) and dominated requantization time; here long
 arrays are skipped over with plain `struct` reads and only short values are decoded.
+
+The header comes from an upload, so every count and length is checked against a cap and
+against the bytes left in the file before anything is allocated for it (a header claiming 2^63
+keys, a 60M-item array or a 2^63-byte string costs nothing), and every tensor must fit the file
+with a known type, at most 4 dimensions and an aligned offset. Failures are InvalidModel naming
+the file and the field.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidModel
+from .ggml_types import GGML_TYPES_BY_ID
 
 # GGUF value types: uint8, int8, uint16, int16, uint32, int32, float32, bool, string, array,
 # uint64, int64, float64.
@@ -21,8 +29,25 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
             10: "<Q", 11: "<q", 12: "<d"}
 _SIZES = {t: struct.calcsize(f) for t, f in _SCALARS.items()}
 _STRING, _ARRAY = 8, 9
+_INTEGERS = (0, 1, 2, 3, 4, 5, 10, 11)
 # Arrays up to this length are decoded (hparams, per-layer lists); longer ones (vocab) are not.
 MAX_DECODED_ARRAY = 1024
+
+# Caps, far above any real model (a 262k-token vocabulary, ~50 keys, a few thousand tensors).
+MAX_KV = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_ARRAY_ITEMS = 1 << 24
+MAX_STRING_BYTES = 1 << 24  # a value (chat templates are a few KB)
+MAX_NAME_BYTES = 1024  # a key or tensor name (ggml allows 63)
+MAX_ARRAY_NESTING = 2  # an array of arrays, at most
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ALIGNMENT = 1 << 20
+_INT64_MAX = (1 << 63) - 1
+# (values per block, bytes per block) of the ggml types a tensor may have: the table the
+# engine knows plus the plain integer/float types and the ternary and MXFP4 blocks.
+_BLOCKS = {t.id: (t.block_size, t.type_size) for t in GGML_TYPES_BY_ID.values()}
+_BLOCKS.update({24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+                34: (256, 54), 35: (256, 66), 39: (32, 17)})
 
 
 @dataclass(frozen=True)
@@ -39,6 +64,7 @@ class TensorInfo:
     ne: tuple[int, ...]  # ggml order (ne[0] = row length)
     type_id: int
     offset: int  # from the start of the data section
+    nbytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,75 +84,165 @@ class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
+    def fail(self, what: str) -> InvalidModel:
+        return InvalidModel(f"{self.path.name}: {what}", details={"file": self.path.name})
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
     def unpack(self, fmt: str, size: int):
         if self.pos + size > len(self.buf):
-            raise InvalidModel(f"{self.path.name}: the GGUF header ends early")
+            raise self.fail("the GGUF header ends early")
         value = struct.unpack_from(fmt, self.buf, self.pos)[0]
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def count(self, what: str, cap: int, min_item_bytes: int) -> int:
+        """A uint64 count, refused past `cap` or past what the rest of the file could hold."""
         n = self.unpack("<Q", 8)
-        if self.pos + n > len(self.buf):
-            raise InvalidModel(f"{self.path.name}: a GGUF string runs past the end of the file")
+        if n > cap:
+            raise self.fail(f"{what} is {n}, more than the {cap} allowed")
+        if n * min_item_bytes > self.left:
+            raise self.fail(f"{what} is {n}, more than the rest of the file can hold")
+        return n
+
+    def _length(self, what: str, cap: int) -> int:
+        n = self.unpack("<Q", 8)
+        if n > cap:
+            raise self.fail(f"{what} is {n} bytes long, more than the {cap} allowed")
+        if n > self.left:
+            raise self.fail(f"{what} runs past the end of the file")
+        return n
+
+    def string(self, what: str = "a GGUF string", cap: int = MAX_STRING_BYTES) -> str:
+        n = self._length(what, cap)
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
-    def skip_string(self) -> None:
-        n = self.unpack("<Q", 8)  # (not `self.pos += ...`: that reads pos before unpack moves it)
+    def skip_string(self, what: str) -> None:
+        n = self._length(what, MAX_STRING_BYTES)  # (not `self.pos += ...`: that reads pos first)
         self.pos += n
 
-    def value(self, vtype: int, decode: bool = True):
+    def value(self, vtype: int, key: str, decode: bool = True, depth: int = 0):
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype], _SIZES[vtype])
         if vtype == _STRING:
             if decode:
-                return self.string()
-            self.skip_string()
+                return self.string(f"the string value of {key}")
+            self.skip_string(f"a string in {key}")
             return None
         if vtype == _ARRAY:
-            item_type, count = self.unpack("<I", 4), self.unpack("<Q", 8)
-            keep = decode and count <= MAX_DECODED_ARRAY
-            if not keep and item_type in _SIZES:
-                self.pos += count * _SIZES[item_type]  # fixed-size items: one jump
-                return None
-            items = [self.value(item_type, keep) for _ in range(count)]
-            return items if keep else None
-        raise InvalidModel(f"{self.path.name}: unknown GGUF value type {vtype}")
+            return self._array(key, decode, depth)
+        raise self.fail(f"{key} has an unknown GGUF value type {vtype}")
+
+    def _array(self, key: str, decode: bool, depth: int):
+        if depth >= MAX_ARRAY_NESTING:
+            raise self.fail(f"{key} nests arrays more than {MAX_ARRAY_NESTING} deep")
+        item_type = self.unpack("<I", 4)
+        item_size = _SIZES.get(item_type, 8)  # strings and arrays start with an 8-byte length
+        count = self.count(f"the item count of {key}", MAX_ARRAY_ITEMS, item_size)
+        keep = decode and count <= MAX_DECODED_ARRAY
+        if not keep and item_type in _SIZES:
+            self.pos += count * item_size  # fixed-size items: one jump (fits: count() checked)
+            return None
+        items = [self.value(item_type, key, keep, depth + 1) for _ in range(count)]
+        return items if keep else None
 
 
-def read_layout(path: Path) -> Layout:
+def _read_kv(cur: _Cursor) -> tuple[str, KeyValue]:
+    start = cur.pos
+    key = cur.string("a key name", MAX_NAME_BYTES)
+    vtype = cur.unpack("<I", 4)
+    length = None
+    if vtype == _ARRAY:  # peek the length without moving
+        if cur.left < 12:
+            raise cur.fail("the GGUF header ends early")
+        length = struct.unpack_from("<Q", cur.buf, cur.pos + 4)[0]
+    value = cur.value(vtype, key)
+    return key, KeyValue(key, bytes(cur.buf[start:cur.pos]), value, length)
+
+
+def _alignment(cur: _Cursor, kv: dict[str, KeyValue]) -> int:
+    if "general.alignment" not in kv:
+        return 32
+    value = kv["general.alignment"].value
+    if (type(value) is not int or value <= 0 or value & (value - 1) or value > MAX_ALIGNMENT):
+        raise cur.fail(f"general.alignment must be a power of two up to {MAX_ALIGNMENT}, "
+                       f"not {value!r}")
+    return value
+
+
+def _tensor_nbytes(cur: _Cursor, name: str, ne: tuple[int, ...], type_id: int) -> int:
+    if type_id not in _BLOCKS:
+        raise cur.fail(f"tensor {name} has an unknown ggml type {type_id}")
+    block, type_size = _BLOCKS[type_id]
+    n = 1
+    for d in ne:
+        if d > _INT64_MAX:
+            raise cur.fail(f"tensor {name} has a dimension of {d}, past 2^63")
+        n *= d
+    if n > _INT64_MAX:
+        raise cur.fail(f"tensor {name} has {n} elements, past 2^63")
+    if ne and ne[0] % block:
+        raise cur.fail(f"tensor {name}: its row length {ne[0]} is not a multiple of its type's "
+                       f"block of {block}")
+    return n // block * type_size
+
+
+def _read_tensor(cur: _Cursor) -> TensorInfo:
+    name = cur.string("a tensor name", MAX_NAME_BYTES)
+    n_dims = cur.unpack("<I", 4)
+    if n_dims > MAX_DIMS:
+        raise cur.fail(f"tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
+    ne = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
+    type_id, offset = cur.unpack("<I", 4), cur.unpack("<Q", 8)
+    return TensorInfo(name, ne, type_id, offset, _tensor_nbytes(cur, name, ne, type_id))
+
+
+def _check_tensors(cur: _Cursor, tensors: list[TensorInfo], data_offset: int,
+                   alignment: int) -> None:
+    names: set[str] = set()
+    for t in tensors:
+        if t.name in names:
+            raise cur.fail(f"tensor {t.name} appears more than once")
+        names.add(t.name)
+        if t.offset % alignment:
+            raise cur.fail(f"tensor {t.name}: its offset {t.offset} is not a multiple of "
+                           f"general.alignment ({alignment})")
+        if data_offset + t.offset + t.nbytes > len(cur.buf):
+            raise cur.fail(f"tensor {t.name} runs past the end of the file")
+
+
+def read_layout(path: Path, *, keep_raw: bool = True) -> Layout:
+    """The file's key/values and tensor infos, checked. `keep_raw=False` drops each pair's raw
+    bytes (the API only wants the values)."""
     path = Path(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf, path)
-        if bytes(buf[:4]) != b"GGUF":
-            raise InvalidModel(f"{path.name} is not a GGUF file (no GGUF magic)")
-        cur.pos = 4
-        version = cur.unpack("<I", 4)
-        if version not in (2, 3):
-            raise InvalidModel(f"{path.name}: unsupported GGUF version {version}")
-        n_tensors, n_kv = cur.unpack("<Q", 8), cur.unpack("<Q", 8)
-        kv: dict[str, KeyValue] = {}
-        for _ in range(n_kv):
-            start = cur.pos
-            key = cur.string()
-            vtype = cur.unpack("<I", 4)
-            length = None
-            if vtype == _ARRAY:  # peek the length without moving
-                length = struct.unpack_from("<Q", buf, cur.pos + 4)[0]
-            value = cur.value(vtype)
-            kv[key] = KeyValue(key, bytes(buf[start:cur.pos]), value, length)
-        tensors = []
-        for _ in range(n_tensors):
-            name = cur.string()
-            n_dims = cur.unpack("<I", 4)
-            ne = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
-            type_id, offset = cur.unpack("<I", 4), cur.unpack("<Q", 8)
-            tensors.append(TensorInfo(name, ne, type_id, offset))
-        alignment = int(kv["general.alignment"].value) if "general.alignment" in kv else 32
-        data_offset = (cur.pos + alignment - 1) // alignment * alignment
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InvalidModel(f"{path.name} is not a GGUF file (no GGUF magic)",
+                               details={"file": path.name})
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf, path)
+            cur.pos = 4
+            version = cur.unpack("<I", 4)
+            if version not in (2, 3):
+                raise cur.fail(f"unsupported GGUF version {version}")
+            n_tensors = cur.count("the tensor count", MAX_TENSORS, 8 + 4 + 4 + 8)
+            n_kv = cur.count("the key/value count", MAX_KV, 8 + 4 + 1)
+            kv: dict[str, KeyValue] = {}
+            for _ in range(n_kv):
+                key, pair = _read_kv(cur)
+                if key in kv:
+                    raise cur.fail(f"the key {key} appears more than once")
+                kv[key] = pair if keep_raw else KeyValue(key, b"", pair.value, pair.array_length)
+            tensors = [_read_tensor(cur) for _ in range(n_tensors)]
+            alignment = _alignment(cur, kv)
+            data_offset = (cur.pos + alignment - 1) // alignment * alignment
+            _check_tensors(cur, tensors, data_offset, alignment)
     return Layout(version, kv, tensors, data_offset)
 
 
-__all__ = ["read_layout", "Layout", "KeyValue", "TensorInfo", "MAX_DECODED_ARRAY"]
+__all__ = ["read_layout", "Layout", "KeyValue", "TensorInfo", "MAX_DECODED_ARRAY", "MAX_KV",
+           "MAX_TENSORS", "MAX_ARRAY_ITEMS", "MAX_STRING_BYTES", "MAX_DIMS"]
