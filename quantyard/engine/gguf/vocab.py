@@ -25,7 +25,6 @@ added tokens' types.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import InvalidModel
+from ..jsonsafe import load_json_object
 from .pre_hashes import PRE_TOKENIZER_HASHES
 
 TokenType = gguf.TokenType
@@ -70,8 +70,16 @@ def does_token_look_special(text: str | bytes) -> bool:
             or (text.startswith("<unused") and text.endswith(">")))
 
 
+# tokenizer.json of a 262k vocabulary with its merges is ~35 MB.
+MAX_TOKENIZER_JSON_BYTES = 256 * 1024 * 1024
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A tokenizer file from the upload, parsed with caps (InvalidModel naming it)."""
+    if not path.is_file():
+        return {}
+    return load_json_object(path, name=path.name, max_bytes=MAX_TOKENIZER_JSON_BYTES,
+                            reject_duplicates=False)  # a repeated vocab entry is not an attack
 
 
 def tokenizer_config(root: Path) -> dict:

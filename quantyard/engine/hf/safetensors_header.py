@@ -8,13 +8,13 @@ size so a truncated or corrupt file is rejected before any tensor is touched.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidModel
+from ..jsonsafe import load_json_capped
 
 # Bytes per element of every dtype the format defines; conversion supports a subset (FLOAT_DTYPES).
 DTYPE_SIZES = {
@@ -24,8 +24,12 @@ DTYPE_SIZES = {
     "I64": 8, "U64": 8, "F64": 8,
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-# A header larger than this is not a model we want to parse (the reference reader uses 100 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A header larger than this is not a model we want to parse (the reference reader allows 100 MB;
+# a 3,000-tensor model's header is ~300 KB).
+MAX_HEADER_BYTES = 32 * 1024 * 1024
+MAX_TENSORS = 1 << 17
+MAX_DIMS = 8
+_INT64_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,11 @@ class TensorRef:
 
 
 def _fail(path: Path, what: str) -> InvalidModel:
-    return InvalidModel(f"corrupt safetensors file {path.name}: {what}", details={"file": str(path)})
+    return InvalidModel(f"corrupt safetensors file {path.name}: {what}", details={"file": path.name})
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # not bool: JSON true is no size
 
 
 def _read_header_bytes(path: Path, file_size: int) -> tuple[bytes, int]:
@@ -62,15 +70,19 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, file_siz
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _fail(path, f"tensor {name!r} lacks dtype/shape/data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
-        raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _fail(path, f"tensor {name!r} has invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _fail(path, f"tensor {name!r} has unknown dtype {str(dtype)[:40]!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(_is_int(d) and 0 <= d <= _INT64_MAX for d in shape)):
+        raise _fail(path, f"tensor {name!r} has invalid shape {str(shape)[:200]}")
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            or not all(_is_int(o) and 0 <= o <= _INT64_MAX for o in offsets)
+            or not offsets[0] <= offsets[1]):
+        raise _fail(path, f"tensor {name!r} has invalid data_offsets {str(offsets)[:200]}")
     begin, end = offsets
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if expected > _INT64_MAX:
+        raise _fail(path, f"tensor {name!r} of shape {shape} would need {expected} bytes, past 2^63")
     if end - begin != expected:
         raise _fail(path, f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}")
     if data_start + end > file_size:
@@ -91,15 +103,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str,
     path = Path(path)
     file_size = path.stat().st_size
     raw, data_start = _read_header_bytes(path, file_size)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from None
+    try:  # depth 3 is all the format has: {name: {"shape": [...]}}
+        header = load_json_capped(raw, name=path.name, max_bytes=MAX_HEADER_BYTES, max_depth=3)
+    except InvalidModel as e:
+        raise _fail(path, f"header {e.message.removeprefix(path.name + ' ')}") from None
     if not isinstance(header, dict):
         raise _fail(path, "header JSON is not an object")
+    if len(header) > MAX_TENSORS + 1:
+        raise _fail(path, f"header lists {len(header)} tensors (at most {MAX_TENSORS})")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _fail(path, "__metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "__metadata__ is not an object of strings")
     refs = [_parse_entry(path, name, entry, data_start, file_size) for name, entry in header.items()]
     _check_no_overlap(path, refs)
     return {r.name: r for r in refs}, metadata

@@ -6,16 +6,20 @@ in milliseconds and reject it before any real work starts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidModel
+from ..jsonsafe import load_json_object
 from .safetensors_header import FLOAT_DTYPES, TensorRef, read_safetensors_header
+from .sanity import check_against_tensors, check_config_sizes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+# config.json is a few KB; an index names each tensor once (~100 bytes each).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,35 +54,41 @@ class HFModelSource:
 
 
 def load_config(root: Path) -> dict:
+    """config.json, parsed with caps and its size fields checked (sanity.check_config_sizes)."""
     path = root / "config.json"
     if not path.is_file():
-        raise InvalidModel(f"{root} has no config.json; is it a Hugging Face model folder?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidModel(f"config.json is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise InvalidModel("config.json is not a JSON object")
+        raise InvalidModel("the source has no config.json; is it a Hugging Face model folder?")
+    config = load_json_object(path, name="config.json", max_bytes=MAX_CONFIG_BYTES)
+    check_config_sizes(config)
     return config
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    data = load_json_object(index, name=INDEX_FILE, max_bytes=MAX_INDEX_BYTES)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InvalidModel(f"{INDEX_FILE} lacks a weight_map of tensor name -> file name")
+    for fname in set(weight_map.values()):
+        # shards sit beside the index: a path would read (or probe) files outside the source
+        if not fname or fname != Path(fname).name or fname.startswith(".") or "\\" in fname:
+            raise InvalidModel(f"{INDEX_FILE} names {fname[:100]!r}, which is not a file name "
+                               "in the model folder", details={"file": INDEX_FILE})
+    return weight_map
 
 
 def _shard_map(root: Path) -> dict[str, list[str]]:
     """Weight file -> tensor names it should hold, from the index or the single-file layout."""
     index = root / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InvalidModel(f"{INDEX_FILE} is unreadable or lacks weight_map ({e!r})") from None
         files: dict[str, list[str]] = {}
-        for tensor, fname in weight_map.items():
+        for tensor, fname in _weight_map(index).items():
             files.setdefault(fname, []).append(tensor)
         return files
     if (root / SINGLE_FILE).is_file():
         return {SINGLE_FILE: []}  # [] = take whatever the file holds
     found = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
     hint = f" (found {', '.join(found)}; only safetensors is supported)" if found else ""
-    raise InvalidModel(f"{root} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    raise InvalidModel(f"the source has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
 def _collect_tensors(root: Path, shards: dict[str, list[str]]) -> dict[str, TensorRef]:
@@ -96,7 +106,7 @@ def _collect_tensors(root: Path, shards: dict[str, list[str]]) -> dict[str, Tens
                 raise InvalidModel(f"tensor {name!r} appears in both {tensors[name].file.name} and {fname}")
             tensors[name] = ref
     if not tensors:
-        raise InvalidModel(f"{root} holds no tensors")
+        raise InvalidModel("the source holds no tensors")
     return tensors
 
 
@@ -112,13 +122,14 @@ def open_source(root: Path, *, require_tokenizer: bool = True) -> HFModelSource:
     """Describe the model at `root` from headers; InvalidModel when anything needed is missing."""
     root = Path(root)
     if not root.is_dir():
-        raise InvalidModel(f"source {root} is not a directory")
+        raise InvalidModel("the source is not a directory")
     config = load_config(root)
     shards = _shard_map(root)
     tensors = _collect_tensors(root, shards)
     _check_dtypes(tensors)
+    check_against_tensors(config, {name: t.shape for name, t in tensors.items()})
     if require_tokenizer and not any((root / f).is_file() for f in TOKENIZER_FILES):
-        raise InvalidModel(f"{root} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+        raise InvalidModel(f"the source has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     files = tuple(sorted({t.file for t in tensors.values()}))
     return HFModelSource(root=root, config=config, tensors=tensors, weight_files=files)
 
