@@ -31,9 +31,23 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
     app.conf.task_queues = None
     app.conf.task_create_missing_queues = True
     _register_task(app, worker_id)
+    _limit_pool_processes(settings)
     _HeartbeatStep.config = (settings, hardware_classes, worker_id)
     app.steps["consumer"].add(_HeartbeatStep)
     return app
+
+
+def _limit_pool_processes(settings: Settings) -> None:
+    """Every pool process converts under the memory limit (worker/limits.py): past it an
+    allocation fails inside the task (resource_limit) instead of the OOM killer ending it."""
+    from celery.signals import worker_process_init
+
+    from worker.limits import apply_memory_limit, memory_limit
+
+    def apply(**_) -> None:
+        apply_memory_limit(memory_limit(settings))
+
+    worker_process_init.connect(apply, weak=False)
 
 
 def _register_task(app: Celery, worker_id: str) -> None:

@@ -18,6 +18,7 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.publish import publish, target_recipe
 from worker.reuse import find_present, imatrix_spec, reuse, reuse_known_targets
+from worker.limits import ScratchQuota, memory_limit, resource_limit_of, scratch_limit
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import JobWatch
@@ -46,6 +47,7 @@ def run_job(rt: WorkerRuntime, job_id: str, dispatch: Dispatch) -> str:
 
 def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch) -> str:
     work_dir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=rt.scratch_dir))
+    watch.scratch = ScratchQuota(work_dir, scratch_limit(rt.settings))
     try:
         job = _load_job(rt, job_id)
         if reuse_known_targets(rt, job):  # before any fetch: a fully reused job ends here
@@ -67,9 +69,13 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         _fail(rt, job_id, "cancelled", "cancelled", str(exc))
         return "cancelled"
     except ConversionError as exc:
+        exc = resource_limit_of(exc, rt.settings) or exc  # e.g. an allocation failure, wrapped
         _fail(rt, job_id, "failed", exc.code, str(exc))
         return "failed"
     except BaseException as exc:  # a bug or a time limit: record it, then let Celery see it
+        if (limit := resource_limit_of(exc, rt.settings)) is not None:  # memory, time
+            _fail(rt, job_id, "failed", limit.code, str(limit))
+            return "failed"
         code = "time_limit" if type(exc).__name__ == "SoftTimeLimitExceeded" else "internal_error"
         _fail(rt, job_id, "failed", code, f"{type(exc).__name__}: {exc}")
         raise
@@ -174,7 +180,8 @@ def _prepare_gguf_source(rt, job: dict, work_dir: Path, watch: JobWatch) -> tupl
     from quantyard.engine.stages import preflight_gguf
 
     path = fetch_gguf_source(rt, job["source"], work_dir)
-    report = preflight_gguf(path, [spec for _, spec, _ in job["targets"]])
+    report = preflight_gguf(path, [spec for _, spec, _ in job["targets"]],
+                            memory_limit_bytes=memory_limit(rt.settings))
     _record_estimates(rt, job, report)
     if report.source_dtype not in ("F32", "F16", "BF16"):
         with rt.session() as s:
@@ -201,7 +208,8 @@ def _record_estimates(rt, job: dict, report) -> None:
 def _preflight(rt, job: dict, source_dir: Path, watch: JobWatch):
     from quantyard import engine  # heavy imports stay out of the API's path
 
-    report = engine.preflight(source_dir, [spec for _, spec, _ in job["targets"]])
+    report = engine.preflight(source_dir, [spec for _, spec, _ in job["targets"]],
+                              memory_limit_bytes=memory_limit(rt.settings))
     _record_estimates(rt, job, report)
     watch.progress(0.1, f"preflight ok: {report.architecture}", force=True)
     return report

@@ -18,6 +18,7 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target, split_max_bytes
 from worker.publish import publish, target_recipe
 from worker.reuse import find_present, reuse
+from worker.limits import ScratchQuota, resource_limit_of, scratch_limit
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import TargetWatch
@@ -41,6 +42,7 @@ def run_target(rt: WorkerRuntime, job_id: str, target_id: str, inputs: dict) -> 
 
 def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWatch) -> str:
     work_dir = Path(tempfile.mkdtemp(prefix=f"{target_id}-", dir=rt.scratch_dir))
+    watch.scratch = ScratchQuota(work_dir, scratch_limit(rt.settings))
     try:
         job = _load(rt, job_id, target_id, inputs)
         if _reused(rt, job):  # made by an identical recipe since the job was prepared
@@ -58,8 +60,11 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
     except Cancelled as exc:
         return _close(rt, target_id, "cancelled", "cancelled", str(exc))
     except ConversionError as exc:
+        exc = resource_limit_of(exc, rt.settings) or exc  # e.g. an allocation failure, wrapped
         return _close(rt, target_id, "failed", exc.code, str(exc))
     except BaseException as exc:  # a bug or a time limit: record it, then let Celery see it
+        if (limit := resource_limit_of(exc, rt.settings)) is not None:  # memory, time
+            return _close(rt, target_id, "failed", limit.code, str(limit))
         code = "time_limit" if type(exc).__name__ == "SoftTimeLimitExceeded" else "internal_error"
         _close(rt, target_id, "failed", code, f"{type(exc).__name__}: {exc}")
         raise

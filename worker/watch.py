@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 class _Watch:
     min_write_interval_s = 1.0
+    # The task's scratch-disk quota (worker.limits.ScratchQuota), checked by the watch thread;
+    # a limit it hit is raised at the next progress callback.
+    scratch = None
+    limit_hit = None
 
     def __init__(self, runtime, job_id: str, lease_s: int):
         self.runtime, self.job_id, self.lease_s = runtime, job_id, lease_s
@@ -56,6 +60,8 @@ class _Watch:
                 log.exception("watch tick failed for %s", self.job_id)
 
     def _tick(self) -> None:
+        if self.scratch is not None and self.limit_hit is None:
+            self.limit_hit = self.scratch.check()
         with self.runtime.session() as s:
             ok = self._renew(s)
             job = catalog.get_job(s, job_id=self.job_id)
@@ -66,6 +72,8 @@ class _Watch:
             self.cancelled.set()
 
     def raise_if_cancelled(self) -> None:
+        if self.limit_hit is not None:
+            raise self.limit_hit
         if self.cancelled.is_set():
             raise Cancelled("the job was cancelled")
         if self.lease_lost.is_set():

@@ -62,8 +62,11 @@ def _program_targets(source_dir: Path, targets: Sequence[TargetSpec]) -> bool:
     return True
 
 
-def preflight(source_dir: Path, targets: Sequence[TargetSpec]) -> PreflightReport:
-    """Check a source against targets from config.json and headers; estimate each target."""
+def preflight(source_dir: Path, targets: Sequence[TargetSpec], *,
+              memory_limit_bytes: int | None = None) -> PreflightReport:
+    """Check a source against targets from config.json and headers; estimate each target.
+    With `memory_limit_bytes`, a source that would need more memory than that to convert is
+    refused here (ResourceLimit), before any weights are read."""
     targets = [parse_target(t) for t in targets]
     if _program_targets(source_dir, targets):
         from .onnx.program_convert import preflight_program
@@ -77,13 +80,18 @@ def preflight(source_dir: Path, targets: Sequence[TargetSpec]) -> PreflightRepor
 
         _check_architecture(source_dir, onnx)
         reports.append(preflight_onnx(Path(source_dir), onnx))
+    largest = 0
     if others:
         source, others = _load(source_dir, others)
+        largest = max(t.n_elements for t in source.tensors.values())
         reports.insert(0, PreflightReport(
             architecture=source.architecture, parameter_count=source.parameter_count,
             source_dtype=source.source_dtype,
             estimates={t.key: get_converter(t.format).estimate(source, t) for t in others}))
     first = reports[0]
+    from .hf.sanity import estimate_memory, require_memory
+
+    require_memory(estimate_memory(first.parameter_count, largest, onnx=bool(onnx)), memory_limit_bytes)
     estimates = {k: v for r in reports for k, v in r.estimates.items()}
     return PreflightReport(architecture=first.architecture, parameter_count=first.parameter_count,
                            source_dtype=first.source_dtype, estimates=estimates)

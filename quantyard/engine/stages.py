@@ -74,15 +74,21 @@ def compute_imatrix(source_dir: Path, intermediate: Path, out_path: Path, *,
     return data.provenance()
 
 
-def preflight_gguf(path: Path, targets: Sequence[TargetSpec]) -> PreflightReport:
-    """Headers only: what the GGUF holds, and each target's size when made from it."""
+def preflight_gguf(path: Path, targets: Sequence[TargetSpec], *,
+                   memory_limit_bytes: int | None = None) -> PreflightReport:
+    """Headers only: what the GGUF holds, and each target's size when made from it. With
+    `memory_limit_bytes`, a file whose requantization would need more is refused
+    (ResourceLimit): llama.cpp maps both files, so the peak is a few copies of one tensor."""
     from .gguf.gguf_input import GGUFInput
     from .gguf.quantize import estimate_size
+    from .hf.sanity import estimate_memory, require_memory
 
     with GGUFInput(Path(path)) as gguf_in:
         fields = gguf_in.small_fields()
         count = sum(t.n_elements for t in gguf_in.tensors.values())
+        largest = max((t.n_elements for t in gguf_in.tensors.values()), default=0)
         dominant = dominant_type((t.type_name, t.n_elements) for t in gguf_in.tensors.values())
+    require_memory(estimate_memory(0, largest), memory_limit_bytes)
     estimates = {t.key: {"size_bytes": estimate_size(Path(path), t.quantization)}
                  for t in targets}
     return PreflightReport(architecture=str(fields.get("general.architecture")),
