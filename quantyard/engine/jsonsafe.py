@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from itertools import accumulate
 from pathlib import Path
 
 from .errors import InvalidModel
@@ -23,8 +22,8 @@ from .errors import InvalidModel
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_DEPTH = 64
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+# A string literal (skipped whole: brackets inside it are not nesting) or one bracket.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 
 
@@ -50,11 +49,32 @@ def _read(source: bytes | bytearray | str | os.PathLike, name: str, max_bytes: i
 
 
 def json_depth(data: bytes) -> int:
-    """Deepest nesting of arrays/objects in `data` (JSON text), without parsing it."""
-    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b'""', data))
-    if not brackets:
-        return 0
-    return max(0, max(accumulate(1 if c in _OPEN else -1 for c in brackets)))
+    """Deepest nesting of arrays/objects in `data` (JSON text), without parsing it and in
+    constant memory."""
+    return _depth(data, None)
+
+
+def nests_deeper_than(data: bytes, limit: int) -> bool:
+    if data.count(b"[") + data.count(b"{") <= limit:  # cannot nest deeper than it opens
+        return False
+    return _depth(data, limit) > limit
+
+
+def _depth(data: bytes, stop_above: int | None) -> int:
+    depth = deepest = 0
+    for m in _TOKEN.finditer(data):
+        c = data[m.start()]
+        if c == 0x22:  # '"': a string
+            continue
+        if c in _OPEN:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if stop_above is not None and deepest > stop_above:
+                    break
+        else:
+            depth -= 1
+    return deepest
 
 
 def _no_duplicates(name: str):
@@ -79,9 +99,8 @@ def load_json_capped(source: bytes | bytearray | str | os.PathLike, *, name: str
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise _fail(name, f"is not UTF-8 text (bad byte at offset {e.start})") from None
-    depth = json_depth(data)
-    if depth > max_depth:
-        raise _fail(name, f"nests arrays/objects {depth} deep (at most {max_depth} allowed)")
+    if nests_deeper_than(data, max_depth):
+        raise _fail(name, f"nests arrays/objects more than {max_depth} deep")
     hook = _no_duplicates(name) if reject_duplicates else None
     try:
         return json.loads(text, object_pairs_hook=hook)
@@ -104,5 +123,5 @@ def load_json_object(source: bytes | bytearray | str | os.PathLike, *, name: str
     return obj
 
 
-__all__ = ["load_json_capped", "load_json_object", "json_depth", "DEFAULT_MAX_BYTES",
+__all__ = ["load_json_capped", "load_json_object", "json_depth", "nests_deeper_than", "DEFAULT_MAX_BYTES",
            "DEFAULT_MAX_DEPTH"]

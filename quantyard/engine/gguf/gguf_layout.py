@@ -151,7 +151,7 @@ class _Cursor:
         return items if keep else None
 
 
-def _read_kv(cur: _Cursor) -> tuple[str, KeyValue]:
+def _read_kv(cur: _Cursor, keep_raw: bool) -> tuple[str, KeyValue]:
     start = cur.pos
     key = cur.string("a key name", MAX_NAME_BYTES)
     vtype = cur.unpack("<I", 4)
@@ -161,7 +161,8 @@ def _read_kv(cur: _Cursor) -> tuple[str, KeyValue]:
             raise cur.fail("the GGUF header ends early")
         length = struct.unpack_from("<Q", cur.buf, cur.pos + 4)[0]
     value = cur.value(vtype, key)
-    return key, KeyValue(key, bytes(cur.buf[start:cur.pos]), value, length)
+    raw = bytes(cur.buf[start:cur.pos]) if keep_raw else b""
+    return key, KeyValue(key, raw, value, length)
 
 
 def _alignment(cur: _Cursor, kv: dict[str, KeyValue]) -> int:
@@ -233,10 +234,10 @@ def read_layout(path: Path, *, keep_raw: bool = True) -> Layout:
             n_kv = cur.count("the key/value count", MAX_KV, 8 + 4 + 1)
             kv: dict[str, KeyValue] = {}
             for _ in range(n_kv):
-                key, pair = _read_kv(cur)
+                key, pair = _read_kv(cur, keep_raw)
                 if key in kv:
                     raise cur.fail(f"the key {key} appears more than once")
-                kv[key] = pair if keep_raw else KeyValue(key, b"", pair.value, pair.array_length)
+                kv[key] = pair
             tensors = [_read_tensor(cur) for _ in range(n_tensors)]
             alignment = _alignment(cur, kv)
             data_offset = (cur.pos + alignment - 1) // alignment * alignment
