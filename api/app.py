@@ -14,15 +14,17 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from quantyard import catalog
+from quantyard.catalog.db import engine_options
 from quantyard.queue import make_celery
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import open_store
 
 from api import dashboard, docs
 from api.auth import authenticated
-from api.errors import install_error_handlers
+from api.errors import COMMON_ERRORS, error_responses, install_error_handlers
+from api.responses import JSONResponse
 from api.metrics import make_registry
-from api.middleware import RequestIdMiddleware
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from api.routes import artifacts, audit, capabilities, health, jobs, keys, sources
 
 log = logging.getLogger("quantyard.api")
@@ -44,7 +46,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     if auto_migrate:
         catalog.upgrade_database(db_url)
 
-    engine = catalog.make_engine(db_url)
+    engine = catalog.make_engine(db_url, **engine_options(settings))
     session_factory = catalog.make_session_factory(engine)
     if store is None:
         store = open_store(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url,
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
         version=API_VERSION,
         description="Convert and quantize Hugging Face models (GGUF, ...) with a catalog of artifacts.",
         lifespan=lifespan,
+        # NaN/Infinity in a metric are written as null instead of failing the whole response.
+        default_response_class=JSONResponse,
         # Served by api/docs.py: the schema needs a key like the API it describes.
         openapi_url=None, docs_url=None, redoc_url=None,
     )
@@ -81,17 +85,23 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     app.state.metrics_registry = make_registry(session_factory, settings)
 
     install_error_handlers(app)
+    # Outermost last: security headers go on every answer, the request id's 500s included.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_json_body_bytes,
+                       exempt=frozenset({("POST", "/v1/sources")}))  # streams archives, capped itself
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
 
     # Every /v1 router needs a valid API key (each route adds its role: api/auth.py); so do
     # /openapi.json and /metrics (the scrape token or an operator's key). Open: /healthz, /readyz
     # and the static dashboard and /docs pages, which hold no data (their calls carry the key).
     protected = [Depends(authenticated)]
+    errors = error_responses(*COMMON_ERRORS)  # documented on every operation (schemathesis checks it)
     for router in (sources.router, jobs.router, artifacts.router, audit.router, capabilities.router, keys.router):
-        app.include_router(router, dependencies=protected)
-    app.include_router(health.router)
+        app.include_router(router, dependencies=protected, responses=errors)
+    app.include_router(health.router, responses=errors)
     app.include_router(dashboard.router)
     app.include_router(docs.router)
+    dashboard.mount_static(app)
     docs.install_openapi(app)
     return app
 

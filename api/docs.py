@@ -1,5 +1,6 @@
 """GET /openapi.json (needs a key, like the API it describes) and GET /docs (a Swagger UI shell
-that holds no data and sends the key with every request, the schema's included).
+that holds no data and sends the key with every request, the schema's included). Swagger UI's
+script and styles are served by this server (api/static/vendor/swagger-ui), never a CDN.
 
 The schema declares the bearer scheme, so generated clients and schema-driven testers (e.g.
 schemathesis) know every operation but /healthz and /readyz needs ``Authorization: Bearer``.
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 
 from api.auth import authenticated
+from api.responses import JSONResponse
 
 router = APIRouter(include_in_schema=False)
 

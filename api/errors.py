@@ -7,8 +7,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.responses import JSONResponse
 
 from quantyard.archive import InvalidArchive, UnsafeArchive
 from quantyard.catalog.audit import AuditUnavailable
@@ -35,6 +38,13 @@ def not_found(kind: str, ident: str) -> ApiError:
     return ApiError(404, f"{kind}_not_found", f"no {kind} with id {ident!r}")
 
 
+def out_of_range(parameter: str, value: object, expected: str) -> ApiError:
+    """422 naming a query parameter whose value parses but cannot be used (e.g. a time whose UTC
+    conversion leaves years 1-9999)."""
+    return ApiError(422, "validation_error", f"{parameter}: {str(value)[:60]!r} is out of range ({expected})",
+                    details={"parameter": parameter})
+
+
 # Status for each engine error code; anything else a ConversionError says is a 400.
 CONVERSION_STATUS: dict[str, int] = {
     "invalid_model": 400,
@@ -58,6 +68,48 @@ _HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
+
+
+# ---------------------------------------------------------------- the error body, as documented
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: str = Field(..., description="a stable, machine-readable code (e.g. source_not_found)")
+    message: str = Field(..., description="what went wrong, naming the parameter, field or file")
+    details: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer of the API."""
+
+    model_config = ConfigDict(extra="allow")
+    error: ErrorInfo
+
+
+_DESCRIPTIONS = {
+    400: "Bad request (a malformed body, cursor or file)",
+    401: "No valid API key",
+    403: "The key's role is not enough",
+    404: "No such resource (or it is another organisation's)",
+    405: "Method not allowed",
+    409: "Conflicts with the resource's state",
+    410: "Gone (withdrawn, deleted or purged)",
+    413: "The request body is too large",
+    415: "Unsupported media type",
+    422: "A parameter or field is invalid (the message names it)",
+    503: "A backing service (catalog, queue, store) is unavailable; retry after Retry-After seconds",
+}
+# Documented on every operation (api/app.py), so generated clients and schema testers know them.
+COMMON_ERRORS = (400, 401, 403, 404, 409, 413, 422, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI ``responses=`` mapping: each status answers :class:`ErrorBody`."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+# ---------------------------------------------------------------- answers
 
 
 def error_body(code: str, message: str, details: dict | None = None) -> dict[str, Any]:
@@ -100,7 +152,21 @@ def _audit_failure(request: Request, status: int, code: str) -> None:
     record_failure(request, action, status=status, code=code)
 
 
+# The catalog's connection failed, timed out or the pool is exhausted: retryable, so 503.
+# (sqlalchemy wraps every DB-API OperationalError/InterfaceError, e.g. psycopg's
+# QueryCanceled for statement_timeout and LockNotAvailable for lock_timeout.)
+CATALOG_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError, sa_exc.TimeoutError)
+RETRY_AFTER_S = 5
+
+
+def catalog_unavailable() -> JSONResponse:
+    return error_response(503, "catalog_unavailable", "the catalog database is unavailable; retry later",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    install_outage_handlers(app)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         _audit_failure(request, exc.status, exc.code)
@@ -157,7 +223,41 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route for {request.method} {request.url.path}"
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(OverflowError)
+    async def _overflow(request: Request, exc: OverflowError):
+        # A number or time the routes' checks let through but the catalog cannot represent.
+        log.warning("overflow on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(422, "out_of_range", "a parameter is out of the range the catalog can store")
+
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):  # pragma: no cover - see middleware
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error")
+
+
+def install_outage_handlers(app: FastAPI) -> None:
+    """Database outages are 503 ``catalog_unavailable`` with Retry-After, never library text
+    (a connection error names hosts and users: that goes to the log)."""
+
+    async def _down(request: Request, exc: Exception):
+        log.warning("catalog unavailable on %s %s: %s: %s", request.method, request.url.path,
+                    type(exc).__name__, exc)
+        return catalog_unavailable()  # no failure audit event: it would wait on the same database
+
+    for cls in CATALOG_DOWN:
+        app.add_exception_handler(cls, _down)
+
+    @app.exception_handler(sa_exc.DataError)
+    async def _data(request: Request, exc: sa_exc.DataError):
+        # The database refused a value (e.g. a number past bigint): the caller's input, not a bug.
+        log.warning("catalog refused a value on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(422, "out_of_range", "a parameter is out of the range the catalog can store")
+
+    @app.exception_handler(sa_exc.StatementError)
+    async def _statement(request: Request, exc: sa_exc.StatementError):
+        # A bound value that could not be converted (OverflowError from a time or integer).
+        if isinstance(exc.orig, (OverflowError, ValueError)):
+            log.warning("unbindable value on %s %s: %s", request.method, request.url.path, exc.orig)
+            return error_response(422, "out_of_range", "a parameter is out of the range the catalog can store")
+        log.error("catalog statement error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "internal server error")

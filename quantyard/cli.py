@@ -886,12 +886,15 @@ def keys() -> None:
 @click.option("--role", type=click.Choice(["viewer", "submitter", "maintainer", "admin"]), required=True)
 @click.option("--name", required=True, help="The principal: a person or a pipeline (the audit actor).")
 @click.option("--expires-in", default=None, help="e.g. 30d, 12h (default: never).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The embedded catalog's folder, as for `serve` (~/.quantyard).")
 @click.option("--json", "as_json", is_flag=True)
-def keys_create(org, role, name, expires_in, as_json) -> None:
+def keys_create(org, role, name, expires_in, data_dir, as_json) -> None:
     """Make an API key and print its secret (shown this once: only its hash is stored)."""
     from quantyard import catalog
     from quantyard.catalog.models import utcnow
 
+    _configure(data_dir=data_dir.resolve() if data_dir else None)
     expires_at = utcnow() + _parse_duration(expires_in) if expires_in else None
     actor = f"cli:{os.environ.get('USER') or 'unknown'}"
     settings = get_settings()

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     # also refused past 100x compression (quantyard.archive.MAX_COMPRESSION_RATIO).
     max_unpacked_bytes: int = 64 * 1024**3
     max_archive_members: int = 10_000
+    # Every request body but the source upload's (which streams to disk under max_upload_bytes):
+    # job submissions with their labels and calibration text, key requests, reasons.
+    max_json_body_bytes: int = Field(default=4 * 1024**2, ge=1024)
+    # The API's catalog connections (Postgres): connect, statement and lock-wait timeouts and the
+    # wait for a pooled connection, so a slow or frozen database answers 503 within seconds.
+    db_connect_timeout_s: int = Field(default=5, ge=2)
+    db_statement_timeout_s: float = Field(default=10.0, ge=0)
+    db_lock_timeout_s: float = Field(default=5.0, ge=0)
+    db_pool_timeout_s: float = Field(default=5.0, gt=0)
     # Per conversion (the worker's pool process): its memory (RLIMIT_DATA: heap and anonymous
     # mappings, not the memory-mapped model files), unset = 75% of RAM / worker_concurrency,
     # 0 = no limit; and its scratch folder, unset = 2 x (max_upload_bytes + max_unpacked_bytes),

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from quantyard import cards, catalog
 from quantyard.catalog.lineage import MAX_DEPTH as MAX_LINEAGE_DEPTH
+from quantyard.catalog.search import make_filters
 
 from api.auth import requires
 from api.deps import actor, caller_may_use_withdrawn, get_session, mark_audit, org_id, request_info
-from api.errors import ApiError, not_found
+from api.errors import CATALOG_DOWN, ApiError, not_found, out_of_range
+from api.responses import dumps
+
+# Sizes are stored as signed 64-bit integers.
+MAX_SIZE = 2**63 - 1
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -45,14 +50,17 @@ def list_artifacts(request: Request,
                    architecture: str | None = Query(None, max_length=200, description="e.g. LlamaForCausalLM"),
                    source: str | None = Query(None, max_length=40, description="source id"),
                    label: list[str] | None = Query(None, description="key=value (repeat: all must match)"),
-                   min_size: int | None = Query(None, ge=0, description="bytes"),
-                   max_size: int | None = Query(None, ge=0, description="bytes"),
+                   min_size: int | None = Query(None, ge=0, le=MAX_SIZE, description="bytes"),
+                   max_size: int | None = Query(None, ge=0, le=MAX_SIZE, description="bytes"),
                    created_after: str | None = Query(None, max_length=40, description="ISO 8601 (inclusive)"),
                    created_before: str | None = Query(None, max_length=40, description="ISO 8601 (exclusive)"),
-                   max_mean_kl: float | None = Query(None, ge=0, description="GGUF: mean KL vs the source"),
-                   min_top1: float | None = Query(None, ge=0, le=1, description="GGUF: top-1 agreement"),
-                   min_cosine: float | None = Query(None, ge=0, le=1, description="ONNX: worst cosine"),
-                   max_bits_per_weight: float | None = Query(None, ge=0),
+                   max_mean_kl: float | None = Query(None, ge=0, allow_inf_nan=False,
+                                                     description="GGUF: mean KL vs the source"),
+                   min_top1: float | None = Query(None, ge=0, le=1, allow_inf_nan=False,
+                                                  description="GGUF: top-1 agreement"),
+                   min_cosine: float | None = Query(None, ge=0, le=1, allow_inf_nan=False,
+                                                    description="ONNX: worst cosine"),
+                   max_bits_per_weight: float | None = Query(None, ge=0, allow_inf_nan=False),
                    q: str | None = Query(None, max_length=200, description="free text: file or source name, "
                                          "format, quantization, or a sha256 prefix (8+ hex digits)"),
                    sort: str = Query("created", pattern="^(created|size|mean_kl)$",
@@ -66,13 +74,30 @@ def list_artifacts(request: Request,
                                                  "(to find one to restore)"),
                    s: Session = Depends(get_session)):
     # Bad values: 422 naming the parameter (InvalidArgument), bad cursor: 400 (api/errors.py).
-    items, next_cursor = catalog.list_artifacts(
-        s, format=format, quantization=quantization, architecture=architecture, source_id=source, label=label,
-        min_size=min_size, max_size=max_size, created_after=created_after, created_before=created_before,
-        max_mean_kl=max_mean_kl, min_top1=min_top1, min_cosine=min_cosine, max_bits_per_weight=max_bits_per_weight,
-        q=q, sort=sort, limit=limit, cursor=cursor, include_withdrawn=include_withdrawn,
-        include_deleted=include_deleted, organization_id=org_id(request))
+    check_times(created_after=created_after, created_before=created_before)
+    try:
+        items, next_cursor = catalog.list_artifacts(
+            s, format=format, quantization=quantization, architecture=architecture, source_id=source, label=label,
+            min_size=min_size, max_size=max_size, created_after=created_after, created_before=created_before,
+            max_mean_kl=max_mean_kl, min_top1=min_top1, min_cosine=min_cosine,
+            max_bits_per_weight=max_bits_per_weight, q=q, sort=sort, limit=limit, cursor=cursor,
+            include_withdrawn=include_withdrawn, include_deleted=include_deleted, organization_id=org_id(request))
+    except (OverflowError, sa_exc.StatementError) as exc:
+        if cursor is None or isinstance(exc, CATALOG_DOWN):  # range-checked parameters; outages: 503
+            raise
+        # A cursor decodes to a key the catalog cannot compare (a size past 64 bits): not one we wrote.
+        raise ApiError(400, "invalid_cursor", "invalid cursor: its key is out of range",
+                       details={"parameter": "cursor"}) from None
     return {"items": [a.to_dict() for a in items], "next_cursor": next_cursor}
+
+
+def check_times(**times: str | None) -> None:
+    """The catalog parses the times; one that leaves years 1-9999 once in UTC is a 422 naming it."""
+    for name, value in times.items():
+        try:
+            make_filters(**{name: value})
+        except OverflowError:
+            raise out_of_range(name, value, "years 1-9999 in UTC") from None
 
 
 @router.get("/{artifact_id}", dependencies=[requires("viewer")],
@@ -136,7 +161,12 @@ def _file_of(art, name: str | None) -> tuple[str, str, str]:
 
 
 @router.get("/{artifact_id}/download", dependencies=[requires("viewer")],
-            summary="The artifact's bytes (a redirect to a presigned URL on S3); ?file= for a companion file")
+            summary="The artifact's bytes (a redirect to a presigned URL on S3); ?file= for a companion file",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                "format": "binary"}}},
+                             "description": "the file's bytes"},
+                       307: {"description": "a redirect to a presigned URL of the object store"}})
 def download_artifact(artifact_id: str, request: Request,
                       file: str | None = Query(None, max_length=500,
                                                description="one of metadata.companion_files' names"),
@@ -239,7 +269,7 @@ def artifact_card(artifact_id: str, request: Request, s: Session = Depends(get_s
 def artifact_bom(artifact_id: str, request: Request, s: Session = Depends(get_session)):
     now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     bom = cards.ml_bom(*_card_inputs(s, artifact_id, request), timestamp=now, base_url=str(request.base_url))
-    return Response(json.dumps(bom, indent=2), media_type=cards.BOM_MEDIA_TYPE)
+    return Response(dumps(bom, indent=2), media_type=cards.BOM_MEDIA_TYPE)  # NaN metrics as null
 
 
 # ------------------------------------------------------------------ retention: delete, restore, legal hold

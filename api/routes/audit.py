@@ -22,17 +22,20 @@ from quantyard.catalog.audit import iter_export
 
 from api.auth import is_operator, requires
 from api.deps import principal
-from api.errors import ApiError
+from api.errors import ApiError, out_of_range
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 FORMATS = {"jsonl": "application/jsonl"}
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def _utc(name: str, value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise out_of_range(name, value.isoformat(), "years 1-9999 in UTC") from None
 
 
 @router.get("", summary="Export the audit trail as JSON lines for a time range",
@@ -45,7 +48,7 @@ def export_audit(request: Request,
                  format: Annotated[str, Query(description="jsonl (the only format)")] = "jsonl"):
     if format not in FORMATS:
         raise ApiError(422, "validation_error", f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    since, until = _utc(since), _utc(until)
+    since, until = _utc("since", since), _utc("until", until)
     if since is not None and until is not None and since >= until:
         raise ApiError(422, "validation_error", "since must be earlier than until")
     factory = request.app.state.session_factory

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from quantyard.queue import broker_ping
 
 from api.auth import metrics_reader
+from api.responses import JSONResponse
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("quantyard.api")
@@ -74,7 +75,9 @@ async def readyz(request: Request):
 
 
 @router.get("/metrics", summary="Prometheus metrics (computed from the catalog)",
-            dependencies=[Depends(metrics_reader)])
+            dependencies=[Depends(metrics_reader)], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 def metrics(request: Request):
     registry = request.app.state.metrics_registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

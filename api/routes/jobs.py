@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from quantyard import catalog
@@ -19,7 +21,8 @@ from quantyard.queue import enqueue_job
 from api import stats
 from api.auth import requires
 from api.deps import actor, get_session, mark_audit, org_id, principal, request_info
-from api.errors import ApiError, not_found
+from api.errors import CATALOG_DOWN, ApiError, not_found
+from api.responses import JSONResponse
 from api.routes.sources import register_uri_source
 
 log = logging.getLogger("quantyard.api")
@@ -30,21 +33,74 @@ JOB_STATUSES = catalog.JOB_STATUSES
 FINISHED = catalog.TERMINAL_JOB_STATUSES
 
 
+# Caps on what a job carries: every listing echoes it (GET /v1/jobs?limit=50, polled by the
+# dashboard every 2 s), so one job must stay small. The request body as a whole is capped by
+# settings.max_json_body_bytes (api/middleware.py).
+MAX_TARGETS = 32
+MAX_LABELS = 64
+MAX_LABEL_KEY = 100
+MAX_LABEL_VALUE = 500
+# Calibration text (GGUF imatrix: params.calibration_text; ONNX int8-static: params.calibration_texts
+# or params.calibration): UTF-8 bytes of its JSON, per target.
+MAX_CALIBRATION_BYTES = 1 << 20
+CALIBRATION_KEYS = ("calibration_text", "calibration_texts", "calibration")
+# Every other parameter of a target together (its JSON), and how deep it may nest.
+MAX_PARAMS_BYTES = 16 << 10
+MAX_PARAMS_DEPTH = 8
+
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_KEY, pattern=r"^[^=]+$")]
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]
+TargetText = Annotated[str, StringConstraints(min_length=1, max_length=120)]
+
+
 class TargetIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    format: str
-    quantization: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    format: str = Field(..., min_length=1, max_length=50)
+    quantization: str = Field(..., min_length=1, max_length=50)
+    params: dict[str, Any] = Field(default_factory=dict, description=(
+        f"format options; calibration text (calibration_text, calibration_texts) up to "
+        f"{MAX_CALIBRATION_BYTES} bytes, every other parameter together up to {MAX_PARAMS_BYTES} bytes of JSON"))
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = Field(..., min_length=1, max_length=2048,
                         description="A source id (src_...) or the URI of an archive in this object store")
-    targets: list[str | TargetIn] = Field(..., description='e.g. ["gguf:Q8_0"] or [{"format": "gguf", '
-                                          '"quantization": "Q8_0", "params": {}}]')
-    hardware_class: str = "cpu"
-    labels: dict[str, str] = Field(default_factory=dict)
+    targets: list[TargetText | TargetIn] = Field(
+        ..., min_length=1, max_length=MAX_TARGETS,
+        description='e.g. ["gguf:Q8_0"] or [{"format": "gguf", "quantization": "Q8_0", "params": {}}]')
+    hardware_class: str = Field("cpu", min_length=1, max_length=50)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                               description="key=value tags (keys without '=')")
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode())
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep ``value`` nests (stops counting past ``limit``)."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
+
+
+def check_params(i: int, params: dict[str, Any]) -> None:
+    """422 naming ``targets[i].params...`` when a target's parameters are too large or too deep."""
+    if _depth(params, MAX_PARAMS_DEPTH) > MAX_PARAMS_DEPTH:
+        raise ApiError(422, "validation_error", f"targets[{i}].params: nested deeper than {MAX_PARAMS_DEPTH} levels",
+                       details={"field": f"targets[{i}].params"})
+    for key in CALIBRATION_KEYS:
+        if key in params and _json_size(params[key]) > MAX_CALIBRATION_BYTES:
+            raise ApiError(422, "validation_error", f"targets[{i}].params.{key}: longer than the limit of "
+                           f"{MAX_CALIBRATION_BYTES} bytes", details={"field": f"targets[{i}].params.{key}",
+                                                                     "limit_bytes": MAX_CALIBRATION_BYTES})
+    rest = {k: v for k, v in params.items() if k not in CALIBRATION_KEYS}
+    if _json_size(rest) > MAX_PARAMS_BYTES:
+        raise ApiError(422, "validation_error", f"targets[{i}].params: the parameters (calibration text aside) "
+                       f"are larger than {MAX_PARAMS_BYTES} bytes of JSON",
+                       details={"field": f"targets[{i}].params", "limit_bytes": MAX_PARAMS_BYTES})
 
 
 def _valid_targets_text() -> str:
@@ -58,6 +114,8 @@ def parse_targets(raw: list) -> list[dict]:
     seen: set[str] = set()
     for i, item in enumerate(raw):
         value = item.model_dump() if isinstance(item, TargetIn) else item
+        if isinstance(item, TargetIn):
+            check_params(i, item.params)
         try:
             spec = parse_target(value)
         except UnsupportedTarget as exc:
@@ -71,8 +129,18 @@ def parse_targets(raw: list) -> list[dict]:
 
 
 def check_targets_fit_source(source, targets: list[dict]) -> None:
-    """A program source (torch.export, TorchScript, .onnx) has no config.json: ONNX targets only."""
+    """A program source (torch.export, TorchScript, .onnx) has no config.json: ONNX targets only.
+    A GGUF file is requantized: GGUF targets only (an ONNX export needs the Hugging Face folder)."""
     meta = (source.meta or {}) if source is not None else {}
+    if meta.get("format") == "gguf":
+        for i, t in enumerate(targets):
+            if t["format"] != "gguf":
+                raise ApiError(422, "unsupported_target",
+                               f"targets[{i}]: {t['format']}:{t['quantization']} — this source is a GGUF file, which "
+                               "is requantized to gguf targets only; upload the Hugging Face folder (config.json + "
+                               f"weights) for {t['format']} targets",
+                               details={"field": f"targets[{i}]", "source_kind": "gguf", "valid_formats": ["gguf"]})
+        return
     if meta.get("format") != "program":
         return
     for i, t in enumerate(targets):
@@ -81,7 +149,8 @@ def check_targets_fit_source(source, targets: list[dict]) -> None:
                            f"targets[{i}]: {t['format']}:{t['quantization']} — {t['format']} needs a Hugging Face "
                            f"folder (config.json + weights); this source is a {meta.get('source_kind')} program "
                            f"({meta.get('model_file')}), which converts to onnx targets only",
-                           details={"source_kind": meta.get("source_kind"), "valid_formats": ["onnx"]})
+                           details={"field": f"targets[{i}]", "source_kind": meta.get("source_kind"),
+                                    "valid_formats": ["onnx"]})
 
 
 def check_source_not_withdrawn(s: Session, source_id: str) -> None:
@@ -155,13 +224,31 @@ def busy_workers(s: Session, hc: str) -> int:
     return stats.running_by_hardware_class(s, hc).get(hc, 0)
 
 
-def job_json(job, reasons: WaitingReasons | None = None) -> dict:
+def job_json(job, reasons: WaitingReasons | None = None, *, brief: bool = False) -> dict:
+    """A job as the API shows it; ``brief`` (listings): calibration text as its sha256 and size."""
     data = job.to_dict()
+    if brief:
+        for target in data["targets"]:
+            target["params"] = brief_params(target["params"])
     if reasons is not None:
         reason = reasons(data)
         if reason:
             data["waiting_reason"] = reason
     return data
+
+
+def brief_params(params: dict) -> dict:
+    """``params`` with each calibration value replaced by ``{"sha256", "bytes"}`` (of the text's UTF-8,
+    as lineage recipes identify it; of the JSON for a list or object): a listing of 50 jobs stays
+    small however long their texts are. GET /v1/jobs/{id} shows them whole."""
+    out = dict(params)
+    for key in CALIBRATION_KEYS:
+        if key in out:
+            value = out[key]
+            raw = value.encode() if isinstance(value, str) else \
+                json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+            out[key] = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw), "omitted": True}
+    return out
 
 
 def resolve_source(request: Request, s: Session, ref: str) -> str:
@@ -191,13 +278,14 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
     try:
         enqueue_job(request.app.state.celery, job_id=job_id, hardware_class=hardware_class)
     except Exception as exc:
-        log.error("could not enqueue job %s: %s", job_id, exc)
+        # The exception names the broker's host (and maybe credentials): the log gets it, not the tenant.
+        log.error("could not enqueue job %s: %s: %s", job_id, type(exc).__name__, exc)
         catalog.finish_job(s, job_id=job_id, status="failed", error_code="broker_unavailable",
-                           error_message=f"the job queue is unreachable: {exc}")
+                           error_message="the job queue was unreachable when the job was submitted")
         s.commit()
         raise ApiError(503, "broker_unavailable", f"job {job_id} was recorded but could not be queued "
-                       f"(the broker is unreachable); it is marked failed: {exc}",
-                       details={"job_id": job_id}) from None
+                       "(the job queue is unreachable); it is marked failed, submit it again later",
+                       details={"job_id": job_id}, headers={"Retry-After": "5"}) from None
     s.refresh(job)
     data = job_json(job, WaitingReasons(s, settings.worker_stale_after_s))
     return JSONResponse(data, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
@@ -216,8 +304,14 @@ def list_jobs(request: Request, status: str | None = Query(None), label: str | N
                                               organization_id=org_id(request))
     except ValueError as exc:
         raise ApiError(400, "invalid_cursor", f"invalid cursor: {exc}") from None
+    except (OverflowError, sa_exc.StatementError) as exc:
+        if cursor is None or isinstance(exc, CATALOG_DOWN):
+            raise
+        # A cursor whose time is past year 1-9999 in UTC: it decodes, but no page starts there.
+        raise ApiError(400, "invalid_cursor", "invalid cursor: its time is out of range",
+                       details={"parameter": "cursor"}) from None
     reasons = WaitingReasons(s, request.app.state.settings.worker_stale_after_s)
-    return {"items": [job_json(j, reasons) for j in jobs], "next_cursor": next_cursor}
+    return {"items": [job_json(j, reasons, brief=True) for j in jobs], "next_cursor": next_cursor}
 
 
 @router.get("/{job_id}", summary="A job's status, progress, targets, artifacts and error",

@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
@@ -20,6 +19,7 @@ from quantyard.catalog.models import API_ROLES, utcnow
 from api.auth import is_operator, requires
 from api.deps import actor, get_session, mark_audit, principal, request_info
 from api.errors import ApiError, not_found
+from api.responses import JSONResponse
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +15,7 @@ from api import uploads
 from api.auth import requires
 from api.deps import actor, get_session, mark_audit, org_id, request_info
 from api.errors import ApiError, not_found
+from api.responses import JSONResponse
 from api.routes.artifacts import ReinstateIn, WithdrawIn, lineage_params
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])
@@ -250,8 +250,9 @@ def register_uri_source(request: Request, uri: str) -> dict:
     try:
         key = uri_to_key(store, uri)
     except ValueError:
-        raise ApiError(422, "invalid_source", f"{uri!r} is neither a source id nor a URI in this object store "
-                       f"({store.url})") from None
+        # The store's own URL (bucket, local path) is the operator's business, not the tenant's.
+        raise ApiError(422, "invalid_source", f"{uri[:300]!r} is neither a source id nor a URI in this object "
+                       "store", details={"field": "source"}) from None
     size = store.stat(key) if _may_read_key(request, key) else None
     if size is None:
         raise ApiError(404, "source_not_found", f"no object at {uri!r}")

@@ -84,9 +84,12 @@ def test_dashboard(client):
     r = client.get("/", headers={"Authorization": ""})  # the page itself holds no data: no key needed
     assert r.status_code == 200
     assert "text/html" in r.headers["content-type"]
-    assert "/v1/jobs" in r.text and "/v1/artifacts" in r.text
+    # Its script is a static file of this server (the page's CSP refuses inline scripts).
+    assert '<script src="/static/dashboard.js">' in r.text and "<script>" not in r.text
+    script = client.get("/static/dashboard.js", headers={"Authorization": ""}).text
+    assert "/v1/jobs" in script and "/v1/artifacts" in script
     # Its API calls carry the key pasted into the page, kept in the tab's sessionStorage.
-    assert "sessionStorage" in r.text and '"Authorization": "Bearer "' in r.text
+    assert "sessionStorage" in script and '"Authorization": "Bearer "' in script
 
 
 def test_openapi(client):
