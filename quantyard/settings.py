@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     retention_grace_s: float = 7 * 24 * 3600.0
     # Workers look for deleted artifacts whose grace period is over this often (0: never).
     retention_purge_interval_s: float = 3600.0
+    # An S3 request that fails transiently (refused, reset, timeout, 5xx) is retried with
+    # backoff for this long before the target fails with storage_unavailable.
+    storage_retry_s: float = Field(default=60.0, ge=0)
+    # Workers sweep this often (0: never): temporary objects (tmp/) older than
+    # storage_temp_max_age_s that a killed or cut-off write left, and the scratch folders of
+    # worker processes that are gone. The age stays far above the longest upload + copy.
+    worker_sweep_interval_s: float = Field(default=600.0, ge=0)
+    storage_temp_max_age_s: float = Field(default=6 * 3600.0, gt=0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -14,20 +14,36 @@ roles) unless given to :func:`open_store` explicitly. ``endpoint_url`` selects a
 server (MinIO, SeaweedFS); path-style addressing is used then.
 
 ``progress`` callbacks receive ``(bytes_done, total_bytes_or_None)``.
+
+Outages: S3 requests that fail in a way worth repeating (connection refused or reset, timeouts,
+5xx, throttling) are retried by botocore a few times, then by the store itself with exponential
+backoff for up to ``retry_s`` seconds (a whole upload from a file is redone, the copy to the
+final key is repeated; a stream cannot be re-read, so only its copy is). When the store stays
+unreachable the error is :class:`StorageUnavailable` (a retryable ``ConversionError`` with code
+``storage_unavailable``, whose message names the object, never the store's URL). Temporary
+objects a crashed or cut-off write left behind are removed by :meth:`sweep_temp` (workers call it
+periodically), which also aborts stale multipart uploads under ``tmp/``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import random
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol, runtime_checkable
 from urllib.parse import quote, unquote, urlparse
+
+from quantyard.engine.errors import ConversionError
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], None]
 
@@ -37,6 +53,11 @@ MAX_PARTS = 10_000
 MAX_PRESIGN_S = 7 * 24 * 3600
 # CopyObject handles objects up to 5 GiB in one request; above that a multipart copy is needed.
 SINGLE_COPY_LIMIT = 5 * 1024**3
+# How long the store keeps retrying a transient S3 failure by default, and its backoff steps.
+DEFAULT_RETRY_S = 60.0
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 8.0
+TEMP_PREFIX = "tmp/"
 
 
 class StorageError(Exception):
@@ -45,6 +66,16 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError, FileNotFoundError):
     """The key does not exist."""
+
+
+class StorageUnavailable(StorageError, ConversionError):
+    """The object store did not answer (down, unreachable, overloaded) after every retry.
+
+    Also a ConversionError, so a worker records it on the target as ``storage_unavailable``
+    (retryable) like any other typed failure; the message names the object, not the store."""
+
+    code = "storage_unavailable"
+    retryable = True
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,7 @@ class ObjectStore(Protocol):
     def stat(self, key: str) -> int | None: ...
     def delete(self, key: str) -> None: ...
     def list_keys(self, prefix: str = "") -> list[str]: ...
+    def sweep_temp(self, older_than_s: float) -> int: ...
     def check(self) -> None: ...
 
 
@@ -84,7 +116,7 @@ def validate_key(key: str) -> str:
 
 
 def temp_key(key: str) -> str:
-    return f"tmp/{uuid.uuid4().hex}/{PurePosixPath(key).name}"
+    return f"{TEMP_PREFIX}{uuid.uuid4().hex}/{PurePosixPath(key).name}"
 
 
 class HashingReader:
@@ -244,6 +276,21 @@ class LocalStore(_Writes):
                     keys.append(rel)
         return sorted(keys)
 
+    def sweep_temp(self, older_than_s: float) -> int:
+        """Delete temporary files under ``tmp/`` older than ``older_than_s`` (a killed writer's)."""
+        tmp_root = self.root / TEMP_PREFIX.rstrip("/")
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in sorted(tmp_root.glob("*/*")) if tmp_root.is_dir() else []:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
+            _rmdir_quiet(path.parent)
+        return removed
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -284,8 +331,10 @@ class S3Store(_Writes):
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 16 * MiB,
         max_concurrency: int = 4,
+        retry_s: float = DEFAULT_RETRY_S,
     ):
         self.bucket = bucket
+        self.retry_s = max(float(retry_s), 0.0)
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -322,19 +371,35 @@ class S3Store(_Writes):
         )
 
     # writes -------------------------------------------------------------------------------
-    def _put(self, key: str, src: BinaryIO, *, total: int | None, progress: Progress | None) -> StoredObject:
+    def put_file(self, key: str, path: Path, *, progress: Progress | None = None) -> StoredObject:
+        """A file can be read again, so a whole upload cut off by an outage is redone."""
+        path = Path(path)
+        total = path.stat().st_size
+        deadline = time.monotonic() + self.retry_s
+
+        def attempt() -> StoredObject:
+            with path.open("rb") as f:
+                return self._put(key, f, total=total, progress=progress, deadline=deadline)
+
+        return _with_retries(attempt, what=f"storing {_name(key)!r}", deadline=deadline)
+
+    def _put(self, key: str, src: BinaryIO, *, total: int | None, progress: Progress | None,
+             deadline: float | None = None) -> StoredObject:
         final = self._full(key)
         tmp = self._full(temp_key(key))
         reader = HashingReader(src, total=total, progress=progress)
+        deadline = time.monotonic() + self.retry_s if deadline is None else deadline
         try:
             self.client.upload_fileobj(reader, self.bucket, tmp, Config=self._transfer_config(total))
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": tmp}, self.bucket, final, Config=self._copy_config(reader.size)
-            )
+            # The temporary object is complete: the copy to the final key can be repeated
+            # as often as needed (the completion step an outage most often cuts off).
+            _with_retries(lambda: self.client.copy({"Bucket": self.bucket, "Key": tmp}, self.bucket, final,
+                                                   Config=self._copy_config(reader.size)),
+                          what=f"storing {_name(key)!r}", deadline=deadline)
         except Exception as exc:
-            raise _wrap(exc, f"writing {key!r} to {self.url}") from exc
+            raise _wrap(exc, f"writing {key!r} to {self.url}", key=key, verb="storing") from exc
         finally:
-            self._delete_quiet(tmp)
+            self._delete_quiet(tmp)  # if this fails too, sweep_temp removes it later
         return StoredObject(key=key, uri=self._uri(key), sha256=reader.sha256, size_bytes=reader.size)
 
     def _delete_quiet(self, full_key: str) -> None:
@@ -343,24 +408,56 @@ class S3Store(_Writes):
         except Exception:  # best effort: the write's own error matters more
             pass
 
+    def _retried(self, fn, *, key: str, verb: str, what: str):
+        """fn() with retries on transient failures; every failure as a StorageError."""
+        try:
+            return _with_retries(fn, what=f"{verb} {_name(key)!r}",
+                                 deadline=time.monotonic() + self.retry_s)
+        except Exception as exc:
+            raise _wrap(exc, what, key=key, verb=verb) from exc
+
+    def sweep_temp(self, older_than_s: float) -> int:
+        """Delete temporary objects and abort multipart uploads under ``tmp/`` that are older
+        than ``older_than_s`` (left by a killed or cut-off write); returns how many."""
+        from datetime import datetime, timedelta, timezone
+
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
+        base = self._full(TEMP_PREFIX.rstrip("/")) + "/"
+        removed = 0
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+                for obj in page.get("Contents", []):
+                    if obj["LastModified"] < cutoff:
+                        self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+                        removed += 1
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base)
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        removed += 1
+        except Exception as exc:
+            raise _wrap(exc, f"sweeping temporary objects of {self.url}", key=TEMP_PREFIX.rstrip("/"),
+                        verb="sweeping") from exc
+        return removed
+
     # reads --------------------------------------------------------------------------------
     def download_file(self, key: str, dest: Path) -> None:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            self.client.download_file(self.bucket, self._full(key), str(part), Config=self._transfer_config(None))
+            self._retried(lambda: self.client.download_file(self.bucket, self._full(key), str(part),
+                                                            Config=self._transfer_config(None)),
+                          key=key, verb="reading", what=f"downloading {key!r} from {self.url}")
             os.replace(part, dest)
-        except Exception as exc:
-            raise _wrap(exc, f"downloading {key!r} from {self.url}") from exc
         finally:
             part.unlink(missing_ok=True)
 
     def iter_bytes(self, key: str, chunk_size: int = COPY_CHUNK) -> Iterator[bytes]:
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
-        except Exception as exc:
-            raise _wrap(exc, f"reading {key!r} from {self.url}") from exc
+        body = self._retried(lambda: self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"],
+                             key=key, verb="reading", what=f"reading {key!r} from {self.url}")
         return _iter_body(body, chunk_size)
 
     def presigned_url(self, key: str, *, expires_s: int = 3600, filename: str | None = None) -> str | None:
@@ -372,36 +469,33 @@ class S3Store(_Writes):
 
     def stat(self, key: str) -> int | None:
         try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._full(key))["ContentLength"])
-        except Exception as exc:
-            err = _wrap(exc, f"stat {key!r} in {self.url}")
-            if isinstance(err, ObjectNotFound):
-                return None
-            raise err from exc
+            head = self._retried(lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)),
+                                 key=key, verb="reading", what=f"stat {key!r} in {self.url}")
+        except ObjectNotFound:
+            return None
+        return int(head["ContentLength"])
 
     def delete(self, key: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
-        except Exception as exc:
-            err = _wrap(exc, f"deleting {key!r} from {self.url}")
-            if not isinstance(err, ObjectNotFound):
-                raise err from exc
+            self._retried(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._full(key)),
+                          key=key, verb="deleting", what=f"deleting {key!r} from {self.url}")
+        except ObjectNotFound:
+            pass
 
     def list_keys(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
-        keys = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
-                keys.extend(obj["Key"][len(base) :] for obj in page.get("Contents", []))
-        except Exception as exc:
-            raise _wrap(exc, f"listing {self.url}") from exc
-        return sorted(keys)
+
+        def listing() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
+            return [obj["Key"][len(base):] for page in pages for obj in page.get("Contents", [])]
+
+        return sorted(self._retried(listing, key=prefix or "objects", verb="listing", what=f"listing {self.url}"))
 
     def check(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            raise _wrap(exc, f"object store {self.url} is not reachable") from exc
+        except Exception as exc:  # no retries: readiness checks must answer fast
+            raise _wrap(exc, f"object store {self.url} is not reachable", key=self.bucket, verb="checking") from exc
 
 
 def _iter_body(body, chunk_size: int) -> Iterator[bytes]:
@@ -411,7 +505,66 @@ def _iter_body(body, chunk_size: int) -> Iterator[bytes]:
         body.close()
 
 
-def _wrap(exc: Exception, what: str) -> StorageError:
+def _name(key: str) -> str:
+    return PurePosixPath(key).name or key
+
+
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed", "OperationAborted", "500", "502", "503", "504"}
+
+
+def _transient_one(exc: BaseException) -> bool:
+    from botocore import exceptions as bx
+
+    if isinstance(exc, (StorageUnavailable, bx.ConnectionError, bx.HTTPClientError, ConnectionError,
+                        TimeoutError)):
+        return True
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = str(response.get("Error", {}).get("Code", ""))
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    last = getattr(exc, "last_exception", None)  # s3transfer's RetriesExceededError
+    return isinstance(last, BaseException) and _transient_one(last)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure is the store being unreachable or overloaded (worth retrying), looking
+    through the exception's causes (the transfer manager wraps the client's errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _transient_one(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _with_retries(fn, *, what: str, deadline: float):
+    """fn() until it succeeds, raises something not transient, or the deadline passes
+    (StorageUnavailable then). Exponential backoff with jitter between attempts."""
+    delay, attempt, started = RETRY_FIRST_DELAY_S, 0, time.monotonic()
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailable(
+                    f"object storage unavailable: {what} failed after {attempt} attempt(s) over "
+                    f"{time.monotonic() - started:.0f}s") from exc
+            pause = min(delay * random.uniform(0.5, 1.0), left)
+            log.warning("object store: %s failed (attempt %d: %s); retrying in %.1fs", what, attempt,
+                        type(exc).__name__, pause)
+            time.sleep(pause)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+
+def _wrap(exc: Exception, what: str, *, key: str = "", verb: str = "using") -> StorageError:
     if isinstance(exc, StorageError):
         return exc
     code = ""
@@ -420,6 +573,8 @@ def _wrap(exc: Exception, what: str) -> StorageError:
         code = str(response.get("Error", {}).get("Code", ""))
     if code in ("404", "NoSuchKey", "NotFound"):
         return ObjectNotFound(f"{what}: not found")
+    if is_transient(exc):  # tenant-visible: the object's name, never the store's URL
+        return StorageUnavailable(f"object storage unavailable while {verb} {_name(key)!r}")
     return StorageError(f"{what}: {exc}")
 
 
@@ -436,7 +591,11 @@ def make_s3_client(
     config = Config(
         region_name=region,
         signature_version="s3v4",
-        retries={"mode": "standard", "max_attempts": 5},
+        # botocore retries each request a few times; longer outages are the store's own
+        # retry loop's (_with_retries). Timeouts keep a dead endpoint from hanging a worker.
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=5,
+        read_timeout=60,
         s3={"addressing_style": "path" if endpoint_url else "auto"},
         # S3-compatible servers differ in their support of the newer default checksums.
         request_checksum_calculation="when_required",
@@ -463,6 +622,7 @@ def open_store(
     secret_key: str | None = None,
     multipart_threshold: int = 64 * MiB,
     multipart_chunksize: int = 16 * MiB,
+    retry_s: float = DEFAULT_RETRY_S,
 ) -> LocalStore | S3Store:
     """Open ``file:///abs/dir`` (or a plain absolute path) or ``s3://bucket[/prefix]``."""
     parsed = urlparse(url)
@@ -485,6 +645,7 @@ def open_store(
             endpoint_url=endpoint_url,
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
+            retry_s=retry_s,
         )
     raise ValueError(f"unsupported storage URL {url!r}: use file:///abs/dir or s3://bucket[/prefix]")
 

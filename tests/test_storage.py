@@ -243,3 +243,151 @@ def test_s3_wrong_credentials_raise_storage_error(s3_server):
         store.check()
     with pytest.raises(StorageError):
         store.put_stream("a/b", io.BytesIO(b"x"))
+
+
+# ------------------------------------------------------------------ outages, retries, temp sweep
+
+
+@pytest.fixture
+def cut_store(s3_server):
+    """A store that reaches the S3 server through a proxy the test can cut (a real outage)."""
+    from urllib.parse import urlparse
+
+    from tests.faults.tcp_proxy import CuttableProxy
+
+    target = urlparse(s3_server.endpoint_url)
+    proxy = CuttableProxy(target.hostname, target.port)
+    store = open_store(f"{s3_server.storage_url}/{os.urandom(6).hex()}", endpoint_url=proxy.url,
+                       access_key=s3_server.access_key, secret_key=s3_server.secret_key, retry_s=20)
+    yield store, proxy
+    proxy.close()
+
+
+def _restore_after(proxy, delay_s: float):
+    import threading
+
+    timer = threading.Timer(delay_s, proxy.restore)
+    timer.start()
+    return timer
+
+
+def test_s3_upload_retried_through_an_outage(cut_store, tmp_path):
+    import time
+
+    store, proxy = cut_store
+    data = os.urandom(200_000)
+    src = write(tmp_path / "m.gguf", data)
+    proxy.cut()
+    started = time.monotonic()
+    _restore_after(proxy, 2.0).join(0)
+    obj = store.put_file("artifacts/j/t/m.gguf", src)
+    elapsed = time.monotonic() - started
+    assert elapsed >= 1.5, elapsed  # it did wait for the store to come back
+    assert obj.sha256 == hashlib.sha256(data).hexdigest() and obj.size_bytes == len(data)
+    assert b"".join(store.iter_bytes(obj.key)) == data
+    assert store.list_keys() == ["artifacts/j/t/m.gguf"]  # no temporary object left
+
+
+def test_s3_download_retried_through_an_outage(cut_store, tmp_path):
+    store, proxy = cut_store
+    data = os.urandom(100_000)
+    store.put_file("sources/s/m.bin", write(tmp_path / "m", data))
+    proxy.cut()
+    _restore_after(proxy, 1.5)
+    store.download_file("sources/s/m.bin", tmp_path / "down" / "m.bin")
+    assert (tmp_path / "down" / "m.bin").read_bytes() == data
+
+
+def test_s3_outage_past_the_retry_window_is_storage_unavailable(s3_server, tmp_path):
+    import time
+
+    from quantyard.engine.errors import ConversionError
+    from quantyard.storage import StorageUnavailable
+    from tests.faults.tcp_proxy import CuttableProxy
+
+    proxy = CuttableProxy("127.0.0.1", 9)
+    proxy.cut()
+    store = open_store(s3_server.storage_url, endpoint_url=proxy.url, access_key="a", secret_key="b",
+                       retry_s=3)
+    src = write(tmp_path / "model-Q8_0.gguf", b"x" * 1000)
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable) as err:
+        store.put_file("artifacts/j/t/model-Q8_0.gguf", src)
+    elapsed = time.monotonic() - started
+    assert 3 <= elapsed < 30, elapsed  # retried for the window, then gave up (bounded)
+    assert isinstance(err.value, ConversionError) and isinstance(err.value, StorageError)
+    assert err.value.code == "storage_unavailable" and err.value.retryable
+    message = str(err.value)
+    assert "model-Q8_0.gguf" in message
+    assert proxy.url not in message and "s3://" not in message and "127.0.0.1" not in message
+    store.retry_s = 0  # reads map the outage the same way
+    with pytest.raises(StorageUnavailable):
+        store.download_file("a/b", tmp_path / "x")
+
+
+def test_s3_cut_mid_upload_then_sweep_leaves_nothing(cut_store):
+    """An upload cut off for longer than the window fails cleanly; the temporary object or
+    multipart upload it may leave is removed by sweep_temp once the store is back."""
+    import threading
+
+    from quantyard.storage import StorageUnavailable
+
+    store, proxy = cut_store
+    store.retry_s = 1.0
+    store.multipart_threshold = store.multipart_chunksize = 5 * MiB
+
+    class SlowStream(io.RawIOBase):
+        def __init__(self):
+            self.left = 12 * MiB
+
+        def readable(self):
+            return True
+
+        def read(self, n=-1):
+            if self.left <= 0:
+                return b""
+            if self.left < 8 * MiB and proxy.up:  # cut once the first part is out
+                threading.Thread(target=proxy.cut).start()
+            n = min(self.left, 1 * MiB if n is None or n < 0 else n)
+            self.left -= n
+            return b"z" * n
+
+    with pytest.raises((StorageError, StorageUnavailable)):
+        store.put_stream("artifacts/j/t/big.bin", SlowStream())
+    proxy.restore()
+    assert not proxy.up or store.stat("artifacts/j/t/big.bin") is None
+    assert store.stat("artifacts/j/t/big.bin") is None
+    left = store.list_keys() + [u["Key"] for u in store.client.list_multipart_uploads(
+        Bucket=store.bucket, Prefix=store.prefix).get("Uploads", [])]
+    assert all(k.split("/")[-3] == "tmp" for k in left), left  # nothing but temporary leftovers
+    assert store.sweep_temp(older_than_s=0) == len(left)
+    assert store.list_keys() == []
+    uploads = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", [])
+    assert uploads == []
+
+
+def test_sweep_temp_removes_only_old_temporary_objects(store):
+    import time
+
+    from quantyard.storage import temp_key
+
+    store.put_stream("artifacts/a/kept.bin", io.BytesIO(b"final"))
+    stale = temp_key("artifacts/a/x.bin")
+    if isinstance(store, S3Store):
+        store.client.put_object(Bucket=store.bucket, Key=store._full(stale), Body=b"half")
+        upload = store.client.create_multipart_upload(Bucket=store.bucket, Key=store._full(temp_key("y")))
+    else:
+        path = store.root.joinpath(*stale.split("/"))
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"half")
+        old = time.time() - 120
+        os.utime(path, (old, old))
+    assert store.sweep_temp(older_than_s=3600) == 0
+    assert stale in store.list_keys()
+    time.sleep(1.1)  # S3 timestamps have one-second resolution
+    removed = store.sweep_temp(older_than_s=1 if isinstance(store, S3Store) else 60)
+    assert removed == (2 if isinstance(store, S3Store) else 1)
+    assert store.list_keys() == ["artifacts/a/kept.bin"]
+    if isinstance(store, S3Store):
+        left = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", [])
+        assert upload["UploadId"] not in {u["UploadId"] for u in left}

@@ -20,6 +20,7 @@ from worker import hardware
 from worker.pipeline import run_job
 from worker.target_pipeline import run_target
 from worker.runtime import build_runtime, runtime_for_this_process
+from worker.scratch import scratch_base, sweep_in_background
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,15 @@ class _HeartbeatStep(bootsteps.StartStopStep):
         self._entry = None
         self._anchor_entry = None
         self._purge_entry = None
+        self._sweep_entry = None
         self._runtime = None
         self._ids: dict[str, str] = {}
 
     def start(self, consumer) -> None:
         settings, classes, worker_id = self.config
-        self._runtime = build_runtime(settings, worker_id=worker_id)
+        # No storage retries here: a blocked anchor or purge would stall this loop's beats.
+        self._runtime = build_runtime(settings.model_copy(update={"storage_retry_s": 0.0}),
+                                      worker_id=worker_id)
         info = hardware.detect().to_dict()
         info["queues"] = [queue_name(c) for c in classes]
         info["concurrency"] = settings.worker_concurrency
@@ -137,6 +141,14 @@ class _HeartbeatStep(bootsteps.StartStopStep):
             # re-check in purge_artifact make two workers purging at once harmless).
             self._purge_entry = consumer.timer.call_repeatedly(settings.retention_purge_interval_s,
                                                                self._purge_due)
+        if settings.worker_sweep_interval_s > 0:
+            # Dead processes' scratch folders and stale temporary objects (worker/scratch.py), now
+            # and periodically, on a thread of its own so a store that is down stalls nothing.
+            def sweep() -> None:
+                sweep_in_background(self._runtime, scratch_base=scratch_base(settings))
+
+            sweep()
+            self._sweep_entry = consumer.timer.call_repeatedly(settings.worker_sweep_interval_s, sweep)
 
     def _anchor_if_due(self) -> None:
         try:
@@ -154,10 +166,10 @@ class _HeartbeatStep(bootsteps.StartStopStep):
             log.exception("retention purge failed")
 
     def stop(self, consumer) -> None:
-        for entry in (self._anchor_entry, self._purge_entry):
+        for entry in (self._anchor_entry, self._purge_entry, self._sweep_entry):
             if entry is not None:
                 entry.cancel()
-        self._anchor_entry = self._purge_entry = None
+        self._anchor_entry = self._purge_entry = self._sweep_entry = None
         if self._entry is not None:
             self._entry.cancel()
             self._entry = None

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from quantyard import catalog
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import ObjectStore, open_store
+from worker.scratch import process_scratch_dir, scratch_base
 
 
 @dataclass
@@ -40,8 +41,8 @@ def worker_identity(hardware_class: str) -> str:
 def build_runtime(settings: Settings | None = None, *, worker_id: str | None = None) -> WorkerRuntime:
     settings = settings or get_settings()
     engine = catalog.make_engine(settings.resolved_database_url)
-    scratch = settings.data_dir / "scratch"
-    scratch.mkdir(parents=True, exist_ok=True)
+    # This process's own folder: what a SIGKILLed process leaves is swept (worker/scratch.py).
+    scratch = process_scratch_dir(scratch_base(settings))
     return WorkerRuntime(
         settings=settings,
         sessions=catalog.make_session_factory(engine),
@@ -49,6 +50,7 @@ def build_runtime(settings: Settings | None = None, *, worker_id: str | None = N
             settings.resolved_storage_url,
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
+            retry_s=settings.storage_retry_s,
         ),
         worker_id=worker_id or worker_identity("cpu"),
         scratch_dir=scratch,

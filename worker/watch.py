@@ -12,6 +12,8 @@ import logging
 import threading
 import time
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled
 
@@ -86,9 +88,16 @@ class _Watch:
         if not force and now - self._last_write < self.min_write_interval_s:
             return
         self._last_write = now
-        with self.runtime.session() as s:
-            stop = self._record(s, min(max(fraction, 0.0), 1.0), message)
-            s.commit()
+        try:
+            with self.runtime.session() as s:
+                stop = self._record(s, min(max(fraction, 0.0), 1.0), message)
+                s.commit()
+        except SQLAlchemyError as exc:
+            # The catalog is down or frozen: progress is only informative, so the conversion
+            # goes on (the watch thread keeps trying to renew the lease; once the catalog is
+            # back the next write records where it is, and a cancel is seen then).
+            log.warning("progress of %s not recorded (%s); going on", self.job_id, type(exc).__name__)
+            return
         if stop:
             self.cancelled.set()
             self.raise_if_cancelled()
