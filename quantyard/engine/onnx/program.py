@@ -13,8 +13,8 @@ input's shape) sample 1, 3, 2 by default; other axes 8, 16, 12.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import InvalidModel, UnsupportedTarget
 from .program_files import INPUTS_FILE, PICKLE_KINDS, candidates, classify
+from .program_vet import sample_inputs_member, vet_pt2_archive, vet_torchscript_archive
 
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 INT_DTYPES = ("int64", "int32")
@@ -266,97 +267,101 @@ def batch_override(specs: Specs, size: int) -> dict[str, int]:
 
 # ---------------------------------------------------------------- loading, no pickle runs
 
-# What torch.export.save writes (under one top folder). torch.export.load in torch 2.13 also
-# loads AOTInductor shared libraries (data/aotinductor/), and unpickles with weights_only=False:
-# pickled weights/constants (torch.load), torchbind objects, "opaque" objects (pickle.loads),
-# and sample inputs when weights_only=True fails. So the archive is vetted first.
-PT2_PARTS = ("archive_format", "archive_version", "byteorder", ".data/", "models/", "data/weights/",
-             "data/constants/", "data/sample_inputs/", "extra/")
-PT2_PICKLED = ("data/weights/", "data/constants/", "data/sample_inputs/")
-# TorchScript operators that touch files (aten::from_file, aten::save): a program calling them
-# in __setstate__ would do so while loading.
-TS_FILE_OPS = re.compile(r"\b(from_file|save)\b")
+# Graph calls a loaded program may make (the deserializer resolves any torch.*, math.* or
+# _operator.* name): operators, higher-order operators, symbolic-size helpers, arithmetic.
+SAFE_OPERATOR_FUNCS = frozenset("getitem add sub mul truediv floordiv mod pow neg pos abs eq ne lt le gt ge "
+                                "and_ or_ xor not_ invert lshift rshift".split())
+
+
+def vet_pt2(path: Path) -> None:
+    """Every member against what torch.export.save writes (program_vet), then the one pickle
+    torch.export.load reads by design, the sample inputs, through torch's weights_only
+    unpickler: if that fails, torch would retry it with weights_only=False."""
+    import io
+    import zipfile
+
+    import torch
+
+    vet_pt2_archive(path)
+    member = sample_inputs_member(path)
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read(member)
+    if not data:
+        return
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure of the restricted unpickler means "not only tensors"
+        raise _refuse(path, f"{member} is an unsafe pickle (not only tensors; Quantyard never unpickles "
+                      f"arbitrary objects). torch said: {str(e).splitlines()[0][:200]}", "unsafe_pickle",
+                      member=member) from None
+
+
+def vet_torchscript(path: Path) -> None:
+    vet_torchscript_archive(path)
+
+
+@contextlib.contextmanager
+def weights_only_unpickling():
+    """While torch loads a program, any unpickle that is not torch.load(weights_only=True)
+    raises instead of running: torch.export.load's own fallbacks to weights_only=False
+    (deserialize_torch_artifact, pickled payloads) and pickle.loads (opaque objects) included.
+    Belt and braces under the vetting; meant for the sandboxed child that loads programs."""
+    import pickle
+
+    import torch
+
+    real_load = torch.load
+
+    def load(*args, weights_only=None, **kwargs):
+        if weights_only is not True:
+            raise pickle.UnpicklingError("an unpickle without weights_only=True was refused")
+        return real_load(*args, weights_only=True, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise pickle.UnpicklingError("an unrestricted unpickle was refused")
+
+    saved = torch.load, pickle.loads, pickle.load, torch._C._pickle_load_obj
+    torch.load, pickle.loads, pickle.load, torch._C._pickle_load_obj = load, refused, refused, refused
+    try:
+        yield
+    finally:
+        torch.load, pickle.loads, pickle.load, torch._C._pickle_load_obj = saved
 
 
 def _refuse(path: Path, why: str, reason: str, **details) -> InvalidModel:
     return InvalidModel(f"refused {path.name}: {why}", details={"file": path.name, "reason": reason, **details})
 
 
-def _pt2_members(path: Path, zf) -> dict[str, str]:
-    names = zf.namelist()
-    top = names[0].split("/", 1)[0] if names else ""
-    rel = {}
-    for name in names:
-        part = name[len(top) + 1:] if name.startswith(top + "/") else None
-        if part is None or not part.startswith(PT2_PARTS):
-            raise _refuse(path, f"it holds {name!r}, which is not part of a torch.export program (compiled "
-                          "AOTInductor/ExecuTorch code and unknown parts are never loaded)", "unexpected_part",
-                          member=name)
-        rel[part] = name
-    return rel
-
-
-def _raw_payloads(path: Path, zf, rel: dict[str, str]) -> set[str]:
-    """Payloads the configs declare as raw tensor bytes (read with as_strided, never unpickled)."""
-    raw = set()
-    for part, name in rel.items():
-        if not (part.startswith(("data/weights/", "data/constants/")) and part.endswith("_config.json")):
-            continue
-        folder = part.rsplit("/", 1)[0] + "/"
-        for fqn, meta in (json.loads(zf.read(name)).get("config") or {}).items():
-            file = str(meta.get("path_name", ""))
-            if file.startswith(("custom_obj_", "opaque_obj_")):
-                raise _refuse(path, f"{fqn} is a pickled Python/TorchBind object, which Quantyard never unpickles",
-                              "unsafe_pickle", member=folder + file)
-            if not meta.get("use_pickle"):
-                raw.add(folder + file)
-    return raw
-
-
-def vet_pt2(path: Path) -> None:
-    """Every part torch.export.load would unpickle must load with weights_only=True first."""
-    import io
-    import zipfile
+def _safe_target(target) -> bool:
+    import math
+    import operator
 
     import torch
 
-    with zipfile.ZipFile(path) as zf:
-        rel = _pt2_members(path, zf)
-        raw = _raw_payloads(path, zf, rel)
-        for part, name in rel.items():
-            if not part.startswith(PT2_PICKLED) or part.endswith(".json") or part in raw:
-                continue
-            try:
-                torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
-            except Exception as e:  # any failure of the restricted unpickler means "not only tensors"
-                raise _refuse(path, f"{part} is an unsafe pickle (not only tensors; Quantyard never unpickles "
-                              f"arbitrary objects). torch said: {str(e).splitlines()[0][:200]}", "unsafe_pickle",
-                              member=name) from None
-
-
-def vet_torchscript(path: Path) -> None:
-    """torch.jit.load's unpickler (C++) builds only tensors, containers and TorchScript classes
-    compiled from the archive's code/; no Python runs. That TorchScript code may run while
-    loading (__setstate__), so code that touches files is refused before loading."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if "/code/" in name and name.endswith(".py"):
-                found = TS_FILE_OPS.search(zf.read(name).decode("utf-8", "replace"))
-                if found:
-                    raise _refuse(path, f"its TorchScript code ({name}) calls {found.group(1)}, which reads or "
-                                  "writes files", "file_access", member=name)
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)):
+        return True
+    name = getattr(target, "__name__", None)
+    if not isinstance(name, str):
+        return False
+    if getattr(operator, name, None) is target:
+        return name in SAFE_OPERATOR_FUNCS
+    if getattr(math, name, None) is target:
+        return True
+    return getattr(torch, name, None) is target and name.startswith("sym_")
 
 
 def _check_ops(path: Path, program) -> None:
-    """No operator with a file argument (aten.from_file, aten.save) in the exported graph."""
+    """Only operators in the graph, none with a file argument (aten.from_file, aten.save):
+    the deserializer resolves any torch.* name, torch.load included."""
     import torch
 
     for module in program.graph_module.modules():
         if not isinstance(module, torch.fx.GraphModule):
             continue
         for node in module.graph.nodes:
+            if node.op == "call_method" or node.op == "call_function" and not _safe_target(node.target):
+                raise _refuse(path, f"its graph calls {str(node.target)[:100]}, which is not a torch operator",
+                              "unexpected_call")
             schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
             if schema is not None and any("file" in a.name.lower() or "path" in a.name.lower()
                                           for a in schema.arguments if "str" in str(a.type)):
@@ -409,6 +414,18 @@ def _pt2_specs(path: Path, program) -> tuple[list[InputSpec], dict]:
     return specs, bounds
 
 
+def _pt2_load(path: Path, f):
+    import pickle
+
+    import torch
+
+    try:
+        return torch.export.load(f)
+    except pickle.UnpicklingError as e:
+        raise _refuse(path, f"it holds an unsafe pickle that torch.export.load would unpickle without restriction "
+                      f"({e})", "unsafe_pickle") from None
+
+
 def load_torch(src: ProgramSource) -> TorchProgram:
     """The program as a callable torch module, vetted before anything is unpickled."""
     import torch
@@ -416,15 +433,16 @@ def load_torch(src: ProgramSource) -> TorchProgram:
     path = src.path
     if src.kind == "torch.export":
         vet_pt2(path)
-        with open(path, "rb") as f:  # a file object: torch.export.load warns on names not ending in .pt2
-            program = torch.export.load(f)
+        with open(path, "rb") as f, weights_only_unpickling():  # a file object: torch warns on other names
+            program = _pt2_load(path, f)
         _check_ops(path, program)
         specs, bounds = _pt2_specs(path, program)
         names = tuple(s.name for s in specs)
         module = program.module()
         return TorchProgram(module, names, names, specs, bounds, module)
     vet_torchscript(path)
-    module = torch.jit.load(str(path), map_location="cpu").eval()
+    with weights_only_unpickling():
+        module = torch.jit.load(str(path), map_location="cpu").eval()
     args = module.forward.schema.arguments[1:]
     names = tuple(a.name for a in args)
     required = tuple(a.name for a in args if a.default_value is None)
@@ -481,4 +499,4 @@ def onnx_specs(model, name: str) -> list[InputSpec]:
 
 __all__ = ["ProgramSource", "InputSpec", "Specs", "describe", "refuse_pickle", "parse_specs", "declared_specs",
            "finish_specs", "match_names", "sample_inputs", "batch_override", "concrete_shape", "DTYPES", "SETS",
-           "TorchProgram", "load_torch", "vet_pt2", "vet_torchscript", "onnx_specs"]
+           "TorchProgram", "load_torch", "vet_pt2", "vet_torchscript", "onnx_specs", "weights_only_unpickling"]

@@ -18,16 +18,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .. import sandbox
 from ..errors import ConversionError, InvalidModel, UnsupportedTarget, ValidationFailed
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult, PreflightReport
+from ..sandbox import Limits
 from ..spec import TargetSpec
 from .modelio import artifact_files, artifact_size, consolidate, finalize, is_large
 from .options import OnnxOptions, parse_options
 from .program import (
-    SETS, ProgramSource, Specs, batch_override, declared_specs, describe, finish_specs, load_torch, match_names,
-    onnx_graph, onnx_specs, sample_inputs, vet_pt2, vet_torchscript,
+    SETS, ProgramSource, Specs, batch_override, check_external_data, declared_specs, describe, finish_specs,
+    match_names, onnx_graph, onnx_specs, sample_inputs, vet_pt2, vet_torchscript,
 )
+from .program_child import feeds_digest, load_references, specs_from_child
+from .program_vet import vet_pt2_archive, vet_torchscript_archive
 
 Progress = Callable[[float, str], None]
 THROUGHPUT_BATCH = 8
@@ -35,6 +39,9 @@ PROGRAM_OPSET = 18
 # size of each quantization relative to fp32, for preflight estimates of programs whose weights
 # are not read (a .pt2 or TorchScript file's size is all preflight looks at)
 _RATIO = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.27, "int8-static": 0.3, "int4": 0.2}
+# the sandboxed child that loads and exports a torch program: torch.onnx's dynamo export of a
+# model of a few hundred MB peaks at a few GB of address space
+PROGRAM_LIMITS = Limits(memory_bytes=16 << 30, cpu_seconds=3600, wall_seconds=3600.0, file_bytes=32 << 30)
 
 
 @dataclass
@@ -98,6 +105,16 @@ def preflight_program(root: Path, targets: list[TargetSpec]) -> PreflightReport:
                            estimates=estimates)
 
 
+def onnx_graph_of(path: Path):
+    """An .onnx file's graph without its tensors (a file the sandboxed child wrote)."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends
+        raise InvalidModel(f"the export of {path.name} is not a readable ONNX model") from None
+
+
 def _fp32_bytes(src: ProgramSource) -> int:
     if src.kind != "onnx":
         return src.path.stat().st_size
@@ -121,24 +138,44 @@ def _flat_numpy(out) -> list:
 
 
 def prepare(root: Path, params: Mapping[str, Any]) -> Prepared:
+    """An .onnx source with onnxruntime as its oracle. Torch programs are never loaded in this
+    process: see prepare_sandboxed."""
     src = describe(Path(root))
-    if src.kind == "onnx":
-        from .validate import session
+    if src.kind != "onnx":
+        raise TypeError(f"{src.kind} programs load only in the sandbox (prepare_sandboxed)")
+    from .validate import session
 
-        graph = onnx_graph(src)
-        specs = _specs_for(src, params, graph=graph)
-        sess = session(src.path)
-        return Prepared(src, specs, lambda feeds: sess.run(None, feeds), None)
-    import torch
+    graph = onnx_graph(src)
+    specs = _specs_for(src, params, graph=graph)
+    sess = session(src.path)
+    return Prepared(src, specs, lambda feeds: sess.run(None, feeds), None)
 
-    program = load_torch(src)
-    specs = _specs_for(src, params, program=program)
+
+def prepare_sandboxed(src: ProgramSource, params: Mapping[str, Any], fp32: Path, opset: int, work: Path, *,
+                      limits: Limits, progress: Progress | None = None) -> tuple[Prepared, dict]:
+    """Load the program, export it to `fp32` and compute its reference outputs in a sandboxed
+    child (program_child); here only JSON, .npy arrays and the .onnx file come back, all checked."""
+    scratch = work / "sandbox"
+    kwargs = {"root": str(src.root.resolve()), "params": dict(params), "fp32": str(fp32.resolve()), "opset": opset,
+              "refs": str(scratch.resolve())}
+    outcome = sandbox.run("quantyard.engine.onnx.program_child:export_in_child", kwargs, scratch=scratch,
+                          limits=limits, label=src.model_file, writable=[fp32.parent],
+                          on_wait=lambda _: _tell(progress, 0.1, "exporting to ONNX fp32 (sandboxed)"), poll_seconds=10)
+    value = outcome.value if isinstance(outcome.value, dict) else {}
+    specs = specs_from_child(value.get("specs"), src.model_file)
+    references = load_references(value.get("references"), scratch, src.model_file)
+    check_external_data(ProgramSource(fp32.parent, "onnx", fp32.name, False), onnx_graph_of(fp32))
 
     def reference(feeds: dict) -> list:
-        with torch.no_grad():
-            return _flat_numpy(program.module(*[torch.from_numpy(feeds[n]) for n in specs.names]))
+        found = references.get(feeds_digest(feeds, specs.names))
+        if found is None:
+            raise KeyError("no reference outputs were computed for these feeds")
+        return found
 
-    return Prepared(src, specs, reference, program)
+    info = value.get("info") if isinstance(value.get("info"), dict) else {}
+    info = {k: v for k, v in info.items() if k in ("opset", "exporter")}
+    info["sandbox"] = outcome.protections
+    return Prepared(src, specs, reference, None), info
 
 
 # ---------------------------------------------------------------- fp32
@@ -167,7 +204,7 @@ def _dim_name(axis: str) -> str:
     return name if name[:1].isalpha() else f"d_{name}"
 
 
-def export_program(prep: Prepared, path: Path, opts: OnnxOptions) -> dict:
+def export_program(prep: Prepared, path: Path, opset: int) -> dict:
     """torch.onnx.export(dynamo=True) with the specs' named axes dynamic. TorchScript has no
     torch.export path of its own: torch's TS2EPConverter turns it into an FX module first."""
     import torch
@@ -184,7 +221,7 @@ def export_program(prep: Prepared, path: Path, opts: OnnxOptions) -> dict:
         except Exception as e:  # the converter raises many types; all mean "won't convert"
             raise ConversionError(f"TorchScript to torch.export failed: {type(e).__name__}: {str(e)[:400]}") from e
     try:
-        onnx_program = torch.onnx.export(module, args, dynamo=True, opset_version=opts.opset,
+        onnx_program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
                                          input_names=list(prep.specs.names), dynamic_shapes=_dynamic_shapes(prep.specs),
                                          external_data=True, optimize=True, verbose=False)
     except Exception as e:  # the exporter raises many types; all mean "this program won't export"
@@ -193,7 +230,7 @@ def export_program(prep: Prepared, path: Path, opts: OnnxOptions) -> dict:
     onnx_program.save(str(path), external_data=True)
     consolidate(path)
     via = "TS2EPConverter + " if prep.program.exportable is None else ""
-    return {"opset": opts.opset, "exporter": f"{via}torch.onnx dynamo (torch {torch.__version__})"}
+    return {"opset": opset, "exporter": f"{via}torch.onnx dynamo (torch {torch.__version__})"}
 
 
 def optimize_source(src: ProgramSource, path: Path) -> dict:
@@ -368,8 +405,10 @@ def _stamp(path: Path, provenance: Mapping[str, str] | None, opts: OnnxOptions, 
 
 
 def convert_program(root: Path, target: TargetSpec, out_dir: Path, *, progress: Progress | None = None,
-                    provenance: Mapping[str, str] | None = None) -> ConversionResult:
-    """One validated, measured ONNX artifact from a program source."""
+                    provenance: Mapping[str, str] | None = None,
+                    sandbox_limits: Limits | None = None) -> ConversionResult:
+    """One validated, measured ONNX artifact from a program source; torch programs are loaded
+    and exported only in a sandboxed child (`sandbox_limits`, default PROGRAM_LIMITS)."""
     from .convert import output_filename
 
     opts = parse_options(target)
@@ -379,14 +418,21 @@ def convert_program(root: Path, target: TargetSpec, out_dir: Path, *, progress: 
         opts = replace(opts, opset=PROGRAM_OPSET)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _tell(progress, 0.0, "loading the program")
-    prep = prepare(Path(root), target.params)
-    name = (provenance or {}).get("name") or Path(prep.src.model_file).stem
+    src = describe(Path(root))
+    name = (provenance or {}).get("name") or Path(src.model_file).stem
     path = out_dir / output_filename(name, opts.quantization)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-work-") as tmp:
         fp32 = path if opts.quantization == "fp32" else Path(tmp) / "fp32.onnx"
-        _tell(progress, 0.1, "optimizing the source graph" if prep.src.kind == "onnx" else "exporting to ONNX fp32")
-        info = optimize_source(prep.src, fp32) if prep.src.kind == "onnx" else export_program(prep, fp32, opts)
+        if src.kind == "onnx":
+            _tell(progress, 0.0, "reading the source graph")
+            prep = prepare(src.root, target.params)
+            _tell(progress, 0.1, "optimizing the source graph")
+            info = optimize_source(src, fp32)
+        else:  # the archive's structure first (no torch here), then torch only in the child
+            (vet_pt2_archive if src.kind == "torch.export" else vet_torchscript_archive)(src.path)
+            _tell(progress, 0.0, "loading the program and exporting it to ONNX fp32 (sandboxed)")
+            prep, info = prepare_sandboxed(src, target.params, fp32, opts.opset, Path(tmp),
+                                           limits=sandbox_limits or PROGRAM_LIMITS, progress=progress)
         fp32_size = artifact_size(fp32)
         if opts.quantization != "fp32":
             _tell(progress, 0.5, f"quantizing to {opts.quantization}")
@@ -407,4 +453,5 @@ def convert_program(root: Path, target: TargetSpec, out_dir: Path, *, progress: 
                             metadata=metadata, metrics=metrics, engine_version=ENGINE_VERSION)
 
 
-__all__ = ["preflight_program", "convert_program", "prepare", "compare_outputs", "Prepared"]
+__all__ = ["preflight_program", "convert_program", "prepare", "prepare_sandboxed", "compare_outputs", "Prepared",
+           "PROGRAM_LIMITS"]
