@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 # Share of the machine's memory the pool processes may use together.
 MEMORY_SHARE = 0.75
 SCRATCH_CHECK_INTERVAL_S = 3.0
+# How allocation failures read when a library turns them into its own exception (torch's
+# RuntimeError, safetensors' SafetensorError "os error 12", llama.cpp's ValueError, ...).
 _ALLOC_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory",
-                "std::bad_alloc", "failed to allocate", "defaultcpuallocator")
+                "std::bad_alloc", "failed to allocate", "defaultcpuallocator", "os error 12")
 
 
 def _gib(n: int) -> str:
@@ -119,7 +121,7 @@ def _is_allocation_failure(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
         return True
-    if isinstance(exc, RuntimeError):  # torch: "DefaultCPUAllocator: can't allocate memory"
+    if isinstance(exc, Exception):
         text = str(exc).lower()
         return any(word in text for word in _ALLOC_WORDS)
     return False

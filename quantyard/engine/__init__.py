@@ -69,9 +69,12 @@ def preflight(source_dir: Path, targets: Sequence[TargetSpec], *,
     refused here (ResourceLimit), before any weights are read."""
     targets = [parse_target(t) for t in targets]
     if _program_targets(source_dir, targets):
+        from .hf.sanity import require_memory
         from .onnx.program_convert import preflight_program
 
-        return preflight_program(Path(source_dir), targets)
+        report = preflight_program(Path(source_dir), targets)
+        require_memory(report.estimates, memory_limit_bytes)
+        return report
     onnx = [t for t in targets if t.format == "onnx"]
     others = [t for t in targets if t.format != "onnx"]
     reports = []
@@ -80,19 +83,17 @@ def preflight(source_dir: Path, targets: Sequence[TargetSpec], *,
 
         _check_architecture(source_dir, onnx)
         reports.append(preflight_onnx(Path(source_dir), onnx))
-    largest = 0
     if others:
         source, others = _load(source_dir, others)
-        largest = max(t.n_elements for t in source.tensors.values())
         reports.insert(0, PreflightReport(
             architecture=source.architecture, parameter_count=source.parameter_count,
             source_dtype=source.source_dtype,
             estimates={t.key: get_converter(t.format).estimate(source, t) for t in others}))
     first = reports[0]
-    from .hf.sanity import estimate_memory, require_memory
-
-    require_memory(estimate_memory(first.parameter_count, largest, onnx=bool(onnx)), memory_limit_bytes)
     estimates = {k: v for r in reports for k, v in r.estimates.items()}
+    from .hf.sanity import require_memory
+
+    require_memory(estimates, memory_limit_bytes)
     return PreflightReport(architecture=first.architecture, parameter_count=first.parameter_count,
                            source_dtype=first.source_dtype, estimates=estimates)
 

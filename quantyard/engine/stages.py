@@ -81,16 +81,17 @@ def preflight_gguf(path: Path, targets: Sequence[TargetSpec], *,
     (ResourceLimit): llama.cpp maps both files, so the peak is a few copies of one tensor."""
     from .gguf.gguf_input import GGUFInput
     from .gguf.quantize import estimate_size
-    from .hf.sanity import estimate_memory, require_memory
+    from .hf.sanity import require_memory
 
     with GGUFInput(Path(path)) as gguf_in:
         fields = gguf_in.small_fields()
         count = sum(t.n_elements for t in gguf_in.tensors.values())
         largest = max((t.n_elements for t in gguf_in.tensors.values()), default=0)
         dominant = dominant_type((t.type_name, t.n_elements) for t in gguf_in.tensors.values())
-    require_memory(estimate_memory(0, largest), memory_limit_bytes)
-    estimates = {t.key: {"size_bytes": estimate_size(Path(path), t.quantization)}
-                 for t in targets}
+    # requantizing: a float32 copy, a transformed copy and the encoded bytes of one tensor
+    estimates = {t.key: {"size_bytes": estimate_size(Path(path), t.quantization),
+                         "peak_memory_bytes": 3 * 4 * largest} for t in targets}
+    require_memory(estimates, memory_limit_bytes)
     return PreflightReport(architecture=str(fields.get("general.architecture")),
                            parameter_count=count, source_dtype=dominant, estimates=estimates)
 

@@ -7,7 +7,8 @@ a worker to many GB before failing. Here, from config.json and the safetensors h
 * every size field is an integer in a sane range (`check_config_sizes`, run on every load);
 * the sizes agree with the tensors actually present: as many layers as the weights number,
   the embedding's rows = vocab_size and its width = hidden_size (`check_against_tensors`);
-* the memory a conversion needs is estimated and held to the worker's limit (`require_memory`).
+* the peak memory the converters estimate (preflight's `peak_memory_bytes`) is held to the
+  worker's limit (`require_memory`).
 
 Failures are InvalidModel naming config.json and the field (or ResourceLimit for memory).
 """
@@ -107,16 +108,10 @@ def check_against_tensors(config: Mapping, shapes: Mapping[str, tuple[int, ...]]
         raise _fail("hidden_size", f"is {hidden} but the token embedding is {embedding[1]} wide")
 
 
-def estimate_memory(parameter_count: int, largest_tensor: int, *, onnx: bool = False) -> int:
-    """Bytes a conversion needs at its peak, roughly: the float32 reference model validation
-    loads (an ONNX export holds the model, the traced graph and an inference session: about
-    three copies), a few float32 copies of the largest tensor while it is converted, plus the
-    runtimes themselves."""
-    copies = 3 if onnx else 1
-    return BASE_MEMORY_BYTES + 4 * copies * parameter_count + 12 * largest_tensor
-
-
-def require_memory(needed: int, limit: int | None) -> None:
+def require_memory(estimates: Mapping[str, Mapping[str, int]], limit: int | None) -> None:
+    """ResourceLimit when a target's estimated peak (plus the runtimes) is over `limit`."""
+    peak = max((int(e.get("peak_memory_bytes", 0)) for e in estimates.values()), default=0)
+    needed = peak + BASE_MEMORY_BYTES
     if limit and needed > limit:
         raise ResourceLimit(
             f"converting this model needs about {needed / 2**30:.1f} GiB of memory; a conversion "
@@ -124,4 +119,4 @@ def require_memory(needed: int, limit: int | None) -> None:
 
 
 __all__ = ["SIZE_FIELDS", "check_config_sizes", "check_against_tensors", "layer_counts", "size",
-           "estimate_memory", "require_memory"]
+           "require_memory"]
