@@ -8,12 +8,14 @@ embedded ``quantyard serve`` only.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
 from quantyard import catalog
+from quantyard.catalog.anchor import AnchorWatcher
 from quantyard.catalog.db import engine_options
 from quantyard.queue import make_celery
 from quantyard.settings import Settings, get_settings
@@ -57,9 +59,13 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Anchors the audit chain every N events (checked beside the requests) and at shutdown.
+        watcher = AnchorWatcher(session_factory, store, interval_s=0.0,
+                                every_events=settings.audit_anchor_every_events).start()
         try:
             yield
         finally:
+            await asyncio.to_thread(watcher.stop)
             if owns_celery:
                 try:
                     celery_app.close()

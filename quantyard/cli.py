@@ -760,11 +760,17 @@ def audit() -> None:
 @click.option("--anchors", is_flag=True, help="Also check the chain against every anchor in the object store.")
 @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Verify an exported JSON-lines file instead of the catalog.")
+@click.option("--app-role", default=None,
+              help="The database role the API and workers use (default QUANTYARD_DB_APP_ROLE, else this "
+                   "connection's user when it does not own the tables): it must not be able to change audit rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def audit_verify(anchors, path, as_json) -> None:
-    """Recompute the hash chain and report the first broken link (exit status 1 when broken)."""
+def audit_verify(anchors, path, app_role, as_json) -> None:
+    """Recompute the hash chain and report the first broken link; on a catalog, also check that the
+    append-only triggers are in place and no role but the owner may change audit rows (exit status
+    1 when broken: `triggers_missing` / `grants_unsafe` name what is missing)."""
     from quantyard.catalog.audit import verify_audit_chain, verify_export
 
+    app_role = app_role or get_settings().db_app_role
     if path is not None:
         with path.open("rb") as f:
             result = verify_export(f)
@@ -773,15 +779,18 @@ def audit_verify(anchors, path, as_json) -> None:
             if anchors:
                 from quantyard.catalog.anchor import verify_with_anchors
 
-                result = verify_with_anchors(s, _settings_store())
+                result = verify_with_anchors(s, _settings_store(), app_role=app_role)
             else:
-                result = verify_audit_chain(s)
+                result = verify_audit_chain(s, app_role=app_role)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif result.ok:
         anchored = f", {result.anchors_checked} anchor(s) match" if anchors else ""
         click.echo(f"audit chain ok: {result.checked} event(s), head seq {result.head_seq} "
                    f"{(result.head_hash or '')[:16]}{anchored}")
+    elif result.problem in ("triggers_missing", "grants_unsafe"):  # the chain itself verified
+        click.echo(f"audit trail UNPROTECTED: {result.problem}: {result.reason}; the chain's "
+                   f"{result.checked} event(s) verified, head seq {result.head_seq}")
     else:
         where = f"seq {result.first_bad_seq}" + (f" (id {result.first_bad_id})" if result.first_bad_id else "")
         click.echo(f"audit chain BROKEN at {where}: {result.problem}: {result.reason}; "

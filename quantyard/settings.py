@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     # the window is short; an idle chain is not anchored again (one small object per interval
     # with activity).
     audit_anchor_interval_s: float = 300.0
+    # ...and after this many events since the newest anchor (0: never), checked every few
+    # seconds by workers and API processes off the request path; every API and worker process
+    # also anchors when it shuts down. Together they bound what can be cut off the chain's tail.
+    audit_anchor_every_events: int = Field(default=1000, ge=0)
+    # The database role the API and workers connect as (`quantyard db grant-app-role ROLE`):
+    # `quantyard audit verify` checks it cannot UPDATE, DELETE or TRUNCATE audit_events.
+    db_app_role: str | None = None
     # A deleted artifact's bytes stay this long (restore is possible until then), then are purged.
     retention_grace_s: float = 7 * 24 * 3600.0
     # Workers look for deleted artifacts whose grace period is over this often (0: never).

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
+from celery.signals import worker_shutdown
 
 from quantyard import catalog
-from quantyard.catalog.anchor import anchor_if_due
+from quantyard.catalog.anchor import CHECK_EVERY_S, anchor_if_due, anchor_on_shutdown
 from quantyard.catalog.retention import purge_due
 from quantyard.queue import (
     CONVERT_TARGET_TASK, CONVERT_TASK, enqueue_target, make_celery, queue_name,
@@ -131,11 +132,15 @@ class _HeartbeatStep(bootsteps.StartStopStep):
 
         beat()
         self._entry = consumer.timer.call_repeatedly(settings.worker_heartbeat_s, beat)
-        if settings.audit_anchor_interval_s > 0:
-            # Periodic audit anchor, no Celery beat needed: every worker checks once a minute and
-            # anchors when the last anchor is older than the interval (a race anchors twice: harmless).
+        if settings.audit_anchor_interval_s > 0 or settings.audit_anchor_every_events > 0:
+            # Periodic audit anchor, no Celery beat needed: every worker checks (every few seconds
+            # with the count rule, else once a minute) and anchors when the last anchor is older
+            # than the interval or N events behind (racing workers: one anchors, under a try-lock).
+            period = CHECK_EVERY_S if settings.audit_anchor_every_events > 0 else 60.0
             self._anchor_entry = consumer.timer.call_repeatedly(
-                min(settings.audit_anchor_interval_s, 60.0), self._anchor_if_due)
+                min(settings.audit_anchor_interval_s or period, period), self._anchor_if_due)
+        # And once more when this worker stops (after its last task), so it leaves no tail.
+        worker_shutdown.connect(self._final_anchor, weak=False, dispatch_uid="quantyard-final-anchor")
         if settings.retention_purge_interval_s > 0:
             # Retention purge, the same way: each worker purges what is due (the row lock and the
             # re-check in purge_artifact make two workers purging at once harmless).
@@ -153,7 +158,8 @@ class _HeartbeatStep(bootsteps.StartStopStep):
     def _anchor_if_due(self) -> None:
         try:
             anchor_if_due(self._runtime.sessions, self._runtime.store,
-                          interval_s=self._runtime.settings.audit_anchor_interval_s)
+                          interval_s=self._runtime.settings.audit_anchor_interval_s,
+                          every_events=self._runtime.settings.audit_anchor_every_events)
         except Exception:  # the next check retries
             log.exception("audit anchor failed")
 
@@ -164,6 +170,10 @@ class _HeartbeatStep(bootsteps.StartStopStep):
                 log.info("retention: purged the bytes of %d deleted artifact(s)", len(purged))
         except Exception:  # the next run retries
             log.exception("retention purge failed")
+
+    def _final_anchor(self, **_) -> None:
+        if self._runtime is not None:
+            anchor_on_shutdown(self._runtime.sessions, self._runtime.store)
 
     def stop(self, consumer) -> None:
         for entry in (self._anchor_entry, self._purge_entry, self._sweep_entry):
@@ -181,3 +191,4 @@ class _HeartbeatStep(bootsteps.StartStopStep):
                     s.commit()
             except Exception:
                 log.exception("could not remove this worker from the live set")
+            anchor_on_shutdown(self._runtime.sessions, self._runtime.store)

@@ -13,22 +13,31 @@ Object Lock) the anchor records ``"retention": "unsupported"``: it is still a se
 outside the database, but one the app itself could rewrite.
 
 Each anchor written is itself an ``audit.anchor`` event in the chain. ``anchor_if_due`` writes
-one when the last is older than an interval and events were added since; workers call it from
-their consumer timer (worker/celery_app.py), so several workers may occasionally anchor the same
-head twice, which is harmless.
+one when events were added since the last anchor and either the last is older than an interval
+or ``every_events`` events came after it; workers call it from their consumer timer
+(worker/celery_app.py) and API processes from a background thread (:class:`AnchorWatcher`), so the
+check (two index lookups) never runs on a request. Every API and worker process also anchors when
+it shuts down (:func:`anchor_on_shutdown`). On Postgres one writer at a time holds a try-lock and
+re-checks under it, so processes racing for the same head write one anchor, not several.
+
+The tail guarantee: events after the newest anchor can be cut off by a database owner without
+the anchors noticing. That tail is at most ``every_events`` events (plus what arrives between two
+checks, a few seconds' worth) or ``interval`` seconds old, and after a clean shutdown it is empty.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from quantyard.storage import S3Store
@@ -111,24 +120,100 @@ def write_anchor(
     return {**doc, "key": key}
 
 
-def anchor_if_due(sessions: sessionmaker, store, *, interval_s: float, now: datetime | None = None,
-                  **kwargs) -> dict[str, Any] | None:
-    """Anchor when the last anchor is older than ``interval_s`` and events were added since
-    (an idle chain is not re-anchored: its head would be the last anchor's own event)."""
+# pg_try_advisory_xact_lock key of the anchor writer: one process anchors a given head.
+ANCHOR_LOCK_KEY = int.from_bytes(hashlib.sha256(b"quantyard:audit-anchor").digest()[:8], "big", signed=True)
+# How often API processes (and workers, when every_events is set) look whether an anchor is due.
+CHECK_EVERY_S = 5.0
+
+
+def _last_anchor(s: Session):
+    """(seq, at) of the newest ``audit.anchor`` event, or None. Walks the primary key backwards
+    and stops at the first anchor, which is at most ~every_events rows down."""
+    return s.execute(select(AuditEvent.seq, AuditEvent.at)
+                     .where(AuditEvent.resource_type == "audit_anchor", AuditEvent.action == ANCHOR_ACTION)
+                     .order_by(AuditEvent.seq.desc()).limit(1)).first()
+
+
+def _due(s: Session, *, interval_s: float, every_events: int, now: datetime) -> bool:
+    head = s.execute(select(AuditEvent.seq, AuditEvent.action).order_by(AuditEvent.seq.desc()).limit(1)).first()
+    if head is None or head.action == ANCHOR_ACTION:  # empty, or nothing new since the last anchor
+        return False
+    last = _last_anchor(s)
+    if last is None:
+        return interval_s > 0 or head.seq >= every_events > 0
+    if every_events > 0 and head.seq - last.seq >= every_events:
+        return True
+    return interval_s > 0 and (now - last.at).total_seconds() >= interval_s
+
+
+def _anchor_lock(s: Session) -> bool:
+    if s.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(s.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ANCHOR_LOCK_KEY}).scalar())
+
+
+def anchor_if_due(sessions: sessionmaker, store, *, interval_s: float, every_events: int = 0,
+                  now: datetime | None = None, **kwargs) -> dict[str, Any] | None:
+    """Anchor when events were added since the last anchor (an idle chain is not re-anchored: its
+    head would be the last anchor's own event) and the last anchor is older than ``interval_s``
+    (0: no time rule) or ``every_events`` events (0: no count rule) came after it. No anchor yet:
+    anchored at once by the time rule, after ``every_events`` events by the count rule."""
     now = now or utcnow()
     with sessions() as s:
-        head = chain_head(s)
-        if head is None or head["action"] == ANCHOR_ACTION:
+        if not _due(s, interval_s=interval_s, every_events=every_events, now=now):
             return None
-        last = s.execute(
-            select(func.max(AuditEvent.at)).where(AuditEvent.resource_type == "audit_anchor",
-                                                  AuditEvent.action == ANCHOR_ACTION)
-        ).scalar()
-        if last is not None and (now - last).total_seconds() < interval_s:
+        # Another process is anchoring, or anchored while we looked: check again under the lock.
+        if not _anchor_lock(s) or not _due(s, interval_s=interval_s, every_events=every_events, now=now):
+            s.rollback()
             return None
         anchor = write_anchor(s, store, now=now, **kwargs)
         s.commit()
         return anchor
+
+
+def anchor_on_shutdown(sessions: sessionmaker, store, **kwargs) -> dict[str, Any] | None:
+    """Anchor any event added since the last anchor (a process that stops leaves no tail);
+    failures are logged, never raised: a shutdown must go on."""
+    try:
+        anchor = anchor_if_due(sessions, store, interval_s=0.0, every_events=1, **kwargs)
+    except Exception:  # noqa: BLE001
+        log.exception("could not anchor the audit chain at shutdown")
+        return None
+    if anchor is not None:
+        log.info("audit chain anchored at shutdown: seq %s (%s)", anchor["seq"], anchor["key"])
+    return anchor
+
+
+class AnchorWatcher:
+    """A daemon thread that anchors when due (every ``CHECK_EVERY_S``) and once more on ``stop``.
+
+    Used by API processes: the check (two index lookups) runs beside the requests, never in one."""
+
+    def __init__(self, sessions: sessionmaker, store, *, interval_s: float, every_events: int,
+                 check_every_s: float = CHECK_EVERY_S):
+        self.sessions, self.store = sessions, store
+        self.interval_s, self.every_events, self.check_every_s = interval_s, every_events, check_every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> AnchorWatcher:
+        if self.interval_s > 0 or self.every_events > 0:
+            self._thread = threading.Thread(target=self._run, name="audit-anchor", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.check_every_s):
+            try:
+                anchor_if_due(self.sessions, self.store, interval_s=self.interval_s, every_events=self.every_events)
+            except Exception:  # noqa: BLE001 - the next check retries
+                log.exception("audit anchor check failed")
+
+    def stop(self, *, final_anchor: bool = True) -> dict[str, Any] | None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        return anchor_on_shutdown(self.sessions, self.store) if final_anchor else None
 
 
 def _parse(key: str, raw: bytes, version_id: str | None) -> dict[str, Any]:
@@ -170,8 +255,9 @@ def read_anchors(store) -> list[dict[str, Any]]:
     return sorted(anchors, key=lambda a: (a["key"], a["version_id"] or ""))
 
 
-def verify_with_anchors(s: Session, store) -> AuditVerification:
-    """The whole chain, checked against every anchor in ``store``; an unreadable anchor fails."""
+def verify_with_anchors(s: Session, store, *, app_role: str | None = None) -> AuditVerification:
+    """The whole chain, checked against every anchor in ``store``; an unreadable anchor fails.
+    The database's protections are checked too (``verify_audit_chain``)."""
     anchors = read_anchors(store)
     bad = [a for a in anchors if a.get("error")]
     by_key: dict[str, set[tuple]] = {}
@@ -179,7 +265,7 @@ def verify_with_anchors(s: Session, store) -> AuditVerification:
         by_key.setdefault(a["key"], set()).add((a["seq"], a["hash"]))
     overwritten = sorted(k for k, versions in by_key.items() if len(versions) > 1)
     note = f"; anchor {overwritten[0]} has versions with different contents (overwritten)" if overwritten else ""
-    result = verify_audit_chain(s, anchors=[a for a in anchors if not a.get("error")])
+    result = verify_audit_chain(s, anchors=[a for a in anchors if not a.get("error")], app_role=app_role)
     if not result.ok:
         return replace(result, reason=result.reason + note)
     if bad:
@@ -191,6 +277,7 @@ def verify_with_anchors(s: Session, store) -> AuditVerification:
 
 
 __all__ = [
-    "ANCHOR_ACTION", "ANCHOR_PREFIX", "DEFAULT_RETENTION_DAYS", "RETENTION_MODES", "anchor_if_due",
+    "ANCHOR_ACTION", "ANCHOR_PREFIX", "AnchorWatcher", "CHECK_EVERY_S", "DEFAULT_RETENTION_DAYS", "RETENTION_MODES",
+    "anchor_if_due", "anchor_on_shutdown",
     "chain_head", "object_lock_enabled", "read_anchors", "verify_with_anchors", "write_anchor",
 ]

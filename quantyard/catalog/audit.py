@@ -19,6 +19,8 @@ stops at the first broken link, naming the event, its seq and what is wrong with
 (self-consistent but not chained to its predecessor: forged), ``duplicate`` (two events claim one
 seq: a forged fork), ``reordered`` (the hash is valid for another seq: moved or renumbered),
 ``rewritten`` / ``truncated`` (an anchor written earlier no longer matches: see ``anchor.py``).
+``verify_audit_chain`` also fails with ``triggers_missing`` / ``grants_unsafe`` when the database
+would no longer refuse tampering (``audit_guard.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from itertools import groupby
 from typing import Any
@@ -37,6 +39,7 @@ from sqlalchemy import delete, func, or_, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from .audit_guard import Protection, check_protection
 from .errors import CatalogError
 from .models import (
     GENESIS_HASH,
@@ -81,11 +84,17 @@ class AuditVerification:
     head_seq: int | None = None
     head_hash: str | None = None
     first_bad_seq: int | None = None
-    problem: str | None = None  # edited | missing | inserted | duplicate | reordered | rewritten | truncated
+    # edited | missing | inserted | duplicate | reordered | rewritten | truncated | triggers_missing | grants_unsafe
+    problem: str | None = None
     anchors_checked: int = 0
+    # The database's protections (audit_guard.py): what is missing, whatever the chain says.
+    triggers_missing: tuple[str, ...] = ()
+    grants_unsafe: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["triggers_missing"], data["grants_unsafe"] = list(self.triggers_missing), list(self.grants_unsafe)
+        return data
 
 
 def canonical_json(value: Any) -> bytes:
@@ -309,13 +318,31 @@ def iter_chain_rows(s: Session, *, first_seq: int = 1, last_seq: int | None = No
 
 
 def verify_audit_chain(s: Session, *, batch_size: int = 1000,
-                       anchors: Iterable[Mapping[str, Any]] | None = None) -> AuditVerification:
+                       anchors: Iterable[Mapping[str, Any]] | None = None,
+                       app_role: str | None = None, protection: bool = True) -> AuditVerification:
     """Recompute the whole chain, oldest first. Stops at the first bad event. ``anchors``: documents
-    read back from the object store (``anchor.read_anchors``) the chain must still agree with."""
+    read back from the object store (``anchor.read_anchors``) the chain must still agree with.
+
+    ``protection``: also check that the append-only triggers are in place and that no role but the
+    owner (``app_role`` above all) may UPDATE/DELETE/TRUNCATE audit_events (audit_guard.py); a
+    missing protection makes the verification fail (``triggers_missing`` / ``grants_unsafe``)."""
     by_seq: dict[int, list[Mapping[str, Any]]] = {}
     for a in anchors or ():
         by_seq.setdefault(int(a["seq"]), []).append(a)
-    return verify_events(iter_chain_rows(s, batch_size=batch_size), anchors=by_seq)
+    result = verify_events(iter_chain_rows(s, batch_size=batch_size), anchors=by_seq)
+    return with_protection(result, check_protection(s, app_role=app_role)) if protection else result
+
+
+def with_protection(result: AuditVerification, guard: Protection) -> AuditVerification:
+    """The chain's verdict with the database's protections added: a chain that verifies still fails
+    when a protection is gone (its problem names which); a broken chain keeps its own problem."""
+    result = replace(result, triggers_missing=guard.triggers_missing, grants_unsafe=guard.grants_unsafe)
+    if guard.ok:
+        return result
+    if not result.ok:
+        return replace(result, reason=f"{result.reason}; also {guard.summary()}")
+    return replace(result, ok=False, problem="triggers_missing" if guard.triggers_missing else "grants_unsafe",
+                   reason=guard.summary())
 
 
 # ------------------------------------------------------------------------------------ reading, export
@@ -393,5 +420,5 @@ def verify_export(lines: Iterable[str | bytes], *, start_hash: str | None = None
 __all__ = [
     "AUDIT_LOCK_KEY", "AuditUnavailable", "AuditVerification", "RequestInfo", "audit_events", "canonical_json",
     "event_hash", "event_line", "iter_chain_rows", "iter_export", "lock_audit_chain", "record_audit",
-    "seq_range", "verify_audit_chain", "verify_events", "verify_export",
+    "seq_range", "verify_audit_chain", "verify_events", "verify_export", "with_protection",
 ]

@@ -1,0 +1,154 @@
+"""The audit chain's tail: anchors written at shutdown and every N events, and `verify` noticing
+that the database's protections (append-only triggers, grants) are gone.
+
+The attack of issue 10: a database owner drops the triggers and deletes the newest events. The
+chain alone cannot see a cut tail (a shorter chain is still a chain), but the dropped triggers
+are reported at once, and the anchor written at shutdown (or after N events) still names the
+deleted head, so ``--anchors`` reports the truncation too.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from quantyard import catalog
+from quantyard.catalog.anchor import anchor_if_due, anchor_on_shutdown, read_anchors, verify_with_anchors
+from quantyard.storage import open_store
+from tests.catalog.test_audit_tamper import REQ, app_role, chain, events, run_cli  # noqa: F401 (fixture)
+
+# What migration 0001 installs, written out here as the oracle (not read from audit_guard.py).
+PG_TRIGGERS = ("audit_events_no_update_delete", "audit_events_no_truncate")
+SQLITE_TRIGGERS = ("audit_events_no_update", "audit_events_no_delete")
+
+postgres_only = pytest.mark.parametrize("catalog_url", ["postgres"], indirect=True)
+
+
+def store_for(tmp_path):
+    return open_store(f"file://{tmp_path / 'objects'}")
+
+
+def note(factory, n: int) -> None:
+    for i in range(n):
+        with factory.begin() as s:
+            catalog.record_audit(s, actor="key:x", action="note", resource_type="test", resource_id=str(i))
+
+
+def cli_verify(catalog_url, tmp_path, *extra) -> tuple[int, dict, str]:
+    env = {"QUANTYARD_STORAGE_URL": f"file://{tmp_path / 'objects'}"}
+    code, out = run_cli(["audit", "verify", "--json", *extra], catalog_url, tmp_path, **env)
+    _, text_out = run_cli(["audit", "verify", *extra], catalog_url, tmp_path, **env)
+    return code, json.loads(out), text_out
+
+
+def test_dropped_triggers_and_a_cut_tail_are_both_reported(factory, engine, catalog_url, chain, tmp_path):
+    store = store_for(tmp_path)
+    assert anchor_on_shutdown(factory, store)["seq"] == 10  # what a stopping API or worker writes
+    assert anchor_on_shutdown(factory, store) is None  # nothing new since: no second anchor
+    note(factory, 3)  # seqs 12..14, then the owner strikes
+    assert anchor_on_shutdown(factory, store)["seq"] == 14
+    postgres = engine.dialect.name == "postgresql"
+    with engine.begin() as conn:
+        for name in PG_TRIGGERS if postgres else SQLITE_TRIGGERS:
+            conn.execute(text(f"DROP TRIGGER {name}" + (" ON audit_events" if postgres else "")))
+        conn.execute(text("DELETE FROM audit_events WHERE seq >= 12"))  # the triggers no longer refuse
+
+    with factory() as s:
+        plain = catalog.verify_audit_chain(s)
+        anchored = verify_with_anchors(s, store)
+    expected = PG_TRIGGERS if postgres else SQLITE_TRIGGERS
+    # Without anchors the chain itself verifies (11 events), but the missing triggers fail it.
+    assert (plain.ok, plain.problem, plain.checked) == (False, "triggers_missing", 11)
+    assert [m.split(" ")[0] for m in plain.triggers_missing] == list(expected)
+    assert all("missing" in m for m in plain.triggers_missing)
+    # With anchors: the anchor of seq 14 names events that are gone, and the triggers still show.
+    assert (anchored.ok, anchored.problem, anchored.first_bad_seq) == (False, "truncated", 12)
+    assert [m.split(" ")[0] for m in anchored.triggers_missing] == list(expected)
+    assert "12..14 were deleted" in anchored.reason and expected[0] in anchored.reason
+
+    code, data, out = cli_verify(catalog_url, tmp_path)
+    assert code == 1 and data["problem"] == "triggers_missing" and len(data["triggers_missing"]) == 2
+    assert "UNPROTECTED" in out and all(name in out for name in expected)
+    code, data, out = cli_verify(catalog_url, tmp_path, "--anchors")
+    assert code == 1 and data["problem"] == "truncated" and len(data["triggers_missing"]) == 2
+    assert "BROKEN at seq 12" in out and expected[0] in out
+
+
+@postgres_only
+def test_disabled_trigger_and_unsafe_grants_are_reported(factory, engine, catalog_url, chain, tmp_path):
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_truncate"))
+    with factory() as s:
+        result = catalog.verify_audit_chain(s)
+    assert (result.ok, result.problem) == (False, "triggers_missing")
+    assert result.triggers_missing == ("audit_events_no_truncate (TRUNCATE not refused): disabled",)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_truncate"))
+        conn.execute(text("GRANT DELETE, TRUNCATE ON audit_events TO PUBLIC"))
+    code, data, out = cli_verify(catalog_url, tmp_path)
+    assert code == 1 and data["problem"] == "grants_unsafe" and data["triggers_missing"] == []
+    assert data["grants_unsafe"] == ["PUBLIC is granted DELETE, TRUNCATE on audit_events"]
+    with engine.begin() as conn:
+        conn.execute(text("REVOKE DELETE, TRUNCATE ON audit_events FROM PUBLIC"))
+    code, data, _ = cli_verify(catalog_url, tmp_path)
+    assert code == 0 and data["ok"] and data["grants_unsafe"] == []
+
+
+@postgres_only
+def test_the_app_role_is_checked(factory, catalog_url, chain, tmp_path):
+    with app_role(catalog_url, tmp_path) as url:  # quantyard db grant-app-role: safe
+        role = url.split("://", 1)[1].split("@", 1)[0]
+        code, data, _ = cli_verify(catalog_url, tmp_path, "--app-role", role)
+        assert code == 0 and data["ok"], data
+        code, data, _ = run_cli_as(url, tmp_path)  # as the app itself: its own user is checked
+        assert code == 0 and data["ok"], data
+        owner = catalog.make_engine(catalog_url)
+        with owner.begin() as conn:
+            conn.execute(text(f'GRANT UPDATE ON audit_events TO "{role}"'))
+        owner.dispose()
+        code, data, _ = cli_verify(catalog_url, tmp_path, "--app-role", role)
+        assert code == 1 and data["grants_unsafe"] == [f"{role} is granted UPDATE on audit_events"]
+    code, data, _ = cli_verify(catalog_url, tmp_path, "--app-role", "postgres")  # a superuser
+    assert code == 1 and "a superuser" in data["grants_unsafe"][0]
+    missing = f"nobody_{uuid.uuid4().hex[:6]}"
+    code, data, _ = cli_verify(catalog_url, tmp_path, "--app-role", missing)
+    assert code == 1 and data["grants_unsafe"] == [f"the app role {missing!r} does not exist"]
+
+
+def run_cli_as(url, tmp_path):
+    code, out = run_cli(["audit", "verify", "--json"], url, tmp_path)
+    return code, json.loads(out), out
+
+
+def test_anchor_every_n_events(factory, catalog_url, tmp_path):
+    store = store_for(tmp_path)
+    note(factory, 4)
+    assert anchor_if_due(factory, store, interval_s=0, every_events=5) is None  # 4 events: not yet
+    note(factory, 1)
+    assert anchor_if_due(factory, store, interval_s=0, every_events=5)["seq"] == 5
+    note(factory, 4)  # seqs 7..10: counted from the anchor's own event (seq 6), 4 events
+    assert anchor_if_due(factory, store, interval_s=0, every_events=5) is None  # 10 - 6 < 5
+    note(factory, 1)
+    assert anchor_if_due(factory, store, interval_s=0, every_events=5)["seq"] == 11
+    assert [a["seq"] for a in read_anchors(store)] == [5, 11]
+
+
+def test_the_api_anchors_when_it_shuts_down(catalog_url, tmp_path):
+    from api.app import create_app
+    from tests.api.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", database_url=catalog_url,
+                             storage_url=f"file://{tmp_path / 'objects'}")
+    app = create_app(settings)
+    with TestClient(app):
+        with app.state.session_factory.begin() as s:
+            catalog.record_audit(s, actor="key:x", action="note", resource_type="test", resource_id=None,
+                                 request=REQ)
+    anchors = read_anchors(store_for(tmp_path))
+    assert [a["seq"] for a in anchors] == [1]
+    with catalog.make_session_factory(catalog.make_engine(catalog_url))() as s:
+        assert verify_with_anchors(s, store_for(tmp_path)).ok
