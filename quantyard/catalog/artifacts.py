@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy import select
@@ -79,6 +80,19 @@ def get_source_by_sha256(s: Session, *, sha256: str, organization_id: str | None
     return s.execute(q).scalars().first()
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / ±Infinity (at any depth) as None: stored metrics and metadata
+    are always valid JSON (a NaN once made every listing of its organisation answer 500). The
+    engine refuses non-finite validation numbers; this is the catalog's own guarantee."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def assign_target_artifact(target: JobTarget, artifact_id: str) -> None:
     """A target is done once it has its artifact (new, or an existing one reused)."""
     target.artifact_id = artifact_id
@@ -148,8 +162,8 @@ def record_artifact(
         size_bytes=size_bytes,
         uri=uri,
         storage_key=storage_key,
-        metrics=dict(metrics or {}),
-        meta=dict(metadata or {}),
+        metrics=json_safe(dict(metrics or {})),
+        meta=json_safe(dict(metadata or {})),
         engine_version=engine_version,
         recipe_hash=recipe_hash,
         created_at=utcnow(),

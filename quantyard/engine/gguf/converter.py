@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from ..errors import InvalidModel, ResourceExhausted
 from ..hf.source import HFModelSource
@@ -41,12 +42,38 @@ def architecture(source: HFModelSource) -> Architecture:
     return archs.for_config(source.config, tokenizer_vocab_size=gguf_vocab_size(source.root, n_vocab))
 
 
+def _finite(data: np.ndarray, hf_name: str, file: str) -> np.ndarray:
+    """`data` unless it holds NaN or infinity: one vectorised pass per tensor, measured 0.04 s
+    for all of SmolLM2-135M against 1.6 s to write it as BF16 (tests/engine/test_strict_load.py)."""
+    if not np.isfinite(data).all():
+        raise InvalidModel(f"{file}: tensor {hf_name} holds NaN or infinity",
+                           details={"file": file, "tensor": hf_name, "reason": "non_finite"})
+    return data
+
+
+def _unplaceable(arch: Architecture, source: HFModelSource, names: list[str]) -> InvalidModel:
+    files = sorted({source.tensors[n].file.name for n in names})
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return InvalidModel(f"{', '.join(files)}: tensors with no place in a {arch.name} model "
+                        f"({arch.config.get('architectures', ['?'])[0]} in config.json): {', '.join(names[:5])}{more}",
+                        details={"file": files[0], "reason": "unused_tensors", "tensors": names[:5],
+                                 "count": len(names)})
+
+
 def plan_tensors(source: HFModelSource, quantization: str, arch: Architecture | None = None) -> list[TensorPlan]:
-    """Every output tensor, in a stable order independent of how the source is sharded."""
+    """Every output tensor, in a stable order independent of how the source is sharded.
+
+    Every source tensor is written or skipped for a stated reason (archs.base.SKIPPED, the
+    family's dropped_tensors); any other is InvalidModel naming it, as is a tensor llama.cpp
+    needs that the source lacks. Each tensor is checked finite as it streams."""
     arch = arch or architecture(source)
-    plans, seen = [], {}
-    for hf_name, ref in source.tensors.items():
-        name = arch.gguf_name(hf_name)
+    plans, seen, unplaceable = [], {}, []
+    for hf_name, ref in sorted(source.tensors.items()):
+        try:
+            name = arch.gguf_name(hf_name)
+        except InvalidModel:
+            unplaceable.append(hf_name)
+            continue
         if name is None:
             continue
         if name in seen:
@@ -54,10 +81,13 @@ def plan_tensors(source: HFModelSource, quantization: str, arch: Architecture | 
         seen[name] = hf_name
 
         def load(ref=ref, hf_name=hf_name):
-            return arch.transform(hf_name, read_f32(ref))
+            return arch.transform(hf_name, _finite(read_f32(ref), hf_name, ref.file.name))
 
         shape = arch.output_shape(hf_name, ref.shape)
         plans.append(TensorPlan(name, shape, policy.tensor_type(name, shape, quantization), load, hf_name))
+    if unplaceable:
+        raise _unplaceable(arch, source, unplaceable)
+    arch.check_complete(set(seen), ", ".join(sorted({r.file.name for r in source.tensors.values()})))
     for name, data in arch.extra_tensors():
         plans.append(TensorPlan(name, data.shape, policy.tensor_type(name, data.shape, quantization),
                                 lambda data=data: data))

@@ -313,8 +313,10 @@ def compute_imatrix(
                            f"(>= {_MIN_TOKENS_PER_CALL}) tokens is needed")
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    from ..hf.strict_load import load_pretrained
+
+    # proven to be the upload's weights: statistics of random parameters would mislead the quantizer
+    model = load_pretrained(AutoModelForCausalLM, Path(model_dir))
     names = gguf_names_for([n for n, _ in _linear_modules(model)], gguf_arch, n_blocks)
     collector = _Collector()
     handles = [m.register_forward_pre_hook(collector.hook(names[n]))

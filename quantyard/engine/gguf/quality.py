@@ -27,6 +27,8 @@ tighter Bounds.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,26 @@ BOUNDS: dict[str, Bounds] = {q: Bounds(kl, top1) for q, (kl, top1) in {
 }.items()}
 
 
+def non_finite(metrics: Mapping[str, object]) -> list[str]:
+    """Names of the float metrics (nested lists included) that are NaN or infinite."""
+    def bad(v) -> bool:
+        if isinstance(v, (list, tuple)):
+            return any(bad(x) for x in v)
+        return isinstance(v, (float, np.floating)) and not math.isfinite(float(v))
+
+    return sorted(k for k, v in metrics.items() if bad(v))
+
+
+def require_finite(metrics: Mapping[str, object], what: str) -> None:
+    """ValidationFailed when a validation number is NaN or infinite: every comparison with NaN
+    is False, so `kl > bound` would let a NaN artifact through (it did, and was published).
+    The details carry the names only (NaN is not JSON)."""
+    bad = non_finite(metrics)
+    if bad:
+        raise ValidationFailed(f"{what}: validation gave non-finite {', '.join(bad)} (NaN or infinity in the "
+                               "outputs)", details={"non_finite": bad})
+
+
 def logit_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Per-token KL(reference || candidate), top-1 agreement and max |logit difference| for two
     (n_tokens, n_vocab) logit arrays over the same tokens (validate.compare_logits)."""
@@ -65,6 +87,7 @@ def check_quality(quantization: str, metrics: dict[str, float], bounds: Bounds |
     """Raise ValidationFailed unless `metrics` (from logit_metrics) meet the bounds for
     `quantization`; returns the metrics with the bounds used, for the artifact record."""
     b = bounds or BOUNDS[quantization]
+    require_finite(metrics, f"{quantization} artifact")
     kl, top1 = metrics["mean_kl"], metrics["top1_agreement"]
     problems = []
     if not kl <= b.max_mean_kl:  # also catches NaN
@@ -77,4 +100,4 @@ def check_quality(quantization: str, metrics: dict[str, float], bounds: Bounds |
     return {**metrics, "max_mean_kl_bound": b.max_mean_kl, "min_top1_bound": b.min_top1}
 
 
-__all__ = ["Bounds", "BOUNDS", "logit_metrics", "check_quality"]
+__all__ = ["Bounds", "BOUNDS", "logit_metrics", "check_quality", "non_finite", "require_finite"]

@@ -82,8 +82,11 @@ def _hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..hf.strict_load import load_pretrained
+
     ids = AutoTokenizer.from_pretrained(source_dir)(text).input_ids
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, attn_implementation="eager")
+    # proven to be the upload's weights: a reference with random parameters would validate anything
+    model = load_pretrained(AutoModelForCausalLM, Path(source_dir), attn_implementation="eager")
     try:
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
@@ -104,8 +107,9 @@ def llama_model(path: Path, n_ctx: int):
         llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
                               n_ubatch=n_ctx, type_k=llama_cpp.GGML_TYPE_F32,
                               type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-    except Exception as e:
-        raise ValidationFailed(f"llama.cpp cannot load {path.name}: {e}") from e
+    except Exception as e:  # llama_cpp's text names the server path: not shown to tenants
+        raise ValidationFailed(f"llama.cpp cannot load {path.name} (a tensor it needs is missing or has the wrong "
+                               "shape, or the file is corrupt)", details={"error": type(e).__name__}) from e
     try:
         yield llm
     finally:
@@ -190,7 +194,10 @@ def resolve_thresholds(quantization: str | None, *, max_mean_kl: float | None = 
 
 
 def check_metrics(metrics: dict[str, float], quantization: str, thresholds: Thresholds | None = None) -> None:
+    from .quality import require_finite
+
     t = thresholds or THRESHOLDS[quantization]
+    require_finite(metrics, f"{quantization} artifact")  # NaN compares False with every bound
     failures = []
     if metrics["top1_agreement_decisive"] < t.min_top1:
         failures.append(f"top-1 agreement {metrics['top1_agreement_decisive']:.4f} < {t.min_top1} "

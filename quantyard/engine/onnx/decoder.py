@@ -202,7 +202,7 @@ def export_decoder(model, path: Path, *, opset: int = 18, tolerance: float = 1e-
         _name_total_axis(path)
         exporter = f"torch.onnx dynamo (torch {torch.__version__})"
         diff, relative = _check(path, model, kwargs)
-        if relative > tolerance:
+        if not relative <= tolerance:  # NaN too
             errors.append(f"dynamo graph drifts: max abs diff {diff:.3g} ({relative:.3g} of the output scale)")
     except Exception as e:  # noqa: BLE001 -- any exporter error: recorded, legacy tried, then raised
         errors.append(f"dynamo: {type(e).__name__}: {str(e)[:400]}")
@@ -211,7 +211,7 @@ def export_decoder(model, path: Path, *, opset: int = 18, tolerance: float = 1e-
             _export_legacy(wrapper, kwargs, path, inputs, outputs, n_layers, opset)
             exporter = f"torch.onnx legacy TorchScript (torch {torch.__version__})"
             diff, relative = _check(path, model, kwargs)
-            if relative > tolerance:
+            if not relative <= tolerance:  # NaN too
                 errors.append(f"legacy graph drifts: max abs diff {diff:.3g} ({relative:.3g} of the output scale)")
             else:
                 errors = []
@@ -241,11 +241,13 @@ def _export_legacy(wrapper, kwargs, path, inputs, outputs, n_layers, opset) -> N
 
 def load_causal_lm(root: Path, dtype: str = "float32"):
     """The *ForCausalLM model and tokenizer of a Hugging Face folder, in float32, eager attention
-    (the exporter traces it; sdpa's fast paths branch on shapes)."""
-    import torch
+    (the exporter traces it; sdpa's fast paths branch on shapes); proven to be the folder's
+    weights (engine/hf/strict_load.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), attn_implementation="eager")
+    from ..hf.strict_load import load_pretrained
+
+    model = load_pretrained(AutoModelForCausalLM, root, dtype=dtype, attn_implementation="eager")
     return model.eval(), AutoTokenizer.from_pretrained(root)
 
 

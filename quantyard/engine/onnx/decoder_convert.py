@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidModel
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult
 from ..spec import TargetSpec
@@ -37,25 +36,21 @@ class LoadedDecoder:
 
 def load_decoder(source: Path) -> LoadedDecoder:
     """fp32, eager attention (the exporter traces it: sdpa's fast paths branch on shapes);
-    pickled weights only through the weights-only loader."""
-    import torch
+    pickled weights only through the weights-only loader; either way proven to be the upload's
+    weights (engine/hf/strict_load.py)."""
     import transformers
     from transformers import AutoTokenizer
+
+    from ..hf.strict_load import load_pretrained, load_state_dict_strict
 
     src = describe(source)
     cls = getattr(transformers, src.architecture)
     if src.weights == "safetensors":
-        model = cls.from_pretrained(src.root, use_safetensors=True, dtype=torch.float32, attn_implementation="eager")
+        model = load_pretrained(cls, src.root, attn_implementation="eager")
     else:
         config = cls.config_class.from_pretrained(src.root)
         config._attn_implementation = "eager"
-        model = cls(config)
-        missing, unexpected = model.load_state_dict(load_pickled_state_dict(src.root / src.weights), strict=False)
-        tied = getattr(config, "tie_word_embeddings", False)
-        missing = [m for m in missing if not (tied and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise InvalidModel(f"{src.weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.tie_weights()
+        model = load_state_dict_strict(cls(config), load_pickled_state_dict(src.root / src.weights), src.weights)
     return LoadedDecoder(src, model.float().eval(), AutoTokenizer.from_pretrained(src.root))
 
 

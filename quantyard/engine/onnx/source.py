@@ -92,33 +92,19 @@ def _is_zip(path: Path) -> bool:
 
 
 def load_model(src: EncoderSource):
-    """The source as an fp32 torch module in eval mode."""
-    import torch
+    """The source as an fp32 torch module in eval mode, proven to be the upload's weights (every
+    tensor used, nothing left to random initialisation: engine/hf/strict_load.py)."""
     import transformers
+
+    from ..hf.strict_load import load_pretrained, load_state_dict_strict
 
     cls = getattr(transformers, src.architecture)
     if src.weights == "safetensors":
-        # use_safetensors=True: transformers must never fall back to a pickle in the same folder
-        model = cls.from_pretrained(src.root, use_safetensors=True, dtype=torch.float32)
-    else:
-        state = load_pickled_state_dict(src.root / src.weights)
-        model = cls(cls.config_class.from_pretrained(src.root))
-        missing, unexpected = model.load_state_dict(_strip_prefix(state, model), strict=False)
-        # position_ids is a non-persistent buffer: old checkpoints carry it, new ones don't
-        missing = [m for m in missing if "position_ids" not in m]
-        unexpected = [u for u in unexpected if "position_ids" not in u]
-        if missing or unexpected:
-            raise InvalidModel(f"{src.weights} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.float().eval()
-
-
-def _strip_prefix(state: dict, model) -> dict:
-    """Base-model checkpoints (`bert.encoder...`) loaded into a BertModel lose the `bert.` prefix."""
-    prefix = f"{model.base_model_prefix}."
-    own = set(model.state_dict())
-    if not own & set(state) and any(k.startswith(prefix) for k in state):
-        return {k.removeprefix(prefix): v for k, v in state.items()}
-    return state
+        # safetensors only: transformers must never fall back to a pickle in the same folder
+        return load_pretrained(cls, src.root).float().eval()
+    state = load_pickled_state_dict(src.root / src.weights)
+    model = cls(cls.config_class.from_pretrained(src.root))
+    return load_state_dict_strict(model, state, src.weights).float().eval()
 
 
 def load_tokenizer(src: EncoderSource):

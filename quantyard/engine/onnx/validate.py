@@ -46,6 +46,8 @@ def compare(out, ref, attention_mask) -> dict:
         raise ValidationFailed(f"output shape {out.shape} differs from the source's {ref.shape}")
     if not np.isfinite(out).all():
         raise ValidationFailed("the ONNX output holds NaN or infinity", details={"finite": False})
+    if not np.isfinite(ref).all():  # a reference that is not a number validates nothing
+        raise ValidationFailed("the PyTorch source's output holds NaN or infinity", details={"finite": False})
     if out.ndim == 3:  # (batch, sequence, hidden): token states
         mask = attention_mask.astype(bool)
         tok_out, tok_ref = out[mask], ref[mask]
@@ -66,13 +68,16 @@ def validate(path: Path, ref, feeds: dict, *, max_abs_diff: float, min_cosine: f
         out = session(path).run(None, feeds)[0]
     except Exception as e:  # onnxruntime raises its own exception types; all mean "doesn't run"
         raise ValidationFailed(f"onnxruntime cannot run {Path(path).name}: {str(e)[:400]}") from e
+    from ..gguf.quality import require_finite
+
     numbers = compare(out, ref, feeds.get("attention_mask"))
+    require_finite(numbers, Path(path).name)  # NaN compares False with every tolerance
     numbers.update(tolerance_max_abs_diff=max_abs_diff, tolerance_min_cosine=min_cosine,
                    samples=int(ref.shape[0]))
     failures = []
-    if numbers["max_abs_diff"] > max_abs_diff:
+    if not numbers["max_abs_diff"] <= max_abs_diff:
         failures.append(f"max abs diff {numbers['max_abs_diff']:.6g} > tolerance {max_abs_diff:.6g}")
-    if numbers["cosine_min"] < min_cosine:
+    if not numbers["cosine_min"] >= min_cosine:
         failures.append(f"cosine similarity {numbers['cosine_min']:.6f} < tolerance {min_cosine:.6f} "
                         f"({numbers['cosine_of']})")
     if failures:

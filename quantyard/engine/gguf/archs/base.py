@@ -17,9 +17,16 @@ import numpy as np
 
 from ...errors import InvalidModel
 
-# HF tensors llama.cpp never uses (buffers recomputed at load time); convert_hf_to_gguf skips them.
-SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq",
-                    ".attn.bias", ".attn.masked_bias")
+# HF tensors llama.cpp never uses, with the reason (convert_hf_to_gguf skips them too). Every
+# other source tensor must land on a GGUF tensor or the conversion is refused naming it.
+SKIPPED = {
+    ".attention.masked_bias": "causal-mask buffer; llama.cpp builds its own mask",
+    ".attention.bias": "causal-mask buffer; llama.cpp builds its own mask",
+    ".attn.bias": "GPT-2 causal-mask buffer; llama.cpp builds its own mask",
+    ".attn.masked_bias": "GPT-2 causal-mask buffer; llama.cpp builds its own mask",
+    ".rotary_emb.inv_freq": "RoPE frequencies; llama.cpp recomputes them from rope_theta",
+}
+SKIPPED_SUFFIXES = tuple(SKIPPED)
 
 
 class HParams(dict):
@@ -90,8 +97,16 @@ class Architecture:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     # which tokenizer conversion convert_hf_to_gguf uses for this family (see vocab.py)
     vocab_style: ClassVar[str] = "llama"
-    # HF tensor names dropped before mapping (e.g. Gemma's redundant tied lm_head)
-    dropped_tensors: ClassVar[tuple[str, ...]] = ()
+    # HF tensor names dropped before mapping, with the reason (e.g. Gemma's redundant tied lm_head)
+    dropped_tensors: ClassVar[dict[str, str]] = {}
+    # GGUF tensors llama.cpp's loader needs: in every block (name after "blk.N."), and once
+    required_block_tensors: ClassVar[tuple[str, ...]] = ()
+    required_tensors: ClassVar[tuple[str, ...]] = ("token_embd.weight", "output_norm.weight")
+    # the output head: needed unless tied to the embedding (llama.cpp then reuses token_embd);
+    # None = never stored (the family always ties it). `ties_by_default`: transformers' default
+    # for this config class when config.json has no tie_word_embeddings.
+    output_tensor: ClassVar[str | None] = "output.weight"
+    ties_by_default: ClassVar[bool] = False
 
     def __init__(self, config: dict, tokenizer_vocab_size: int | None = None) -> None:
         self.config = merged_config(config)
@@ -172,9 +187,38 @@ class Architecture:
 
     # ---- tensors ----------------------------------------------------------------------------
 
+    def skip_reason(self, hf_name: str) -> str | None:
+        """Why an HF tensor is not written (None: it must be)."""
+        if hf_name in self.dropped_tensors:
+            return self.dropped_tensors[hf_name]
+        return next((why for suffix, why in SKIPPED.items() if hf_name.endswith(suffix)), None)
+
     def keep(self, hf_name: str) -> bool:
         """False for HF tensors llama.cpp does not use."""
-        return not hf_name.endswith(SKIPPED_SUFFIXES) and hf_name not in self.dropped_tensors
+        return self.skip_reason(hf_name) is None
+
+    def ties_output(self) -> bool:
+        tied = self.config.get("tie_word_embeddings")
+        return self.ties_by_default if tied is None else bool(tied)
+
+    def required(self) -> list[str]:
+        """Every GGUF tensor llama.cpp needs for this config (generated ones excluded)."""
+        names = list(self.required_tensors)
+        names += [f"blk.{i}.{t}" for i in range(int(self.block_count)) for t in self.required_block_tensors]
+        if self.output_tensor is not None and not self.ties_output():
+            names.append(self.output_tensor)
+        return names
+
+    def check_complete(self, written: set[str], file: str) -> None:
+        """InvalidModel naming the tensors llama.cpp needs that the source (`file`, the weight
+        files' names) does not provide."""
+        missing = [n for n in self.required() if n not in written]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise InvalidModel(f"{file}: no source tensor for what a {self.name} model with this config.json "
+                               f"needs (GGUF names): {', '.join(missing[:5])}{more}",
+                               details={"file": file, "reason": "missing_tensors", "tensors": missing[:5],
+                                        "count": len(missing)})
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name of an HF tensor; None when it is dropped; InvalidModel when unplaceable."""
@@ -208,5 +252,10 @@ def tensor_order_key(gguf_name: str) -> tuple:
     return (2 if head else 0, 0, gguf_name)
 
 
+# the blocks of a Llama-style decoder, as llama.cpp's loader requires them
+LLAMA_BLOCK = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+               "ffn_norm.weight", "ffn_gate.weight", "ffn_down.weight", "ffn_up.weight")
+
+
 __all__ = ["Architecture", "HParams", "rope_parameters", "full_attention_rope", "merged_config", "find",
-           "tensor_order_key", "SKIPPED_SUFFIXES"]
+           "tensor_order_key", "SKIPPED", "SKIPPED_SUFFIXES", "LLAMA_BLOCK"]

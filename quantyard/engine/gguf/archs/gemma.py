@@ -14,17 +14,24 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import gguf
 import numpy as np
 
-from .base import Architecture, HParams, full_attention_rope
+from .base import LLAMA_BLOCK, Architecture, HParams, full_attention_rope
+
+_GEMMA_BLOCK = LLAMA_BLOCK + ("post_attention_norm.weight", "post_ffw_norm.weight")
 
 
 class Gemma2(Architecture):
     hf_architectures = ("Gemma2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GEMMA2
     vocab_style = "gemma"
-    dropped_tensors = ("lm_head.weight",)
+    dropped_tensors: ClassVar[dict[str, str]] = {
+        "lm_head.weight": "Gemma 2 ties the head to the embedding; llama.cpp reuses token_embd"}
+    required_block_tensors = _GEMMA_BLOCK
+    output_tensor = None
 
     def hparams(self) -> HParams:
         # Gemma2Model.set_gguf_parameters does not start from the shared keys
@@ -53,6 +60,8 @@ class Gemma3(Architecture):
     hf_architectures = ("Gemma3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     vocab_style = "gemma3"  # tokenizer.model when present (Gemma style), else byte-level BPE
+    required_block_tensors = _GEMMA_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight")
+    ties_by_default = True
 
     def hparams(self) -> HParams:
         hp = super().hparams()

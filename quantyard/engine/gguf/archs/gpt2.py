@@ -21,6 +21,11 @@ class GPT2(Architecture):
     hf_architectures = ("GPT2LMHeadModel",)
     gguf_arch = gguf.MODEL_ARCH.GPT2
     vocab_style = "gpt2"
+    # llama.cpp's gpt2 loader needs every bias and the learned positions
+    required_block_tensors = tuple(f"{t}.{kind}" for t in ("attn_norm", "attn_qkv", "attn_output", "ffn_norm",
+                                                             "ffn_up", "ffn_down") for kind in ("weight", "bias"))
+    required_tensors = ("token_embd.weight", "position_embd.weight", "output_norm.weight", "output_norm.bias")
+    ties_by_default = True
 
     def hparams(self) -> HParams:
         c, hp = self.config, HParams()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import gguf
 import numpy as np
 
-from .base import Architecture, HParams, full_attention_rope
+from .base import LLAMA_BLOCK, Architecture, HParams, full_attention_rope
 
 
 def head_dim(config: dict) -> int:
@@ -50,6 +50,7 @@ class Llama(Architecture):
     hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM")
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     vocab_style = "llama"
+    required_block_tensors = LLAMA_BLOCK
 
     def __init__(self, config: dict, tokenizer_vocab_size: int | None = None) -> None:
         super().__init__(config, tokenizer_vocab_size)

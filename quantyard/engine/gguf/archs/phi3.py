@@ -22,6 +22,8 @@ class Phi3(Architecture):
     hf_architectures = ("Phi3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.PHI3
     vocab_style = "phi3"
+    required_block_tensors = ("attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_norm.weight",
+                              "ffn_up.weight", "ffn_down.weight")
 
     def _rope_dims(self) -> int:
         n_embd = find(self.config, ("hidden_size", "n_embd"))

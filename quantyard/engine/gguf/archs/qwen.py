@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import gguf
 
-from .base import Architecture
+from .base import LLAMA_BLOCK, Architecture
 
 
 class Qwen2(Architecture):
     hf_architectures = ("Qwen2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2
     vocab_style = "qwen2"  # tokenizer.model when present, else byte-level BPE
+    # llama.cpp's qwen2 loader needs the q/k/v biases
+    required_block_tensors = LLAMA_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias")
 
 
 class Qwen3(Qwen2):
     hf_architectures = ("Qwen3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN3
+    required_block_tensors = LLAMA_BLOCK + ("attn_q_norm.weight", "attn_k_norm.weight")
 
 
 __all__ = ["Qwen2", "Qwen3"]
