@@ -181,6 +181,8 @@ SAFETENSORS_CASES = {
     "shape product past 2^63": (_st({"a": _entry(shape=[1 << 40, 1 << 40], offsets=[0, 16])}), "2^63"),
     "out of file": (_st({"a": _entry(shape=[8], offsets=[0, 32])}), "past the end"),
     "overlap": (_st({"a": _entry(offsets=[0, 16]), "b": _entry(offsets=[8, 24])}, bytes(24)), "overlap"),
+    "gap before a tensor": (_st({"a": _entry(offsets=[16, 32])}, bytes(32)), "belong to no tensor"),
+    "trailing bytes": (_st({"a": _entry()}, bytes(64)), "belong to no tensor"),
     "bool as a dimension": (_st({"a": _entry(shape=[True, 4], offsets=[0, 16])}), "shape"),
     "9 dimensions": (_st({"a": _entry(shape=[1] * 8 + [4])}), "shape"),
     "dtype not a string": (_st({"a": {**_entry(), "dtype": ["F32"]}}), "dtype"),
@@ -206,6 +208,20 @@ def test_hostile_safetensors_headers_are_invalid_models(case, tmp_path):
     assert exc.details == {"file": "model.safetensors"}
     clean(exc.message, tmp_path)
     assert peak < 8 * MB, f"{case}: parsing allocated {peak >> 10} KiB"
+
+
+@pytest.mark.parametrize("case", ["overlap", "gap before a tensor", "trailing bytes", "out of file",
+                                  "size not dtype x shape", "begin after end"])
+def test_the_reference_reader_refuses_them_too(case, tmp_path):
+    """Differential check against safetensors itself: what we refuse at preflight it would
+    refuse later (as SafetensorError, an internal_error before)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(SAFETENSORS_CASES[case][0])
+    with pytest.raises(SafetensorError):
+        with safe_open(path, framework="np") as f:
+            [f.get_tensor(k) for k in f.keys()]
 
 
 def test_safetensors_through_preflight(tiny_llama_dir, tmp_path):
@@ -310,3 +326,14 @@ def test_archive_config_reader_refuses_deep_json(tmp_path):
     members = archive.inspect_archive(path, max_members=10, max_unpacked_bytes=1 << 30)
     with pytest.raises(ValueError, match="config.json nests"):
         archive.read_model_config(path, members)
+
+
+def test_a_corrupt_sentencepiece_model_is_invalid_model(tmp_path):
+    """sentencepiece's own error names the server path; ours names the file."""
+    from quantyard.engine.gguf.vocab import sentencepiece_vocab
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\xff" * 100)
+    with pytest.raises(InvalidModel) as exc:
+        sentencepiece_vocab(tmp_path, None)
+    assert "tokenizer.model" in exc.value.message
+    clean(exc.value.message, tmp_path)

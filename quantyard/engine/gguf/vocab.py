@@ -101,7 +101,11 @@ def _sentencepiece_base(root: Path, n_vocab: int | None):
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(root / "tokenizer.model"))
+    try:
+        sp.LoadFromFile(str(root / "tokenizer.model"))
+    except (RuntimeError, OSError):  # its text names the server path: not passed on
+        raise InvalidModel("tokenizer.model is not a readable SentencePiece model",
+                           details={"file": "tokenizer.model"}) from None
     n_vocab = n_vocab or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores, types = [-10000.0] * n_vocab, [int(TokenType.UNUSED)] * n_vocab

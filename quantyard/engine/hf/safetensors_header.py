@@ -90,12 +90,18 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, file_siz
     return TensorRef(name, path, dtype, tuple(shape), data_start + begin, expected)
 
 
-def _check_no_overlap(path: Path, refs: list[TensorRef]) -> None:
-    last_end, last_name = 0, None
-    for ref in sorted(refs, key=lambda r: r.offset):
+def _check_layout(path: Path, refs: list[TensorRef], data_start: int, file_size: int) -> None:
+    """Tensors tile the data section exactly, as the reference reader requires (it raises
+    SafetensorError on a gap, an overlap or trailing bytes, far later, while loading)."""
+    last_end, last_name = data_start, None
+    for ref in sorted(refs, key=lambda r: (r.offset, r.nbytes)):
         if ref.offset < last_end:
             raise _fail(path, f"tensors {last_name!r} and {ref.name!r} overlap")
+        if ref.offset > last_end:
+            raise _fail(path, f"{ref.offset - last_end} bytes before tensor {ref.name!r} belong to no tensor")
         last_end, last_name = ref.offset + ref.nbytes, ref.name
+    if last_end != file_size:
+        raise _fail(path, f"{file_size - last_end} bytes after the last tensor belong to no tensor")
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
@@ -115,7 +121,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorRef], dict[str,
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(path, "__metadata__ is not an object of strings")
     refs = [_parse_entry(path, name, entry, data_start, file_size) for name, entry in header.items()]
-    _check_no_overlap(path, refs)
+    _check_layout(path, refs, data_start, file_size)
     return {r.name: r for r in refs}, metadata
 
 
