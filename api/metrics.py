@@ -37,6 +37,7 @@ class CatalogCollector:
             GaugeMetricFamily("quantyard_jobs_running", "Running jobs", labels=["hardware_class"]),
             GaugeMetricFamily("quantyard_workers_live", "Live workers", labels=["hardware_class"]),
             GaugeMetricFamily("quantyard_catalog_up", "Whether the catalog answered this scrape"),
+            CounterMetricFamily("quantyard_reconciler_resends", "Messages the reconciler re-sent", labels=["kind"]),
         ]
 
     def collect(self):
@@ -49,6 +50,7 @@ class CatalogCollector:
                 running = stats.running_by_hardware_class(s)
                 depth = catalog.queue_depth(s)
                 workers = catalog.live_workers(s, stale_after_s=self.settings.worker_stale_after_s)
+                resends = catalog.reconcile.resend_counts(s)
         except Exception:  # a scrape must not fail because the catalog is down
             log.warning("metrics: catalog unavailable", exc_info=True)
             up.add_metric([], 0)
@@ -97,6 +99,14 @@ class CatalogCollector:
         for hc in sorted(set(classes) | set(live)):
             g.add_metric([hc], live.get(hc, 0))
         yield g
+
+        # Lost messages sent again by the workers' reconciler (worker/reconciler.py), per kind:
+        # queued_job, expired_job, pending_target, expired_target.
+        c = CounterMetricFamily("quantyard_reconciler_resends", "Messages the reconciler re-sent (from the catalog)",
+                                labels=["kind"])
+        for kind, n in sorted(resends.items()):
+            c.add_metric([kind], n)
+        yield c
         yield up
 
 

@@ -5,12 +5,19 @@ Kept in the core so the API can enqueue work by task name without importing the 
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+from pathlib import Path
+
 from celery import Celery
 
 from quantyard.settings import Settings
 
 CONVERT_TASK = "quantyard.convert_job"
 CONVERT_TARGET_TASK = "quantyard.convert_target"
+
+log = logging.getLogger(__name__)
 
 
 def queue_name(hardware_class: str) -> str:
@@ -89,3 +96,66 @@ def broker_ping(app: Celery, *, timeout: float = 2.0) -> None:
     """Raise if the broker cannot be reached (used by /readyz)."""
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout)
+
+
+def waiting_message_ids(app: Celery, hardware_classes: list[str]) -> set[str] | None:
+    """Ids of the jobs (``convert_job`` messages) and targets (``convert_target``) whose message
+    waits in the queues of ``hardware_classes`` now, for the reconciler; None when this broker
+    cannot be read this way (then the reconciler goes by time and worker capacity alone).
+
+    Redis: the queue lists (messages a worker has taken, running or held for a countdown, are
+    not in them). The embedded filesystem broker: the message files in its folder."""
+    url = str(app.conf.broker_url or "")
+    queues = [queue_name(c) for c in hardware_classes]
+    try:
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            return _redis_waiting(app, queues)
+        if url.startswith("filesystem"):
+            return _folder_waiting(app, queues)
+    except Exception as exc:  # an unreadable broker only makes the reconciler less precise
+        log.warning("could not read the broker's queues: %s: %s", type(exc).__name__, exc)
+    return None
+
+
+def _redis_waiting(app: Celery, queues: list[str]) -> set[str]:
+    ids: set[str] = set()
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        for queue in queues:
+            # kombu keeps one list per priority step; an unprioritised message is in the plain name
+            for key in {channel._q_for_pri(queue, p) for p in channel.priority_steps}:
+                for raw in client.lrange(key, 0, -1):
+                    ids.update(_message_ids(raw))
+    return ids
+
+
+def _folder_waiting(app: Celery, queues: list[str]) -> set[str]:
+    folder = Path(app.conf.broker_transport_options["data_folder_in"])
+    suffixes = tuple(f".{q}.msg" for q in queues)
+    ids: set[str] = set()
+    for path in folder.iterdir():
+        if path.name.endswith(suffixes):
+            try:
+                ids.update(_message_ids(path.read_bytes()))
+            except OSError:  # taken by a worker meanwhile
+                continue
+    return ids
+
+
+def _message_ids(raw: bytes | str) -> set[str]:
+    """The job id (convert_job) or target id (convert_target) a kombu message carries."""
+    try:
+        message = json.loads(raw)
+        task = (message.get("headers") or {}).get("task")
+        body = message.get("body")
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]  # Celery protocol 2: [args, kwargs, embed]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return set()
+    if task == CONVERT_TASK and args:
+        return {str(args[0])}
+    if task == CONVERT_TARGET_TASK and len(args) >= 2:
+        return {str(args[1])}
+    return set()

@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     # so Redis never redelivers a task that is still running.
     task_time_limit_s: int = 6 * 3600
     job_lease_s: int = 300
+    # The reconciler (worker/reconciler.py): every worker checks this often (0: never) and one
+    # leader at a time re-sends the message of a job or target that may have lost it: queued or
+    # dispatched longer than reconcile_grace_s with no message waiting in the broker, or running
+    # under a lease that has expired. A re-sent item is re-sent again after reconcile_grace_s.
+    reconcile_interval_s: float = Field(default=30.0, ge=0)
+    reconcile_grace_s: float = Field(default=120.0, gt=0)
+    # A worker that cannot reach the catalog when a task starts waits for it (backoff) this long
+    # before putting the message back on the queue for later, instead of failing and acking it.
+    catalog_wait_s: float = Field(default=60.0, ge=0)
     worker_heartbeat_s: float = 10.0
     worker_stale_after_s: float = 60.0
     worker_concurrency: int = 1

@@ -9,6 +9,8 @@ import logging
 
 from celery import Celery, bootsteps
 from celery.signals import worker_shutdown
+from celery.worker.request import Request
+from billiard.exceptions import WorkerLostError
 
 from quantyard import catalog
 from quantyard.catalog.anchor import CHECK_EVERY_S, anchor_if_due, anchor_on_shutdown
@@ -18,7 +20,9 @@ from quantyard.queue import (
 )
 from quantyard.settings import Settings, get_settings
 from worker import hardware
+from worker.outage import backoff_s, is_catalog_outage, wait_for_catalog
 from worker.pipeline import run_job
+from worker.reconciler import Reconciler
 from worker.target_pipeline import run_target
 from worker.runtime import build_runtime, runtime_for_this_process
 from worker.scratch import scratch_base, sweep_in_background
@@ -55,10 +59,10 @@ def _limit_pool_processes(settings: Settings) -> None:
 def _register_task(app: Celery, worker_id: str) -> None:
     # Tasks stay thin: everything about the work lives in the pipelines and the catalog.
 
-    @app.task(name=CONVERT_TASK, bind=True, max_retries=None)
+    @app.task(name=CONVERT_TASK, bind=True, max_retries=None, Request=_NotingRequest)
     def convert_job(self, job_id: str) -> str:
         runtime = runtime_for_this_process(worker_id)
-        outcome = run_job(runtime, job_id, _dispatcher(app, runtime))
+        outcome = _keeping_message(self, runtime, lambda: run_job(runtime, job_id, _dispatcher(app, runtime)))
         if outcome == "leased":
             # Another worker holds a live lease: either it is still working (this is a
             # duplicate delivery) or it just died and its lease will lapse. Look again once
@@ -66,13 +70,61 @@ def _register_task(app: Celery, worker_id: str) -> None:
             raise self.retry(countdown=runtime.settings.job_lease_s)
         return outcome
 
-    @app.task(name=CONVERT_TARGET_TASK, bind=True, max_retries=None)
+    @app.task(name=CONVERT_TARGET_TASK, bind=True, max_retries=None, Request=_NotingRequest)
     def convert_target(self, job_id: str, target_id: str, inputs: dict) -> str:
         runtime = runtime_for_this_process(worker_id)
-        outcome = run_target(runtime, job_id, target_id, inputs)
+        outcome = _keeping_message(self, runtime, lambda: run_target(runtime, job_id, target_id, inputs))
         if outcome == "leased":
             raise self.retry(countdown=runtime.settings.job_lease_s)
         return outcome
+
+
+def _keeping_message(task, runtime, work):
+    """Run ``work``; when the catalog cannot be reached, keep the message instead of failing
+    (and so acking) it: wait here for the catalog with backoff (this process takes no other
+    message meanwhile), then put the message back on the queue with a countdown (Celery's
+    retry publishes it again before acking this delivery). A claim that did succeed is not
+    lost either: its lease lapses and the next delivery re-claims it."""
+    try:
+        return work()
+    except Exception as exc:
+        if not is_catalog_outage(exc):
+            raise
+        log.warning("catalog unreachable in %s (%s: %s); keeping the message", task.name,
+                    type(exc).__name__, exc)
+        back = wait_for_catalog(runtime.sessions, budget_s=runtime.settings.catalog_wait_s)
+        countdown = 1.0 if back else backoff_s(task.request.retries, base_s=2.0, cap_s=60.0)
+        raise task.retry(countdown=countdown, exc=None) from None
+
+
+class _NotingRequest(Request):
+    """Notes in the catalog why a task's attempt ended when its pool process died (SIGKILL, the
+    out-of-memory killer): Celery requeues the message (task_reject_on_worker_lost) and this
+    runs in the worker's main process, the only one that knows. The cause is shown on the job or
+    target while it waits to be redone, and in ``attempts_exhausted`` if it never is."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)
+        if isinstance(exc, WorkerLostError):
+            _note_lost(self.name, self.args, f"the worker process running it died ({exc})")
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+_MAIN_RUNTIME: dict[str, object] = {}
+
+
+def _note_lost(task_name: str, args, cause: str) -> None:
+    runtime = _MAIN_RUNTIME.get("runtime")
+    if runtime is None or not args:
+        return
+    target_id = args[1] if task_name == CONVERT_TARGET_TASK and len(args) > 1 else None
+    try:
+        with runtime.session() as s:
+            catalog.note_lost_attempt(s, job_id=args[0], target_id=target_id, cause=cause.split(" Job:")[0])
+            s.commit()
+    except Exception:  # only a note: the requeue goes on regardless
+        log.exception("could not note the lost attempt of %s", args[0])
 
 
 def _dispatcher(app: Celery, runtime):
@@ -105,6 +157,7 @@ class _HeartbeatStep(bootsteps.StartStopStep):
         self._anchor_entry = None
         self._purge_entry = None
         self._sweep_entry = None
+        self._reconcile_entry = None
         self._runtime = None
         self._ids: dict[str, str] = {}
 
@@ -132,6 +185,12 @@ class _HeartbeatStep(bootsteps.StartStopStep):
 
         beat()
         self._entry = consumer.timer.call_repeatedly(settings.worker_heartbeat_s, beat)
+        _MAIN_RUNTIME["runtime"] = self._runtime
+        if settings.reconcile_interval_s > 0:
+            # Re-send lost messages (worker/reconciler.py); one leader acts, on its own thread.
+            reconciler = Reconciler(self._runtime, consumer.app)
+            self._reconcile_entry = consumer.timer.call_repeatedly(settings.reconcile_interval_s,
+                                                                   reconciler.tick)
         if settings.audit_anchor_interval_s > 0 or settings.audit_anchor_every_events > 0:
             # Periodic audit anchor, no Celery beat needed: every worker checks (every few seconds
             # with the count rule, else once a minute) and anchors when the last anchor is older
@@ -176,10 +235,10 @@ class _HeartbeatStep(bootsteps.StartStopStep):
             anchor_on_shutdown(self._runtime.sessions, self._runtime.store)
 
     def stop(self, consumer) -> None:
-        for entry in (self._anchor_entry, self._purge_entry, self._sweep_entry):
+        for entry in (self._anchor_entry, self._purge_entry, self._sweep_entry, self._reconcile_entry):
             if entry is not None:
                 entry.cancel()
-        self._anchor_entry = self._purge_entry = self._sweep_entry = None
+        self._anchor_entry = self._purge_entry = self._sweep_entry = self._reconcile_entry = None
         if self._entry is not None:
             self._entry.cancel()
             self._entry = None

@@ -18,10 +18,11 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.publish import publish, target_recipe
 from worker.reuse import find_present, imatrix_spec, reuse, reuse_known_targets
+from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.limits import ScratchQuota, memory_limit, resource_limit_of, scratch_limit
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
-from worker.watch import JobWatch
+from worker.watch import JobWatch, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,11 @@ Dispatch = Callable[[str, str, dict], None]
 
 def run_job(rt: WorkerRuntime, job_id: str, dispatch: Dispatch) -> str:
     """Do a job's shared work if this delivery may claim it; returns the claim outcome, or
-    "dispatched" once the targets are on their way, or the job's final status."""
-    with rt.session() as s:
+    "dispatched" once the targets are on their way, or the job's final status, or "lease_lost"
+    (another worker took the job over after this one's lease expired). Raises
+    ``CatalogUnavailable`` when the catalog cannot be reached for the claim: the message must
+    be kept for later, not dropped."""
+    with catalog_calls(), rt.session() as s:
         outcome = catalog.claim_job(
             s, job_id=job_id, worker_id=rt.worker_id,
             lease_s=rt.settings.job_lease_s, max_attempts=rt.settings.job_max_attempts,
@@ -61,10 +65,13 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
             source_dir = fetch_source(rt, job["source"], work_dir)
             report = _preflight(rt, job, source_dir, watch)
             pending, inputs = _shared_work(rt, job, source_dir, report, work_dir, watch)
-        finished = _dispatch_nothing(rt, job_id, f"{len(pending)} target(s) dispatched")
+        finished = _dispatch_nothing(rt, job_id, f"{len(pending)} target(s) dispatched", inputs)
         for target_id in pending:
-            dispatch(job_id, target_id, inputs)
+            dispatch(job_id, target_id, inputs)  # one lost here is re-sent by the reconciler
         return finished
+    except LeaseLost as exc:
+        log.warning("job %s: %s; leaving it to that worker", job_id, exc)
+        return "lease_lost"
     except Cancelled as exc:
         _fail(rt, job_id, "cancelled", "cancelled", str(exc))
         return "cancelled"
@@ -76,6 +83,8 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         if (limit := resource_limit_of(exc, rt.settings)) is not None:  # memory, time
             _fail(rt, job_id, "failed", limit.code, str(limit))
             return "failed"
+        if is_catalog_outage(exc):  # nothing can be recorded: the lease lapses, the job is redone
+            raise CatalogUnavailable(f"the catalog became unreachable: {type(exc).__name__}") from exc
         code = "time_limit" if type(exc).__name__ == "SoftTimeLimitExceeded" else "internal_error"
         _fail(rt, job_id, "failed", code, f"{type(exc).__name__}: {exc}")
         raise
@@ -83,10 +92,10 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _dispatch_nothing(rt, job_id: str, message: str) -> str:
+def _dispatch_nothing(rt, job_id: str, message: str, inputs: dict | None = None) -> str:
     """End the prepare stage; the job settles here when no target is left to run."""
     with rt.session() as s:
-        catalog.mark_dispatched(s, job_id=job_id, message=message)
+        catalog.mark_dispatched(s, job_id=job_id, message=message, inputs=inputs)
         finished = catalog.settle_job(s, job_id=job_id)
         s.commit()
         return finished.status if finished is not None else "dispatched"

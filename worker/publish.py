@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantyard import catalog
+from quantyard.engine.errors import Cancelled
 from quantyard.recipes import make_recipe, recipe_hash
 
 
@@ -36,12 +37,32 @@ def made_on(worker_id: str) -> dict:
             "machine": info["machine"], "cpu_count": info["cpu_count"], "cpu_flags": info["cpu_flags"]}
 
 
+def _hold_or_raise(s, *, job_id: str | None, target_id: str | None, worker_id: str) -> None:
+    if job_id is None or catalog.hold_for_record(s, job_id=job_id, target_id=target_id, worker_id=worker_id):
+        return
+    from worker.watch import LeaseLost
+
+    job = catalog.get_job(s, job_id=job_id)
+    s.refresh(job)
+    if job.status == "running" and not job.cancel_requested:
+        raise LeaseLost("this worker lost its lease to another worker before recording")
+    raise Cancelled("the job was cancelled before its artifact was recorded")
+
+
 def publish(rt, *, job_id: str, target_id: str | None, source_id: str, result, key: str,
             recipe: dict, digest: str, parents: list[tuple[str, str]] | None = None,
             before_record=None) -> dict:
     """Upload `result.path` at `key` (companions beside it), then record the artifact
     (+ lineage, + audit) in one transaction; if anything fails every uploaded object is
-    deleted again."""
+    deleted again.
+
+    The record is conditional (``catalog.hold_for_record``, in the same transaction): only while
+    the job runs without a cancel request and this worker still holds the target (or, for the
+    prepare stage's shared artifacts, the job). Otherwise nothing is recorded, the objects are
+    deleted and ``Cancelled`` (``LeaseLost`` when another worker holds it now) is raised, so a
+    cancel accepted during the upload wins. A target's artifact settles its job in that same
+    transaction: a later cancel finds the job finished (409) instead of answering 202 to a job
+    that then succeeds."""
     uploaded: list[str] = []
     try:
         stored = rt.store.put_file(key, result.path)
@@ -59,6 +80,7 @@ def publish(rt, *, job_id: str, target_id: str | None, source_id: str, result, k
         if before_record is not None:
             before_record()
         with rt.session() as s:
+            _hold_or_raise(s, job_id=job_id, target_id=target_id, worker_id=rt.worker_id)
             artifact = catalog.record_artifact(
                 s, job_id=job_id, target_id=target_id, source_id=source_id,
                 format=result.format, quantization=result.quantization, sha256=stored.sha256,
@@ -68,6 +90,8 @@ def publish(rt, *, job_id: str, target_id: str | None, source_id: str, result, k
                 parents=parents,
             )
             data = artifact.to_dict()
+            if target_id is not None and job_id is not None:
+                catalog.settle_job(s, job_id=job_id)
             s.commit()
         return data
     except BaseException:

@@ -21,13 +21,17 @@ from worker.reuse import find_present, reuse
 from worker.limits import ScratchQuota, resource_limit_of, scratch_limit
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
-from worker.watch import TargetWatch
+from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
+from worker.watch import LeaseLost, TargetWatch
 
 log = logging.getLogger(__name__)
 
 
 def run_target(rt: WorkerRuntime, job_id: str, target_id: str, inputs: dict) -> str:
-    with rt.session() as s:
+    """Make one target if this delivery may claim it; returns the claim outcome, the target's
+    final status, or "lease_lost". Raises ``CatalogUnavailable`` when the catalog cannot be
+    reached (the message must be kept, not dropped)."""
+    with catalog_calls(), rt.session() as s:
         outcome = catalog.claim_target(
             s, target_id=target_id, worker_id=rt.worker_id,
             lease_s=rt.settings.job_lease_s, max_attempts=rt.settings.job_max_attempts,
@@ -57,6 +61,9 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
         imatrix = fetch_artifact(rt, job["imatrix"], work_dir) if job["imatrix"] else None
         _make_and_publish(rt, job, reference, intermediate, imatrix, work_dir, watch)
         return "succeeded"
+    except LeaseLost as exc:
+        log.warning("target %s of job %s: %s; leaving it to that worker", target_id, job_id, exc)
+        return "lease_lost"
     except Cancelled as exc:
         return _close(rt, target_id, "cancelled", "cancelled", str(exc))
     except ConversionError as exc:
@@ -65,6 +72,8 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
     except BaseException as exc:  # a bug or a time limit: record it, then let Celery see it
         if (limit := resource_limit_of(exc, rt.settings)) is not None:  # memory, time
             return _close(rt, target_id, "failed", limit.code, str(limit))
+        if is_catalog_outage(exc):  # nothing can be recorded: the lease lapses, the target is redone
+            raise CatalogUnavailable(f"the catalog became unreachable: {type(exc).__name__}") from exc
         code = "time_limit" if type(exc).__name__ == "SoftTimeLimitExceeded" else "internal_error"
         _close(rt, target_id, "failed", code, f"{type(exc).__name__}: {exc}")
         raise
@@ -131,10 +140,7 @@ def _make_and_publish(rt, job: dict, reference: Path, input_file: Path | None,
     publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
             result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
             recipe=recipe, digest=digest, parents=parents or None,
-            before_record=watch.raise_if_cancelled)
-    with rt.session() as s:
-        catalog.settle_job(s, job_id=job["id"])
-        s.commit()
+            before_record=watch.raise_if_cancelled)  # settles the job in the same transaction
 
 
 def _recipe(job: dict) -> tuple[dict, str]:

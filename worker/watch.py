@@ -20,6 +20,14 @@ from quantyard.engine.errors import Cancelled
 log = logging.getLogger(__name__)
 
 
+class LeaseLost(Cancelled):
+    """Another worker claimed this work after our lease expired (we could not renew it: the
+    catalog was unreachable, or this process was stopped for a while). The work is the other
+    worker's now: stop, delete what we uploaded, and record nothing about the job or target."""
+
+    code = "lease_lost"
+
+
 class _Watch:
     min_write_interval_s = 1.0
     # The task's scratch-disk quota (worker.limits.ScratchQuota), checked by the watch thread;
@@ -76,10 +84,11 @@ class _Watch:
     def raise_if_cancelled(self) -> None:
         if self.limit_hit is not None:
             raise self.limit_hit
+        # A lost lease first: then the work (and a cancel of it) is the new holder's to settle.
+        if self.lease_lost.is_set():
+            raise LeaseLost("this worker lost its lease to another worker")
         if self.cancelled.is_set():
             raise Cancelled("the job was cancelled")
-        if self.lease_lost.is_set():
-            raise Cancelled("this worker lost its lease to another worker")
 
     def progress(self, fraction: float, message: str | None, *, force: bool = False) -> None:
         """Record progress (rate-limited) and stop the work if a cancel came in."""

@@ -18,7 +18,6 @@ from quantyard.engine.manifest import MANIFEST
 from quantyard.engine.spec import parse_target
 from quantyard.queue import enqueue_job
 
-from api import stats
 from api.auth import requires
 from api.deps import actor, get_session, mark_audit, org_id, principal, request_info
 from api.errors import CATALOG_DOWN, ApiError, not_found
@@ -196,32 +195,26 @@ class WaitingReasons:
         return self._cache[hc]
 
     def _reason(self, hc: str) -> str | None:
-        workers = catalog.live_workers(self.s, hardware_class=hc, stale_after_s=self.stale_after_s)
-        if not workers:
+        # Busy means tasks under a live lease (prepare stages and targets), not jobs whose status
+        # says running: a job whose worker died or whose message was lost keeps nobody busy.
+        slots = catalog.reconcile.slots(self.s, hardware_class=hc, stale_after_s=self.stale_after_s)
+        if not slots.live_workers:
             return f"no live worker serves hardware class {hc!r}"
-        depth = catalog.queue_depth(self.s).get(hc, 0)
-        busy = busy_workers(self.s, hc)
-        if busy >= worker_capacity(workers):
-            return (f"all {len(workers)} live worker(s) for hardware class {hc!r} are busy; "
-                    f"{depth} job(s) queued for this class")
+        if slots.free <= 0:
+            depth = catalog.queue_depth(self.s).get(hc, 0)
+            return (f"all {slots.live_workers} live worker(s) for hardware class {hc!r} are busy "
+                    f"({slots.busy} task(s) running); {depth} job(s) queued for this class")
         return None
 
 
 def worker_capacity(workers) -> int:
-    """Jobs the given workers can run at once (a worker may advertise "concurrency")."""
-    total = 0
-    for w in workers:
-        caps = getattr(w, "capabilities", None) or {}
-        try:
-            total += max(int(caps.get("concurrency", 1)), 1)
-        except (TypeError, ValueError):
-            total += 1
-    return total
+    """Tasks the given workers can run at once (a worker may advertise "concurrency")."""
+    return catalog.reconcile.worker_capacity(workers)
 
 
 def busy_workers(s: Session, hc: str) -> int:
-    """Jobs currently running on the given hardware class."""
-    return stats.running_by_hardware_class(s, hc).get(hc, 0)
+    """Tasks a worker of the given hardware class is on now (under a live lease)."""
+    return catalog.reconcile.busy_slots(s, hardware_class=hc)
 
 
 def job_json(job, reasons: WaitingReasons | None = None, *, brief: bool = False) -> dict:
@@ -339,11 +332,14 @@ def cancel_job(job_id: str, request: Request, s: Session = Depends(get_session))
                        details={"required_role": "maintainer", "role": caller.role})
     if job.status in FINISHED:
         raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
+    # Ends at once whatever no live worker holds (catalog.request_cancel); a worker that holds a
+    # part stops at its next step, and an artifact it uploads meanwhile is not recorded.
     job = catalog.request_cancel(s, job_id=job_id, actor=actor(request), request=request_info(request),
                                  organization_id=org_id(request))
     s.commit()
     s.refresh(job)
     if job.status in FINISHED and job.status != "cancelled":  # finished while we were asking
-        raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}")
+        raise ApiError(409, "job_finished", f"job {job_id} is already {job.status}: too late to cancel "
+                       "(it was finishing)", details={"status": job.status})
     data = job_json(job)
     return JSONResponse(data, status_code=200 if data.get("status") == "cancelled" else 202)

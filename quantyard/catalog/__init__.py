@@ -56,6 +56,7 @@ from .jobs import (
     finish_job,
     get_job,
     list_jobs,
+    note_lost_attempt,
     queue_depth,
     renew_lease,
     request_cancel,
@@ -86,13 +87,16 @@ from .retention import (
     restore_artifact,
     set_legal_hold,
 )
+from . import reconcile  # noqa: F401 - its table (reconciler_resends) belongs to Base.metadata
 from .reuse import recipe_digests, reusable_artifacts, reuse_artifact
 from .search import search_artifacts
 from .targets import (
     PREPARE_SHARE,
     add_job_warning,
     claim_target,
+    close_abandoned,
     finish_target,
+    hold_for_record,
     mark_dispatched,
     renew_target_lease,
     set_target_progress,
@@ -124,6 +128,7 @@ __all__ = [
     "set_progress", "set_target_status", "upgrade_database", "verify_audit_chain", "worker_heartbeat",
     "worker_stopped", "assign_target_artifact", "PREPARE_SHARE", "add_job_warning", "claim_target", "finish_target",
     "mark_dispatched", "renew_target_lease", "set_target_progress", "settle_job",
+    "close_abandoned", "hold_for_record", "note_lost_attempt", "reconcile",
     "Withdrawn", "check_not_withdrawn", "reinstate", "descendants", "edge_recipe", "withdraw", "withdraw_artifact",
     "withdraw_source", "withdrawal_of",
     "RetentionConflict", "delete_artifact", "due_for_purge", "purge_artifact", "purge_due", "release_legal_hold",

@@ -25,12 +25,13 @@ from .models import (
 )
 from .pagination import paginate
 
-CLAIM_KINDS = ("claimed", "gone", "finished", "cancelled", "exhausted", "leased")
+CLAIM_KINDS = ("claimed", "gone", "finished", "cancelled", "exhausted", "leased", "dispatched")
 
 
 @dataclass
 class ClaimOutcome:
-    """``kind``: claimed | gone | finished | cancelled | exhausted | leased.
+    """``kind``: claimed | gone | finished | cancelled | exhausted | leased | dispatched (a job
+    whose targets already run as tasks of their own).
 
     ``leased``: another worker holds an unexpired lease; ``retry_after_s`` says when it runs out."""
 
@@ -201,15 +202,19 @@ def queue_depth(s: Session) -> dict[str, int]:
 
 
 def _close_targets(job: Job, status: str, error_code: str | None = None, error_message: str | None = None) -> None:
+    """Every unfinished target ends with the job: ``failed`` with the job's cause when the job
+    failed (e.g. its prepare stage), ``cancelled`` when it was cancelled."""
+    now = utcnow()
     for t in job.targets:
         if t.status in TERMINAL_TARGET_STATUSES:
             continue
-        if status == "failed" and t.status == "pending":
-            t.status = "cancelled"
+        t.status = status
+        t.lease_expires_at = None
+        t.finished_at = now
+        if status == "failed":
+            t.error_code, t.error_message = error_code, error_message
         else:
-            t.status = status
-            if status == "failed":
-                t.error_code, t.error_message = error_code, error_message
+            t.error_code = t.error_message = None
 
 
 def _finish(job: Job, status: str, error_code: str | None, error_message: str | None) -> None:
@@ -226,22 +231,34 @@ def _finish(job: Job, status: str, error_code: str | None, error_message: str | 
 
 def request_cancel(s: Session, *, job_id: str, actor: str, request: RequestInfo | None = None,
                    organization_id: str | None = None) -> Job:
-    """Queued: cancelled at once. Running: ``cancel_requested`` (the worker stops cooperatively).
-    Finished: unchanged (the audit event records outcome ``noop``). A job of another
-    organisation than ``organization_id`` is NotFound."""
+    """Queued: cancelled at once. Running: ``cancel_requested``, and whatever no live worker
+    holds ends now (``targets.close_abandoned``: a prepare stage whose lease expired, pending
+    targets, targets under an expired lease), so the job is ``cancelled`` at once when nobody
+    runs it; the targets a worker holds stop cooperatively (an artifact is recorded only if its
+    worker saw no cancel: ``targets.hold_for_record``), and the reconciler settles them if that
+    worker dies. A dispatched job whose targets have all finished is settled instead (it ends
+    ``succeeded``/``failed``: too late to cancel). Finished: unchanged (the audit event records
+    outcome ``noop``). A job of another organisation than ``organization_id`` is NotFound."""
+    from .targets import close_abandoned  # targets.py builds on this module
+
     job = _lock_job(s, job_id)
     if job is None or (organization_id is not None and job.organization_id != organization_id):
         raise NotFound(f"job {job_id} not found")
     previous = job.status
     outcome = "success"
+    finishing = job.status == "running" and job.dispatched_at is not None and all(
+        t.status in TERMINAL_TARGET_STATUSES for t in job.targets)
     if job.status == "queued":
         job.cancel_requested = True
         _finish(job, "cancelled", None, None)
-    elif job.status == "running":
+    elif job.status == "running" and not finishing:
         job.cancel_requested = True
     else:
         outcome = "noop"
     s.flush()
+    if job.status == "running":
+        close_abandoned(s, job_id=job.id, actor=actor)
+        s.refresh(job)
     record_audit(
         s,
         actor=actor,
@@ -285,7 +302,7 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
                          outcome="cancelled", details={"reason": "cancel requested before redelivery"})
             return ClaimOutcome("cancelled", job, job.attempts)
         if job.attempts >= max_attempts:
-            message = f"gave up after {job.attempts} attempt(s) (max_attempts={max_attempts})"
+            message = exhausted_message(job.attempts, max_attempts, _last_cause(job, now))
             _finish(job, "failed", "attempts_exhausted", message)
             s.flush()
             record_audit(s, actor=actor, action="job.finish", resource_type="job", resource_id=job.id,
@@ -325,6 +342,40 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
         )
         return ClaimOutcome("claimed", job, job.attempts)
     return ClaimOutcome("leased", job, job.attempts if job else 0)
+
+
+def exhausted_message(attempts: int, max_attempts: int, cause: str | None) -> str:
+    """The error message of ``attempts_exhausted``, with the last attempt's cause when known."""
+    message = f"gave up after {attempts} attempt(s) (max_attempts={max_attempts})"
+    return f"{message}; the last attempt: {cause}" if cause else message
+
+
+def _last_cause(item: Job | JobTarget, now) -> str | None:
+    """Why the previous attempt of a job or target ended without a result: what was noted for it
+    (``note_lost_attempt``), else an expired lease's worker."""
+    if item.error_message:
+        return item.error_message
+    if item.status == "running" and item.lease_expires_at is not None and item.lease_expires_at <= now:
+        return lease_expired_cause(item.worker_id, item.lease_expires_at)
+    return None
+
+
+def lease_expired_cause(worker_id: str | None, expired_at) -> str:
+    return (f"worker {worker_id} stopped renewing its lease (expired {expired_at.isoformat()}): "
+            "it was killed, ran out of memory or lost the catalog")
+
+
+def note_lost_attempt(s: Session, *, job_id: str, target_id: str | None = None, cause: str) -> bool:
+    """Remember why the running attempt of a job's prepare stage (or of one target) ended without
+    a result, e.g. its worker process died: shown as the job's or target's error while it waits
+    to be redone, and in ``attempts_exhausted`` if it never is. Not audited (the claim that
+    redoes it is). False when the job or target is no longer running."""
+    if target_id is None:
+        q = update(Job).where(Job.id == job_id, Job.status == "running", Job.dispatched_at.is_(None))
+    else:
+        q = update(JobTarget).where(JobTarget.id == target_id, JobTarget.job_id == job_id,
+                                    JobTarget.status == "running")
+    return s.execute(q.values(error_code="worker_lost", error_message=cause)).rowcount == 1
 
 
 def renew_lease(s: Session, *, job_id: str, worker_id: str, lease_s: float) -> bool:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from .audit import record_audit
 from .errors import NotFound
-from .jobs import ClaimOutcome, _finish, _lock_job, _worker_actor
+from .jobs import ClaimOutcome, _finish, _last_cause, _lock_job, _worker_actor, exhausted_message, lease_expired_cause
 from .models import TERMINAL_JOB_STATUSES, Job, JobTarget, utcnow
 
 TERMINAL_TARGET_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -31,8 +31,10 @@ def add_job_warning(s: Session, *, job_id: str, code: str, message: str) -> None
     s.flush()
 
 
-def mark_dispatched(s: Session, *, job_id: str, message: str) -> Job:
-    """The preparing task is done: targets now carry the job; the job lease is no longer used."""
+def mark_dispatched(s: Session, *, job_id: str, message: str, inputs: dict | None = None) -> Job:
+    """The preparing task is done: targets now carry the job; the job lease is no longer used.
+    ``inputs`` (what every target task gets: intermediate and imatrix artifact ids...) is kept
+    in the ``job.dispatch`` audit event, from which the reconciler re-sends a lost target."""
     job = _lock_job(s, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")
@@ -42,8 +44,9 @@ def mark_dispatched(s: Session, *, job_id: str, message: str) -> Job:
     job.progress_message = message
     s.flush()
     record_audit(s, actor=_worker_actor(job.worker_id), action="job.dispatch", resource_type="job",
-                 resource_id=job.id, organization_id=job.organization_id, details={"targets": [t.id for t in job.targets
-                                                          if t.status == "pending"]})
+                 resource_id=job.id, organization_id=job.organization_id,
+                 details={"targets": [t.id for t in job.targets if t.status == "pending"],
+                          "inputs": dict(inputs or {})})
     return job
 
 
@@ -75,7 +78,7 @@ def claim_target(s: Session, *, target_id: str, worker_id: str, lease_s: float,
                             (target.lease_expires_at - now).total_seconds())
     if target.attempts >= max_attempts:
         _close_target(target, "failed", "attempts_exhausted",
-                      f"gave up after {target.attempts} attempt(s) (max_attempts={max_attempts})")
+                      exhausted_message(target.attempts, max_attempts, _last_cause(target, now)))
         s.flush()
         settle_job(s, job_id=job.id)
         return ClaimOutcome("exhausted", job, target.attempts)
@@ -85,6 +88,7 @@ def claim_target(s: Session, *, target_id: str, worker_id: str, lease_s: float,
     target.worker_id = worker_id
     target.lease_expires_at = now + timedelta(seconds=lease_s)
     target.started_at = target.started_at or now
+    target.error_code = target.error_message = None  # a lost attempt's cause, now being redone
     s.flush()
     record_audit(s, actor=_worker_actor(worker_id), action="target.claim", resource_type="job",
                  resource_id=job.id, organization_id=job.organization_id,
@@ -178,3 +182,57 @@ def settle_job(s: Session, *, job_id: str) -> Job | None:
                  resource_id=job.id, organization_id=job.organization_id, outcome=status, details={"error_code": code,
                                                               "attempts": job.attempts})
     return job
+
+
+def hold_for_record(s: Session, *, job_id: str, target_id: str | None, worker_id: str) -> bool:
+    """Take the job's (and the target's) row for recording an artifact, in the caller's
+    transaction, before ``record_artifact``: True when this worker may still record it (the job
+    runs, no cancel was asked for, and the worker still holds the target's or the prepare stage's
+    lease). A conditional UPDATE, so on Postgres it waits for and then excludes a concurrent
+    ``request_cancel`` (same row lock) and on SQLite it takes the write lock first: a cancel
+    either comes before (nothing is recorded; the caller deletes what it uploaded) or after
+    (the cancel finds the target finished). False: roll back."""
+    job_ok = s.execute(update(Job).where(Job.id == job_id, Job.status == "running",
+                                         Job.cancel_requested.is_(False))
+                       .values(progress=Job.progress)).rowcount == 1
+    if not job_ok:
+        return False
+    if target_id is None:  # the prepare stage's shared artifacts (intermediate, imatrix, fp32)
+        held = select(Job.id).where(Job.id == job_id, Job.worker_id == worker_id, Job.dispatched_at.is_(None))
+    else:
+        held = select(JobTarget.id).where(JobTarget.id == target_id, JobTarget.worker_id == worker_id,
+                                          JobTarget.status == "running")
+    return s.execute(held).first() is not None
+
+
+def close_abandoned(s: Session, *, job_id: str, actor: str = "system:reconciler") -> Job | None:
+    """End what nobody works on any more in a running job, then settle it; returns the job if
+    it finished. With a cancel requested: a prepare stage whose lease expired makes the job
+    ``cancelled``; pending targets and targets under an expired lease become ``cancelled``
+    (targets a worker still holds are left to it). Without one: a dispatched job whose targets
+    have all finished is settled. Used by ``request_cancel`` and the reconciler."""
+    job = _lock_job(s, job_id)
+    if job is None or job.status in TERMINAL_JOB_STATUSES:
+        return None
+    now = utcnow()
+    if job.cancel_requested and job.dispatched_at is None:
+        if job.lease_expires_at is not None and job.lease_expires_at > now:
+            return None  # its worker is alive and will see the cancel
+        _finish(job, "cancelled", None, None)
+        s.flush()
+        record_audit(s, actor=actor, action="job.finish", resource_type="job", resource_id=job.id,
+                     organization_id=job.organization_id, outcome="cancelled",
+                     details={"reason": "cancel requested and no worker holds the job"})
+        return job
+    if job.cancel_requested:
+        for t in job.targets:
+            gone = t.status == "running" and (t.lease_expires_at is None or t.lease_expires_at <= now)
+            if t.status == "pending" or gone:
+                _close_target(t, "cancelled", None, None)
+                s.flush()
+                record_audit(s, actor=actor, action="target.finish", resource_type="job", resource_id=job.id,
+                             organization_id=job.organization_id, outcome="cancelled",
+                             details={"target_id": t.id, "error_code": None,
+                                      "reason": "cancel requested and no worker holds the target"})
+    return settle_job(s, job_id=job.id) if job.dispatched_at is not None else None
+

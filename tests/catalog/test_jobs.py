@@ -86,7 +86,9 @@ def test_failure_sets_error_and_targets(factory, make_job):
                                     error_message="logits drifted")
     d = failed.to_dict()
     assert d["error"] == {"code": "validation_failed", "message": "logits drifted"}
-    assert [t["status"] for t in d["targets"]] == ["failed", "cancelled"]
+    # Every unfinished target shows the job's cause (issue 10: a failed prepare stage is not "cancelled").
+    assert [t["status"] for t in d["targets"]] == ["failed", "failed"]
+    assert [t["error"] for t in d["targets"]] == [{"code": "validation_failed", "message": "logits drifted"}] * 2
     with factory() as s, pytest.raises(catalog.InvalidArgument):
         catalog.finish_job(s, job_id=job.id, status="running")
 
