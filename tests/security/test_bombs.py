@@ -291,6 +291,31 @@ def test_config_size_bombs_are_invalid_at_preflight_with_bounded_memory(tiny_lla
           f"{usage['max_rss_kib'] >> 10} MiB")
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "phi3", "BertForSequenceClassification",
+                                    "DistilBertModel", "XLMRobertaModel"])
+def test_size_agreement_holds_across_families(family):
+    """Each family names its layers and sizes its own way (h.N / layers.N / encoder.layer.N,
+    n_layer / num_hidden_layers / n_layers, text_config): the real config passes, one more
+    layer or a larger vocab does not."""
+    from quantyard.engine.errors import InvalidModel
+    from quantyard.engine.hf import sanity
+    from quantyard.engine.hf.source import checked_tensors, load_config
+
+    from tests.fixtures.models import arch_model
+    from tests.fixtures.onnx_encoders import encoder_model
+
+    folder = encoder_model(family) if family[0].isupper() else arch_model(family)
+    config = load_config(folder)
+    shapes = {n: t.shape for n, t in checked_tensors(folder, config).items()}
+    for field in ("num_hidden_layers", "vocab_size"):
+        scope = config.get("text_config") or config
+        key = next(k for k in sanity.SIZE_FIELDS[field][0] if k in scope)
+        bad = json.loads(json.dumps(config))
+        (bad.get("text_config") or bad)[key] = scope[key] + 1
+        with pytest.raises(InvalidModel, match=f"config.json: .*{field}"):
+            sanity.check_against_tensors(bad, shapes)
+
+
 def test_memory_estimate_over_the_limit_is_a_resource_limit(tiny_llama_dir):
     from quantyard.engine import parse_target, preflight
     from quantyard.engine.errors import ResourceLimit

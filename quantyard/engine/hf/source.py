@@ -110,6 +110,14 @@ def _collect_tensors(root: Path, shards: dict[str, list[str]]) -> dict[str, Tens
     return tensors
 
 
+def checked_tensors(root: Path, config: dict) -> dict[str, TensorRef]:
+    """The weights' tensors from their headers, held against config.json's sizes (what the
+    readers that skip open_source's dtype check, e.g. the ONNX ones, use)."""
+    tensors = _collect_tensors(root, _shard_map(root))
+    check_against_tensors(config, {name: t.shape for name, t in tensors.items()})
+    return tensors
+
+
 def _check_dtypes(tensors: dict[str, TensorRef]) -> None:
     odd = sorted({t.dtype for t in tensors.values()} - set(FLOAT_DTYPES))
     if odd:
@@ -134,4 +142,4 @@ def open_source(root: Path, *, require_tokenizer: bool = True) -> HFModelSource:
     return HFModelSource(root=root, config=config, tensors=tensors, weight_files=files)
 
 
-__all__ = ["HFModelSource", "open_source"]
+__all__ = ["HFModelSource", "open_source", "load_config", "checked_tensors"]

@@ -33,9 +33,9 @@ def preflight_onnx(source: Path, targets: Sequence[TargetSpec]) -> PreflightRepo
     if src.weights == "safetensors":
         # headers only; not open_source(): its GGUF-oriented dtype check refuses the int64
         # position_ids buffer BERT checkpoints carry
-        from ..hf.source import _collect_tensors, _shard_map
+        from ..hf.source import checked_tensors
 
-        tensors = _collect_tensors(src.root, _shard_map(src.root))
+        tensors = checked_tensors(src.root, src.config)
         count, dtype = sum(t.n_elements for t in tensors.values()), _dominant(tensors)
     else:
         # a pickle has no header to read: its size is all we know without loading it

@@ -51,9 +51,9 @@ def estimate_decoder(tensors, config: dict, opts: DecoderOptions) -> dict[str, i
 def preflight_decoder(src: EncoderSource, targets: Sequence[TargetSpec]) -> PreflightReport:
     opts = [parse_decoder_options(t) for t in targets]  # UnsupportedTarget (int8-static, bad params)
     if src.weights == "safetensors":
-        from ..hf.source import _collect_tensors, _shard_map
+        from ..hf.source import checked_tensors
 
-        tensors = _collect_tensors(src.root, _shard_map(src.root))
+        tensors = checked_tensors(src.root, src.config)
         count = sum(t.n_elements for t in tensors.values())
         dtype = dominant_type((t.dtype, t.n_elements) for t in tensors.values())
         estimates = {t.key: estimate_decoder(tensors, src.config, o) for t, o in zip(targets, opts)}
