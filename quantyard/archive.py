@@ -258,11 +258,17 @@ def _zip_directory(f, file_size: int) -> tuple[int, int, int]:
     """(offset, size, declared entry count) of the central directory, found the way zipfile
     finds it (the EOCD record at the end, after an optional comment; zip64 when its locator
     sits right before)."""
-    tail_len = min(file_size, _EOCD.size + 0xFFFF)
+    # Exactly zipfile's search (_EndRecData): the record without a comment at the very end,
+    # else the last signature in the final 64 KiB. Any other choice could check one directory
+    # here and let zipfile parse another.
+    tail_len = min(file_size, _EOCD.size + (1 << 16))
     f.seek(file_size - tail_len)
     tail = f.read(tail_len)
-    pos = tail.rfind(b"PK\x05\x06", 0, max(len(tail) - _EOCD.size + 4, 0))  # whole record fits
-    if pos < 0:
+    if tail[-_EOCD.size:-_EOCD.size + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        pos = len(tail) - _EOCD.size
+    else:
+        pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or pos + _EOCD.size > len(tail):
         raise InvalidArchive("corrupt zip archive: no end of central directory record")
     _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, pos)
     eocd_at = file_size - tail_len + pos

@@ -164,3 +164,60 @@ def test_pack_directory_roundtrip_and_reproducible(tmp_path):
     assert not (out / "linked.bin").is_symlink()
     with tarfile.open(a) as tf, gzip.open(a) as _:
         assert all(ti.isreg() for ti in tf.getmembers())
+
+
+def _zip_bytes(n: int, **kwargs) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(n):
+            zf.writestr(f"f{i:06d}", b"")
+        zf.comment = kwargs.get("comment", b"")
+    return buf.getvalue()
+
+
+def test_zip64_member_count_is_read_from_the_zip64_records(tmp_path):
+    """70,000 members: zipfile writes zip64 end records (the classic count field says 0xFFFF);
+    the pre-check reads the real count from them, as zipfile does."""
+    data = _zip_bytes(70_000)
+    assert b"PK\x06\x06" in data[-200:]
+    p = write(tmp_path, data, "many.zip")
+    assert len(archive.inspect_archive(p, max_members=100_000, max_unpacked_bytes=BIG)) == 70_000
+    with pytest.raises(UnsafeArchive, match="more than 10000 members"):
+        archive.inspect_archive(p, max_members=10_000, max_unpacked_bytes=BIG)
+
+
+@pytest.mark.parametrize("comment, readable", [
+    (b"made by a tool", True),
+    (b"PK\x05\x06 looks like an end record", False),  # zipfile picks it up too, and fails
+])
+def test_the_end_record_is_found_as_zipfile_finds_it(comment, readable, tmp_path):
+    """The pre-check must read the same central directory zipfile will: same search for the
+    end record, so a comment cannot show one directory to the check and another to zipfile."""
+    import zipfile
+
+    buf = io.BytesIO(archives.model_zip())
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.comment = comment
+    p = write(tmp_path, buf.getvalue(), "commented.zip")
+    try:
+        zipfile.ZipFile(p).infolist()
+        zipfile_reads = True
+    except zipfile.BadZipFile:
+        zipfile_reads = False
+    assert zipfile_reads == readable
+    if readable:
+        members = archive.inspect_archive(p, max_members=100, max_unpacked_bytes=BIG)
+        assert {m.name for m in members} == set(archives.model_files())
+    else:
+        with pytest.raises(InvalidArchive):
+            archive.inspect_archive(p, max_members=100, max_unpacked_bytes=BIG)
+
+
+def test_truncated_zip_directory_is_invalid(tmp_path):
+    data = archives.model_zip()
+    cd = data.rfind(b"PK\x01\x02")
+    p = write(tmp_path, data[:cd + 10] + data[data.rfind(b"PK\x05\x06"):], "cut.zip")
+    with pytest.raises(InvalidArchive):
+        archive.inspect_archive(p, max_members=100, max_unpacked_bytes=BIG)

@@ -301,7 +301,7 @@ def write_vocab(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, style: str 
     root = Path(root)
     has_spm, has_json = (root / "tokenizer.model").is_file(), (root / "tokenizer.json").is_file()
     if not (has_spm or has_json):
-        raise InvalidModel(f"{root} has no tokenizer.model or tokenizer.json")
+        raise InvalidModel("the source has no tokenizer.model or tokenizer.json")
     if style == "llama":
         return _write_llama_family(w, root, n_vocab)
     if style in ("gemma", "gemma3") and (has_spm or style == "gemma"):
@@ -317,7 +317,7 @@ def write_vocab(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, style: str 
             raise InvalidModel("a Phi-3 model needs its SentencePiece tokenizer.model")
         return _write_spm(w, root, *phi3_sentencepiece_vocab(root, n_vocab))
     if not has_json:
-        raise InvalidModel(f"{root} has no tokenizer.json, which this {style} tokenizer needs")
+        raise InvalidModel(f"the source has no tokenizer.json, which this {style} tokenizer needs")
     return _write_gpt2(w, root, n_vocab, style)
 
 
