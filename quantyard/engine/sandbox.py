@@ -12,9 +12,13 @@ not on sys.path) and, before the function's module is even imported, the child:
 - as root: leaves the network (a new, empty network namespace: not even loopback) and sees the
   whole filesystem read-only except the scratch and the writable directories it was given
   (a private mount namespace with read-only bind remounts);
+- with Landlock (any user, Linux >= 5.13): reads only its Python install, this package, the
+  upload and a few system files; writes only the scratch and the writable directories; no TCP
+  and no signals to processes outside the sandbox (newer kernels);
 - sets no_new_privs and installs a seccomp filter (x86-64): no execve/execveat (a payload
-  cannot start a shell), no sockets other than AF_UNIX, no ptrace, mount, namespaces, module
-  loading, bpf or kexec.
+  cannot start a shell), no sockets at all (not even AF_UNIX: a database's local socket stays
+  connectable on a read-only filesystem), no ptrace, mount, namespaces, module loading, bpf or
+  kexec.
 
 Which of these took effect is recorded (`Outcome.protections`): a non-root worker has no
 namespaces and keeps only the limits and the filter. Results come back as JSON (the parent never
@@ -35,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConversionError, InvalidModel, ResourceLimit
@@ -61,20 +65,24 @@ class Outcome:
     value: object  # what the function returned (JSON)
     protections: dict = field(default_factory=dict)  # name -> True/False (or a reason string)
     seconds: float = 0.0
+    peak_rss_bytes: int = 0  # the child's own peak resident memory (wait4's ru_maxrss)
+    cpu_seconds: float = 0.0
 
 
 def run(target: str, kwargs: Mapping, *, scratch: Path, limits: Limits, label: str,
-        writable: Sequence[Path] = (), on_wait: Callable[[float], None] | None = None,
-        poll_seconds: float = 5.0) -> Outcome:
+        writable: Sequence[Path] = (), readable: Sequence[Path] = (),
+        on_wait: Callable[[float], None] | None = None, poll_seconds: float = 5.0) -> Outcome:
     """`target` ("package.module:function") called with JSON `kwargs` in a sandboxed child.
 
     `label` names what is loaded in error messages (e.g. the model file). `writable`: folders the
-    child may write besides `scratch`. `on_wait(elapsed)` is called every `poll_seconds` while the
-    child runs; if it raises (e.g. Cancelled), the child is killed and the error propagates."""
+    child may write besides `scratch`; `readable`: what it may read besides its Python install
+    and this package (e.g. the upload). `on_wait(elapsed)` is called every `poll_seconds` while
+    the child runs; if it raises (e.g. Cancelled), the child is killed and the error propagates."""
     scratch = Path(scratch).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     request = {"target": target, "kwargs": dict(kwargs), "scratch": str(scratch), "limits": limits.__dict__,
-               "writable": [str(Path(w).resolve()) for w in writable]}
+               "writable": [str(Path(w).resolve()) for w in writable],
+               "readable": [str(Path(r).resolve()) for r in readable]}
     (scratch / REQUEST_FILE).write_text(json.dumps(request))
     (scratch / RESULT_FILE).unlink(missing_ok=True)
     start = time.monotonic()
@@ -83,10 +91,11 @@ def run(target: str, kwargs: Mapping, *, scratch: Path, limits: Limits, label: s
                                 env=_child_env(scratch), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
         try:
-            _wait(proc, limits, label, on_wait, poll_seconds, start)
+            usage = _wait(proc, limits, label, on_wait, poll_seconds, start)
         finally:
             _kill_group(proc)
-    return _outcome(scratch, proc.returncode, label, limits, time.monotonic() - start)
+    outcome = _outcome(scratch, proc.returncode, label, limits, time.monotonic() - start)
+    return replace(outcome, peak_rss_bytes=usage.ru_maxrss * 1024, cpu_seconds=usage.ru_utime + usage.ru_stime)
 
 
 def _child_env(scratch: Path) -> dict:
@@ -99,14 +108,15 @@ def _child_env(scratch: Path) -> dict:
             "PYTHONPATH": package_root, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _wait(proc, limits: Limits, label: str, on_wait, poll_seconds: float, start: float) -> None:
+def _wait(proc, limits: Limits, label: str, on_wait, poll_seconds: float, start: float):
+    """Reap the child ourselves (wait4: its own resource usage); raise on time or on_wait."""
     last = start
     while True:
-        try:
-            proc.wait(timeout=min(1.0, poll_seconds))
-            return
-        except subprocess.TimeoutExpired:
-            pass
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage
+        time.sleep(min(0.05 + (time.monotonic() - start) / 20, 0.5, poll_seconds))
         now = time.monotonic()
         if now - start > limits.wall_seconds:
             raise ResourceLimit(f"loading {label} took longer than its limit of {limits.wall_seconds:.0f} s",
@@ -185,7 +195,8 @@ def _child_main() -> None:
     scratch = Path(request["scratch"])
     protections: dict = {}
     try:
-        protections = confine(scratch, [Path(w) for w in request["writable"]], Limits(**request["limits"]))
+        protections = confine(scratch, [Path(w) for w in request["writable"]], Limits(**request["limits"]),
+                              readable=[Path(r) for r in request["readable"]])
         value = _call(request["target"], request["kwargs"])
         result = {"value": value, "protections": protections}
     except BaseException as e:  # every failure becomes a result; the parent types it
@@ -218,7 +229,7 @@ def _describe(e: BaseException) -> dict:
             "details": {"reason": "loader_failed", "error": type(e).__name__}}
 
 
-def confine(scratch: Path, writable: Sequence[Path], limits: Limits) -> dict:
+def confine(scratch: Path, writable: Sequence[Path], limits: Limits, *, readable: Sequence[Path] = ()) -> dict:
     """Apply every protection available to this process; say which took effect."""
     from . import sandbox_os
 
@@ -227,8 +238,20 @@ def confine(scratch: Path, writable: Sequence[Path], limits: Limits) -> dict:
     done["network_namespace"] = sandbox_os.leave_network()
     done["read_only_filesystem"] = sandbox_os.read_only_except([scratch, *writable])
     os.chdir(scratch)  # the same folder, now seen through its writable bind mount
+    done["landlock"] = sandbox_os.restrict_filesystem([*_python_paths(), *readable], [scratch, *writable])
     done["seccomp"] = sandbox_os.install_seccomp()
     return done
+
+
+def _python_paths() -> list[str]:
+    """This interpreter's install, its site-packages and this package (all read-only)."""
+    import site
+
+    import quantyard
+
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(),
+             str(Path(quantyard.__file__).resolve().parents[1]), str(Path(sys.executable).resolve().parent)}
+    return sorted(p for p in paths if p)
 
 
 __all__ = ["Limits", "Outcome", "confine", "run"]

@@ -8,6 +8,7 @@ do and says so. Called only in the sandbox's child, before any untrusted byte is
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import resource
 import struct
@@ -76,14 +77,14 @@ def _mount_points() -> list[str]:
 
 
 # x86-64 syscall numbers the filter refuses (EPERM): starting programs, debugging other
-# processes, changing mounts or namespaces, loading kernel code, raw kernel interfaces
+# processes, changing mounts or namespaces, loading kernel code, raw kernel interfaces, sockets
 _DENIED = {"execve": 59, "execveat": 322, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
            "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
            "init_module": 175, "finit_module": 313, "delete_module": 176, "kexec_load": 246,
            "kexec_file_load": 320, "bpf": 321, "perf_event_open": 298, "open_by_handle_at": 304,
            "keyctl": 250, "add_key": 248, "request_key": 249, "userfaultfd": 323, "reboot": 169,
            "swapon": 167, "swapoff": 168}
-_SOCKET, _AF_UNIX = 41, 1
+_SOCKET = 41
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _X32_BIT = 0x40000000
 _LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
@@ -96,9 +97,9 @@ def _seccomp_program() -> list[tuple[int, int, int, int]]:
             (_LD_W_ABS, 0, 0, 0), (_JGE_K, 0, 1, _X32_BIT), (_RET_K, 0, 0, _EPERM)]
     for nr in sorted(_DENIED.values()):
         prog += [(_JEQ_K, 0, 1, nr), (_RET_K, 0, 0, _EPERM)]
-    # socket(domain, ...): AF_UNIX only (the low 32 bits of args[0] sit at offset 16)
-    prog += [(_JEQ_K, 0, 3, _SOCKET), (_LD_W_ABS, 0, 0, 16), (_JEQ_K, 1, 0, _AF_UNIX), (_RET_K, 0, 0, _EPERM),
-             (_RET_K, 0, 0, _ALLOW)]
+    # no socket at all: AF_UNIX sockets on the (read-only) filesystem stay connectable, e.g. a
+    # database's local socket; a loader has no use for any
+    prog += [(_JEQ_K, 0, 1, _SOCKET), (_RET_K, 0, 0, _EPERM), (_RET_K, 0, 0, _ALLOW)]
     return prog
 
 
@@ -120,4 +121,76 @@ def install_seccomp() -> bool | str:
     return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
 
 
-__all__ = ["install_seccomp", "leave_network", "read_only_except", "set_limits"]
+# ---------------------------------------------------------------- Landlock (unprivileged)
+
+_LANDLOCK_CREATE, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT = 444, 445, 446
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1, 2, 4, 8
+_FS_ALL_V1 = (1 << 13) - 1  # execute .. make_sym
+_FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_NET_ALL = 3  # bind and connect TCP
+_SCOPE_ALL = 3  # abstract unix sockets and signals outside the sandbox
+# what a Python process with torch reads besides its install: the dynamic loader's cache, CPU
+# topology, its own /proc entry, a few devices
+SYSTEM_READABLE = ("/usr", "/lib", "/lib64", "/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf",
+                   "/etc/passwd", "/etc/group", "/proc/cpuinfo", "/proc/meminfo", "/proc/self", "/proc/thread-self",
+                   "/sys/devices/system/cpu", "/sys/fs/cgroup", "/dev/null", "/dev/zero", "/dev/urandom",
+                   "/dev/random", "/dev/shm")
+
+
+def _fs_rights(abi: int) -> int:
+    rights = _FS_ALL_V1
+    if abi >= 2:
+        rights |= _FS_REFER
+    if abi >= 3:
+        rights |= _FS_TRUNCATE
+    if abi >= 5:
+        rights |= _FS_IOCTL_DEV
+    return rights
+
+
+def restrict_filesystem(readable: Sequence[Path], writable: Sequence[Path]) -> bool | str:
+    """Landlock: from now on this process reads only under `readable` (plus SYSTEM_READABLE) and
+    writes only under `writable`; no TCP, no signals or abstract sockets outside (ABI >= 4 / 6).
+    Needs no privilege, but no_new_privs (set here). Other readers' files, the worker's
+    configuration and catalog, other processes' /proc entries: unreadable."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return "unavailable (kernel without Landlock)"
+    handled = _fs_rights(abi)
+    attr = struct.pack("=QQQ", handled, _NET_ALL if abi >= 4 else 0, _SCOPE_ALL if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    fd = libc.syscall(_LANDLOCK_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if fd < 0:
+        return False
+    try:
+        read = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
+        for path in [*SYSTEM_READABLE, *map(str, readable)]:
+            _allow(libc, fd, path, read)
+        for path in writable:
+            _allow(libc, fd, str(path), handled)
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            return False
+        return libc.syscall(_LANDLOCK_RESTRICT, fd, ctypes.c_uint32(0)) == 0
+    finally:
+        os.close(fd)
+
+
+def _allow(libc, ruleset: int, path: str, rights: int) -> None:
+    try:
+        target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return  # absent on this machine: nothing to allow
+    try:
+        is_dir = os.path.isdir(path)
+        # rights that only make sense on directories are refused on files
+        allowed = rights if is_dir else rights & (_FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE
+                                                  | _FS_IOCTL_DEV)
+        attr = struct.pack("=Qi", allowed, target)
+        libc.syscall(_LANDLOCK_ADD_RULE, ruleset, ctypes.c_uint32(1), ctypes.c_char_p(attr), ctypes.c_uint32(0))
+    finally:
+        os.close(target)
+
+
+__all__ = ["install_seccomp", "leave_network", "read_only_except", "restrict_filesystem", "set_limits"]

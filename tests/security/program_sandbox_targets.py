@@ -113,3 +113,13 @@ def raw_load_one(*, path: str) -> dict:
         except Exception as e:  # reported, not raised: the records are the point
             outcome = f"{type(e).__name__}"
     return {"outcome": outcome, **rec.report()}
+
+
+def read_file(*, path: str) -> str:
+    return Path(path).read_text()[:100]
+
+
+def connect_unix(*, path: str) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        return "connected"

@@ -38,9 +38,47 @@ def test_a_result_comes_back_as_json_with_the_protections(tmp_path):
     assert isinstance(outcome.value, int) and outcome.value > 0
     assert outcome.protections["rlimits"] is True
     assert outcome.protections["seccomp"] is (True if X86 else outcome.protections["seccomp"])
+    assert outcome.protections["landlock"] is True or str(outcome.protections["landlock"]).startswith("unavailable")
     if ROOT:
         assert outcome.protections["network_namespace"] is True
         assert outcome.protections["read_only_filesystem"] is True
+
+
+def _landlock() -> bool:
+    """landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION): the ABI, or -1."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return platform.machine() == "x86_64" and libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1)) >= 1
+
+
+@pytest.mark.skipif(not _landlock(), reason="the kernel has no Landlock")
+def test_nothing_readable_but_the_install_and_what_was_given(tmp_path):
+    """Other tenants' files, the worker's configuration and its /proc entry (environ holds its
+    credentials) are unreadable from the child."""
+    secret = tmp_path / "catalog.sqlite3"
+    secret.write_text("other tenants")
+    with pytest.raises(InvalidModel, match="PermissionError"):
+        run(tmp_path, "read_file", path=str(secret))
+    with pytest.raises(InvalidModel, match="PermissionError|OSError"):
+        run(tmp_path, "read_file", path=f"/proc/{os.getpid()}/environ")
+    given = sandbox.run(T + "read_file", {"path": str(secret)}, scratch=tmp_path / "scratch", limits=LIMITS,
+                        label="m", readable=[tmp_path])
+    assert given.value == "other tenants"
+
+
+def test_no_unix_sockets_either(tmp_path):
+    """A local database socket would stay connectable on a read-only filesystem."""
+    path = tmp_path / "db.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(0.5)
+        with pytest.raises(InvalidModel, match="PermissionError"):
+            run(tmp_path, "connect_unix", path=str(path))
+        with pytest.raises(TimeoutError):
+            server.accept()
 
 
 def test_memory_limit_is_resource_limit(tmp_path):

@@ -28,7 +28,7 @@ def _write(tmp_path: Path, data: bytes) -> Path:
 
 def _in_child(tmp_path: Path, target: str, **kwargs) -> dict:
     return sandbox.run(f"tests.security.program_sandbox_targets:{target}", kwargs, scratch=tmp_path / "scratch",
-                       limits=LIMITS, label=f"{TOP}.pt2").value
+                       limits=LIMITS, label=f"{TOP}.pt2", readable=[tmp_path]).value
 
 
 def test_a_genuine_program_loads_through_weights_only_alone(genuine, tmp_path):

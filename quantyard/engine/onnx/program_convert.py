@@ -159,7 +159,7 @@ def prepare_sandboxed(src: ProgramSource, params: Mapping[str, Any], fp32: Path,
     kwargs = {"root": str(src.root.resolve()), "params": dict(params), "fp32": str(fp32.resolve()), "opset": opset,
               "refs": str(scratch.resolve())}
     outcome = sandbox.run("quantyard.engine.onnx.program_child:export_in_child", kwargs, scratch=scratch,
-                          limits=limits, label=src.model_file, writable=[fp32.parent],
+                          limits=limits, label=src.model_file, writable=[fp32.parent], readable=[src.root],
                           on_wait=lambda _: _tell(progress, 0.1, "exporting to ONNX fp32 (sandboxed)"), poll_seconds=10)
     value = outcome.value if isinstance(outcome.value, dict) else {}
     specs = specs_from_child(value.get("specs"), src.model_file)
@@ -174,7 +174,8 @@ def prepare_sandboxed(src: ProgramSource, params: Mapping[str, Any], fp32: Path,
 
     info = value.get("info") if isinstance(value.get("info"), dict) else {}
     info = {k: v for k, v in info.items() if k in ("opset", "exporter")}
-    info["sandbox"] = outcome.protections
+    info["sandbox"] = {**outcome.protections, "peak_rss_bytes": outcome.peak_rss_bytes,
+                       "cpu_seconds": round(outcome.cpu_seconds, 2), "seconds": round(outcome.seconds, 2)}
     return Prepared(src, specs, reference, None), info
 
 
