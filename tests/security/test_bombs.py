@@ -538,3 +538,42 @@ def test_a_conversion_over_its_memory_limit_fails_cleanly_and_the_worker_survive
     assert out["second"]["status"] == "succeeded", out["second"]
     assert out["scratch"] == []
     print(f"[bombs] memory limit baseline {out['baseline'] >> 20} MiB + 64 MiB: {message}")
+
+
+def test_the_worker_pool_process_runs_under_the_memory_limit(tmp_path):
+    """`quantyard worker` applies QUANTYARD_CONVERSION_MEMORY_BYTES to its pool process
+    (worker_process_init), not to the main process that must outlive a failed conversion."""
+    import signal
+
+    from tests.e2e.conftest import clean_env
+
+    limit = 3 << 30
+    env = clean_env(HOME=str(tmp_path), QUANTYARD_CONVERSION_MEMORY_BYTES=str(limit))
+    with open(tmp_path / "worker.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "quantyard.cli", "worker"], env=env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def data_limit(pid: int) -> str:
+            line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                        if ln.startswith("Max data size"))
+            return line.split()[3]
+
+        deadline = time.monotonic() + 90
+        children: list[int] = []
+        while time.monotonic() < deadline and not children:
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            time.sleep(0.5)
+        assert children, "no pool process started"
+        deadline = time.monotonic() + 30  # worker_process_init runs just after the fork
+        while data_limit(children[0]) != str(limit) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert data_limit(children[0]) == str(limit)
+        assert data_limit(proc.pid) != str(limit)  # the main process keeps its own
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
