@@ -23,6 +23,7 @@ from quantyard.storage import open_store
 
 from api import dashboard, docs
 from api.auth import authenticated
+from api.deps import known_query
 from api.errors import COMMON_ERRORS, error_responses, install_error_handlers
 from api.responses import JSONResponse
 from api.metrics import make_registry
@@ -100,11 +101,14 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     # Every /v1 router needs a valid API key (each route adds its role: api/auth.py); so do
     # /openapi.json and /metrics (the scrape token or an operator's key). Open: /healthz, /readyz
     # and the static dashboard and /docs pages, which hold no data (their calls carry the key).
-    protected = [Depends(authenticated)]
-    errors = error_responses(*COMMON_ERRORS)  # documented on every operation (schemathesis checks it)
-    for router in (sources.router, jobs.router, artifacts.router, audit.router, capabilities.router, keys.router):
-        app.include_router(router, dependencies=protected, responses=errors)
-    app.include_router(health.router, responses=errors)
+    protected = [Depends(authenticated), Depends(known_query)]
+    # Every status a route can answer is in the schema (tests/api/test_schemathesis.py checks it):
+    # the common errors everywhere, 410 (withdrawn, deleted) for artifacts, 415 for uploads.
+    routers = ((sources.router, (415,)), (jobs.router, ()), (artifacts.router, (410,)), (audit.router, ()),
+               (capabilities.router, ()), (keys.router, ()))
+    for router, extra in routers:
+        app.include_router(router, dependencies=protected, responses=error_responses(*COMMON_ERRORS, *extra))
+    app.include_router(health.router, responses=error_responses(*COMMON_ERRORS))
     app.include_router(dashboard.router)
     app.include_router(docs.router)
     dashboard.mount_static(app)

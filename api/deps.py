@@ -86,3 +86,28 @@ def caller_may_use_withdrawn(request: Request) -> bool:
     maintainers and admins (with auth disabled the caller is the anonymous admin)."""
     found = getattr(request.state, "principal", None)
     return found is None or found.has_role("maintainer")
+
+
+def known_query(request: Request) -> None:
+    """A router dependency: a query parameter the route does not declare is a 422 naming it (a
+    typo such as ``?statsu=failed`` would otherwise list everything, unfiltered)."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    unknown = sorted(set(request.query_params) - _query_names(dependant))
+    if unknown:
+        from api.errors import ApiError  # local: api.errors imports this module lazily too
+
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise ApiError(422, "validation_error", f"unknown query parameter(s) {shown}",
+                       details={"parameters": [name[:40] for name in unknown[:20]]})
+
+
+def _query_names(dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names

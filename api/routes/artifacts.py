@@ -22,6 +22,7 @@ from api.responses import dumps
 
 # Sizes are stored as signed 64-bit integers.
 MAX_SIZE = 2**63 - 1
+TIME = {"format": "date-time"}  # ISO 8601 query parameters, as the schema shows them
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -52,8 +53,10 @@ def list_artifacts(request: Request,
                    label: list[str] | None = Query(None, description="key=value (repeat: all must match)"),
                    min_size: int | None = Query(None, ge=0, le=MAX_SIZE, description="bytes"),
                    max_size: int | None = Query(None, ge=0, le=MAX_SIZE, description="bytes"),
-                   created_after: str | None = Query(None, max_length=40, description="ISO 8601 (inclusive)"),
-                   created_before: str | None = Query(None, max_length=40, description="ISO 8601 (exclusive)"),
+                   created_after: str | None = Query(None, min_length=1, max_length=40, json_schema_extra=TIME,
+                                                     description="ISO 8601 (inclusive)"),
+                   created_before: str | None = Query(None, min_length=1, max_length=40, json_schema_extra=TIME,
+                                                      description="ISO 8601 (exclusive)"),
                    max_mean_kl: float | None = Query(None, ge=0, allow_inf_nan=False,
                                                      description="GGUF: mean KL vs the source"),
                    min_top1: float | None = Query(None, ge=0, le=1, allow_inf_nan=False,

@@ -27,15 +27,22 @@ from api.errors import ApiError, out_of_range
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 FORMATS = {"jsonl": "application/jsonl"}
+TIME = {"format": "date-time"}  # ISO 8601 query parameters, as the schema shows them
 
 
-def _utc(name: str, value: datetime | None) -> datetime | None:
-    if value is None:
+def _utc(name: str, value: str | None) -> datetime | None:
+    """An ISO 8601 time (not a number: pydantic would read "2.0" as a Unix time) in UTC."""
+    if value is None or not value.strip():
         return None
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ApiError(422, "validation_error", f"{name} must be an ISO 8601 time (e.g. 2026-01-31T12:00:00Z), "
+                       f"got {value[:40]!r}", details={"parameter": name}) from None
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
-        raise out_of_range(name, value.isoformat(), "years 1-9999 in UTC") from None
+        raise out_of_range(name, value, "years 1-9999 in UTC") from None
 
 
 @router.get("", summary="Export the audit trail as JSON lines for a time range",
@@ -43,8 +50,10 @@ def _utc(name: str, value: datetime | None) -> datetime | None:
             responses={200: {"content": {"application/jsonl": {}}, "description": "one event per line"}},
             dependencies=[requires("admin")])
 def export_audit(request: Request,
-                 since: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC; inclusive")] = None,
-                 until: Annotated[datetime | None, Query(description="ISO 8601; naive means UTC; exclusive")] = None,
+                 since: Annotated[str | None, Query(min_length=1, max_length=40, json_schema_extra=TIME,
+                                                    description="ISO 8601; naive means UTC; inclusive")] = None,
+                 until: Annotated[str | None, Query(min_length=1, max_length=40, json_schema_extra=TIME,
+                                                    description="ISO 8601; naive means UTC; exclusive")] = None,
                  format: Annotated[str, Query(description="jsonl (the only format)")] = "jsonl"):
     if format not in FORMATS:
         raise ApiError(422, "validation_error", f"format must be one of {', '.join(FORMATS)}, not {format!r}")

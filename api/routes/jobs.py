@@ -317,7 +317,9 @@ def get_job(job_id: str, request: Request, s: Session = Depends(get_session)):
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a job (cooperative for running jobs)",
-             dependencies=[requires("submitter")])
+             dependencies=[requires("submitter")],
+             responses={200: {"description": "the job is cancelled"},
+                        202: {"description": "cancel requested: the worker running it stops at its next step"}})
 def cancel_job(job_id: str, request: Request, s: Session = Depends(get_session)):
     """A submitter cancels its own jobs (same principal name); maintainers and admins any job of
     their organisation."""
