@@ -19,6 +19,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from quantyard import archive, gguf_header
+from quantyard.engine.errors import InvalidModel
+from quantyard.engine.hf.sanity import check_config_sizes
 from quantyard.settings import Settings
 
 from api.errors import ApiError
@@ -174,6 +176,10 @@ def check_source_archive(path: Path, settings: Settings) -> CheckedSource:
                        "program file (.pt2, TorchScript .pt/.pth or .onnx)") from None
     except ValueError as exc:
         raise ApiError(400, "invalid_model", str(exc)) from None
+    try:  # absurd sizes (num_hidden_layers 1e6, vocab_size 1e12) refused before anything is stored
+        check_config_sizes(config)
+    except InvalidModel as exc:
+        raise ApiError(400, "invalid_model", exc.message, details=exc.details) from None
     return CheckedSource(path, kind, members, root, config, archive.architecture_of(config))
 
 

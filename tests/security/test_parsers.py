@@ -337,3 +337,17 @@ def test_a_corrupt_sentencepiece_model_is_invalid_model(tmp_path):
         sentencepiece_vocab(tmp_path, None)
     assert "tokenizer.model" in exc.value.message
     clean(exc.value.message, tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 1_000_000), ("vocab_size", 10**12),
+                                          ("hidden_size", 10**9), ("num_attention_heads", 0)])
+def test_absurd_config_sizes_are_refused_at_upload(field, value, tmp_path):
+    """The caps need no tensors: the API refuses them before the upload is stored."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", field: value}
+    upload = tmp_path / "upload.tar.gz"
+    upload.write_bytes(h.tar_of({"config.json": json.dumps(config).encode(), "model.safetensors": b"x"}))
+    with pytest.raises(ApiError) as api:
+        check_source_archive(upload, Settings(data_dir=tmp_path / "data"))
+    assert (api.value.status, api.value.code) == (400, "invalid_model")
+    assert api.value.message.startswith(f"config.json: {field} is {value}")
+    assert api.value.details == {"file": "config.json", "field": field}
