@@ -31,6 +31,7 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -228,7 +229,7 @@ def _tar_type_problem(ti: tarfile.TarInfo) -> str | None:
 
 
 def _zip_type_problem(zi: zipfile.ZipInfo) -> str | None:
-    if zi.flag_bits & 0x1:
+    if zi.flag_bits & 0x41:  # bit 0: encrypted, bit 6: strong encryption
         return "is encrypted"
     mode = (zi.external_attr >> 16) & 0xFFFF
     if mode and zi.create_system == 3:  # Unix attributes present
@@ -326,7 +327,10 @@ def _iter_zip(path: str | os.PathLike, budget: _Budget):
     _zip_precheck(path, budget.max_members)
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except UnicodeDecodeError:  # a name flagged UTF-8 that is not
+        raise InvalidArchive("corrupt zip archive: a member name is flagged UTF-8 but is not valid "
+                             "UTF-8") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise InvalidArchive(f"corrupt zip archive: {exc}") from exc
     with zf:
         for zi in zf.infolist():
@@ -441,8 +445,7 @@ def extract_archive(
                             member=info.name,
                         )
                     dst.write(chunk)
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error,
-                NotImplementedError) as exc:  # NotImplementedError: an unknown zip method
+        except _READ_ERRORS as exc:
             raise InvalidArchive(f"corrupt archive at member {info.name!r}: {exc}") from exc
         os.chmod(target, 0o644)
         out.append(info)
@@ -468,6 +471,19 @@ def model_root(members: list[MemberInfo], marker: str = "config.json") -> str | 
     return None
 
 
+_READ_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error,
+                NotImplementedError)  # NotImplementedError: an unknown zip compression method
+
+
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """A member's data that does not decompress or fails its CRC is a corrupt archive."""
+    try:
+        yield
+    except _READ_ERRORS as exc:
+        raise InvalidArchive(f"corrupt archive at member {name!r}: {exc}") from None
+
+
 def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20) -> bytes:
     """Read one (small) regular-file member by its normalised name; KeyError if absent."""
     budget = _Budget(max_members=_LOOKUP_MAX_MEMBERS, max_unpacked_bytes=1 << 62)
@@ -475,7 +491,7 @@ def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20
         if info.name == name and not info.is_dir:
             if info.size > max_bytes:
                 raise InvalidArchive(f"member {name!r} is larger than {max_bytes} bytes")
-            with opener() as f:
+            with _reading(name), opener() as f:
                 data = f.read(max_bytes + 1)
             if len(data) > max_bytes:
                 raise InvalidArchive(f"member {name!r} is larger than {max_bytes} bytes")
@@ -489,7 +505,7 @@ def extract_member(path: str | os.PathLike, name: str, dest: str | os.PathLike, 
     for info, opener in _iter_checked(path, budget):
         if info.name == name and not info.is_dir:
             written = 0
-            with opener() as src, open(dest, "wb") as out:
+            with _reading(name), opener() as src, open(dest, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     written += len(chunk)
                     if written > max_bytes:

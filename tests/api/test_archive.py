@@ -221,3 +221,21 @@ def test_truncated_zip_directory_is_invalid(tmp_path):
     p = write(tmp_path, data[:cd + 10] + data[data.rfind(b"PK\x05\x06"):], "cut.zip")
     with pytest.raises(InvalidArchive):
         archive.inspect_archive(p, max_members=100, max_unpacked_bytes=BIG)
+
+
+@pytest.mark.parametrize("builder, error, words", [
+    ("zip_bad_crc", InvalidArchive, "config.json"),
+    ("zip_name_not_utf8", InvalidArchive, "UTF-8"),
+    ("zip_strong_encryption_flag", UnsafeArchive, "encrypted"),
+])
+def test_fuzzer_findings_are_typed_refusals(builder, error, words, tmp_path):
+    """Found by the archive fuzzer: each was a 500 (BadZipFile, UnicodeDecodeError,
+    NotImplementedError escaping); each is an archive refusal naming what is wrong."""
+    from tests.security import hostile
+
+    p = write(tmp_path, getattr(hostile, builder)(), "fuzz.zip")
+    with pytest.raises(error, match=words):
+        members = archive.inspect_archive(p, max_members=100, max_unpacked_bytes=BIG)
+        archive.read_model_config(p, members)
+    with pytest.raises(archive.ArchiveError):
+        archive.extract_archive(p, tmp_path / "out", max_members=100, max_unpacked_bytes=BIG)
