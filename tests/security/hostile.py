@@ -408,3 +408,52 @@ def onnx_external(location: str, *, length: int | None = None) -> dict[str, byte
                               initializer=[weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return {"model.onnx": model.SerializeToString(), "w.bin": bytes(64)}
+
+
+# ---------------------------------------------------------------------------------------- corrupt zips
+# Found by fuzz/fuzz_archive.py: zipfile raises its own errors (BadZipFile, zlib.error,
+# NotImplementedError, UnicodeDecodeError) from places the archive checks did not wrap.
+
+
+def _stored_zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def zip_bad_crc() -> bytes:
+    """config.json's bytes changed after its CRC-32 was written."""
+    data = _stored_zip(archives.model_files())
+    return data.replace(b'"model_type": "llama"', b'"model_type": "llamb"', 1)
+
+
+def zip_name_not_utf8() -> bytes:
+    """A member name flagged UTF-8 (bit 11) whose bytes are not UTF-8."""
+    data = _stored_zip({**archives.model_files(), "caf\u00e9.txt": b"x"})
+    return data.replace("caf\u00e9".encode(), b"caf\xc3\x28")
+
+
+def zip_strong_encryption_flag() -> bytes:
+    """config.json's central entry says "strong encryption" (flag bit 6), not bit 0."""
+    data = bytearray(_stored_zip(archives.model_files()))
+    at = data.find(b"PK\x01\x02")
+    while at != -1:
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        if bytes(data[at + 46:at + 46 + name_len]) == b"config.json":
+            struct.pack_into("<H", data, at + 8, 0x40)
+        at = data.find(b"PK\x01\x02", at + 4)
+    return bytes(data)
+
+
+def pt2_name_not_utf8() -> bytes:
+    """A .pt2 with an extra member whose name is flagged UTF-8 but is not (fuzz_program_vetting)."""
+    return rezip(tiny_pt2(), add={"extra/caf\u00e9": b"x"}).replace("caf\u00e9".encode(), b"caf\xc3\x28")
+
+
+def pt2_bad_crc() -> bytes:
+    """A stored .pt2 whose byteorder member changed after its CRC-32 was written."""
+    data = rezip(tiny_pt2())
+    assert data.count(b"/byteorderlittle") == 1  # the local header's name, then the stored bytes
+    return data.replace(b"/byteorderlittle", b"/byteorderelttil")

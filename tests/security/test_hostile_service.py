@@ -17,6 +17,7 @@ The module ends with a good tiny model converting on the same worker.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -121,6 +122,10 @@ ARCHIVE_CASES = [
     _archive("zip-bomb-2GiB", h.zip_bomb, "model.safetensors", "ratio", codes=BOMB_CODES, ctype=ZIP),
     _archive("tar.gz-bomb-2GiB", h.tar_gz_bomb, "model.safetensors", "ratio", codes=BOMB_CODES),
     _archive("zip-million-members", h.zip_million_members, "member", codes=BOMB_CODES, ctype=ZIP),
+    # found by fuzz/fuzz_archive.py
+    _archive("zip-config.json-bad-crc", h.zip_bad_crc, "config.json", ctype=ZIP),
+    _archive("zip-member-name-not-utf8", h.zip_name_not_utf8, "name", "utf-8", ctype=ZIP),
+    _archive("zip-strong-encryption-flag", h.zip_strong_encryption_flag, "config.json", ctype=ZIP),
 ]
 
 
@@ -226,6 +231,9 @@ PICKLE_CASES = [
              names=("model.pt",)),
     _program("torchscript-constants.pkl-pickle",
              lambda marker: {"model.pt": h.torchscript_pickle(marker, "constants.pkl")}, names=("model.pt",)),
+    # found by fuzz/fuzz_program_vetting.py
+    _program("pt2-member-name-not-utf8", lambda marker: {"model.pt2": h.pt2_name_not_utf8()}),
+    _program("pt2-bad-crc", lambda marker: {"model.pt2": h.pt2_bad_crc()}),
     _program("plain-pickle-renamed-.pt", lambda marker: {"model.pt": h.marker_pickle(marker)},
              names=("model.pt",), stage="upload"),
     _program("plain-pickle-renamed-.pt2", lambda marker: {"model.pt2": h.marker_pickle(marker)}, stage="upload"),
@@ -259,6 +267,33 @@ MODEL_CASES = [
 ]
 
 UPLOAD_CASES = ARCHIVE_CASES + GGUF_CASES + SAFETENSORS_CASES + CONFIG_CASES + PICKLE_CASES + ONNX_CASES + MODEL_CASES
+
+
+# ------------------------------------------------------------------------------------------ potency
+
+
+def test_the_marker_pickles_are_real_exploits(tmp_path):
+    """The oracle for "no marker appears": loading these inputs the way torch does on its own
+    writes the marker (torch.export.load falls back to weights_only=False for the legacy weights
+    file and for sample inputs; torch.load(weights_only=False) is what a naive .bin reader does)."""
+    import logging
+
+    import torch
+
+    logging.getLogger("torch._export.serde.serialize").setLevel(logging.CRITICAL)
+    for name, build in (("legacy", h.pt2_legacy_weights),
+                        ("sample_inputs", lambda m: h.pt2_pickled_part(m, "data/sample_inputs"))):
+        marker = tmp_path / f"pwned-{name}"
+        path = tmp_path / f"{name}.pt2"
+        path.write_bytes(build(marker))
+        try:
+            torch.export.load(path)
+        except Exception:  # the payload runs while loading; what the load makes of it after is moot
+            pass
+        assert marker.exists(), f"the {name} .pt2 did not run its payload: the case would prove nothing"
+    marker = tmp_path / "pwned-bin"
+    torch.load(io.BytesIO(h.marker_torch_save(marker)), weights_only=False)
+    assert marker.exists()
 
 
 # ------------------------------------------------------------------------------------------ checks
