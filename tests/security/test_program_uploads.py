@@ -157,6 +157,12 @@ def _payload_rewrite(member: str, payload: Callable[[Path], bytes]):
     return lambda g, m: rezip(g["pt2"], replace={member: payload(m)})
 
 
+def _bad_crc(data: bytes) -> bytes:
+    """One byte of the stored program JSON changed after its CRC was written (still valid JSON)."""
+    at = data.index(b'"graph_module"')
+    return data[:at] + b'"graph_modulf"' + data[at + len(b'"graph_module"'):]
+
+
 PT2_CASES = [
     # the exploit of issue 10: a weights entry naming data/weights/model.pt, use_pickle false
     ("legacy-weights-declared", _legacy_declared, "unsafe_pickle", f"{TOP}/data/weights/model.pt"),
@@ -201,6 +207,7 @@ PT2_CASES = [
      "compression_ratio", f"{TOP}/data/weights/weight_0"),
     ("archive-format", _payload_rewrite("archive_format", lambda m: b"zip"), None, None),  # then no known kind
     ("not-a-zip", lambda g, m: b"PK\x03\x04" + marker_pickle(m), None, None),
+    ("bad-crc", lambda g, m: _bad_crc(g["pt2"]), "bad_archive", f"{TOP}/models/model.json"),
 ]
 
 

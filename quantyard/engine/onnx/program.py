@@ -22,7 +22,8 @@ from typing import Any
 
 from ..errors import InvalidModel, UnsupportedTarget
 from .program_files import INPUTS_FILE, PICKLE_KINDS, candidates, classify
-from .program_vet import sample_inputs_member, vet_pt2_archive, vet_torchscript_archive
+from .program_vet import sample_inputs as pt2_sample_inputs
+from .program_vet import vet_pt2_archive, vet_torchscript_archive
 
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 INT_DTYPES = ("int64", "int32")
@@ -93,15 +94,13 @@ def describe(root: Path) -> ProgramSource:
 def refuse_pickle(path: Path) -> None:
     """A pickle is never a program. Loaded weights_only (tensors and plain containers, nothing
     else is built) only to say which of two refusals it is; InvalidModel either way."""
-    import pickle
-
     import torch
 
     advice = ("save the model with torch.export.save (.pt2) or torch.jit.save (TorchScript), or export it to "
               ".onnx, or upload a Hugging Face folder with config.json")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+    except Exception as e:  # any failure of the restricted unpickler (or of the zip under it) refuses
         raise InvalidModel(
             f"refused {path.name}: an unsafe pickle (it names Python objects that loading would build or run; "
             f"Quantyard never unpickles arbitrary objects); {advice}. torch said: {str(e).splitlines()[0][:200]}",
@@ -278,14 +277,11 @@ def vet_pt2(path: Path) -> None:
     torch.export.load reads by design, the sample inputs, through torch's weights_only
     unpickler: if that fails, torch would retry it with weights_only=False."""
     import io
-    import zipfile
 
     import torch
 
     vet_pt2_archive(path)
-    member = sample_inputs_member(path)
-    with zipfile.ZipFile(path) as zf:
-        data = zf.read(member)
+    member, data = pt2_sample_inputs(path)
     if not data:
         return
     try:

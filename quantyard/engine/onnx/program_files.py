@@ -12,6 +12,7 @@ Only the standard library here: the API classifies uploads with it and must not 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".onnx")
@@ -54,8 +55,8 @@ def classify(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 return _zip_kind(zf.namelist(), lambda n: zf.read(n) if zf.getinfo(n).file_size < 64 else b"")
-        except zipfile.BadZipFile:
-            return "unknown"
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError):
+            return "unknown"  # corrupt: describe() refuses it as no known kind
     if head[:1] == b"\x80":  # pickle protocol 2+ opcode: torch.save's legacy format, pickle.dump
         return "pickle"
     if path.suffix.lower() == ".onnx":

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import InvalidModel
@@ -118,11 +119,21 @@ def _check_name(path: Path, name: str) -> None:
                      member=name[:200])
 
 
+def read_member(path: Path, zf, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes; a corrupt entry (bad CRC, truncated, bad compression) names itself."""
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError):
+        raise refuse(path, f"{info.filename!r} cannot be read (a corrupt or truncated zip entry)", "bad_archive",
+                     member=info.filename) from None
+
+
 def _read_json(path: Path, zf, info: zipfile.ZipInfo):
     if info.file_size > MAX_JSON_BYTES:
         raise refuse(path, f"{info.filename} is {info.file_size} bytes of JSON", "too_large", member=info.filename)
+    data = read_member(path, zf, info)
     try:
-        return json.loads(zf.read(info))
+        return json.loads(data)
     except (ValueError, RecursionError, UnicodeDecodeError):
         raise refuse(path, f"{info.filename} is not valid JSON", "bad_json", member=info.filename) from None
 
@@ -211,7 +222,7 @@ def _check_text(path: Path, zf, info: zipfile.ZipInfo, limit: int) -> None:
     if info.file_size > limit:
         raise refuse(path, f"{info.filename} is {info.file_size} bytes", "too_large", member=info.filename)
     try:
-        zf.read(info).decode("utf-8")
+        read_member(path, zf, info).decode("utf-8")
     except UnicodeDecodeError:
         raise refuse(path, f"{info.filename} is not UTF-8 text (torch reads extra files as text)", "unexpected_part",
                      member=info.filename) from None
@@ -249,14 +260,16 @@ def vet_pt2_archive(path: Path) -> None:
                              member=info.filename)
             if part in PT2_FIXED[:5] or part.startswith("extra/"):
                 _check_text(path, zf, info, 256 if part in PT2_FIXED else MAX_JSON_BYTES)
-        if zf.read(rel["archive_format"]).strip() != b"pt2":
+        if read_member(path, zf, rel["archive_format"]).strip() != b"pt2":
             raise refuse(path, "its archive_format is not pt2", "unexpected_part", member=rel["archive_format"].filename)
         _check_program_json(path, zf, rel[f"models/{MODEL}.json"])
 
 
-def sample_inputs_member(path: Path) -> str:
+def sample_inputs(path: Path) -> tuple[str, bytes]:
+    """The sample inputs member (vet_pt2_archive made sure there is one) and its bytes."""
     with open_archive(path) as zf:
-        return next(n for n in zf.namelist() if n.endswith(f"/data/sample_inputs/{MODEL}.pt"))
+        info = next(i for i in zf.infolist() if i.filename.endswith(f"/data/sample_inputs/{MODEL}.pt"))
+        return info.filename, read_member(path, zf, info)
 
 
 # ---------------------------------------------------------------- TorchScript archives
@@ -273,7 +286,7 @@ def vet_torchscript_archive(path: Path) -> None:
         for part, info in rel.items():
             if part in TS_FIXED or TS_PATTERNS.fullmatch(part):
                 if part.startswith("code/") and part.endswith(".py"):
-                    found = TS_FILE_OPS.search(zf.read(info).decode("utf-8", "replace"))
+                    found = TS_FILE_OPS.search(read_member(path, zf, info).decode("utf-8", "replace"))
                     if found:
                         raise refuse(path, f"its TorchScript code ({info.filename}) calls {found.group(1)}, which "
                                      "reads or writes files", "file_access", member=info.filename)
@@ -290,7 +303,8 @@ __all__ = [
     "open_archive",
     "refuse",
     "safe_sympy_expr",
-    "sample_inputs_member",
+    "read_member",
+    "sample_inputs",
     "vet_pt2_archive",
     "vet_torchscript_archive",
 ]
