@@ -323,6 +323,14 @@ def _check_name_length(raw: str) -> None:
                             member=raw[:256])
 
 
+def _open_zip_member(zf: zipfile.ZipFile, zi: zipfile.ZipInfo):
+    try:
+        return zf.open(zi)
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
+        # e.g. a local header offset before the start of the file (seek: EINVAL)
+        raise InvalidArchive(f"corrupt zip archive at member {zi.filename!r}: {exc}") from None
+
+
 def _iter_zip(path: str | os.PathLike, budget: _Budget):
     _zip_precheck(path, budget.max_members)
     try:
@@ -330,7 +338,7 @@ def _iter_zip(path: str | os.PathLike, budget: _Budget):
     except UnicodeDecodeError:  # a name flagged UTF-8 that is not
         raise InvalidArchive("corrupt zip archive: a member name is flagged UTF-8 but is not valid "
                              "UTF-8") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
         raise InvalidArchive(f"corrupt zip archive: {exc}") from exc
     with zf:
         for zi in zf.infolist():
@@ -346,7 +354,7 @@ def _iter_zip(path: str | os.PathLike, budget: _Budget):
             is_dir = zi.is_dir()
             size = 0 if is_dir else zi.file_size
             budget.add_bytes(size, raw, compressed=zi.compress_size)
-            yield MemberInfo(name, size, is_dir), (lambda zi=zi: zf.open(zi))
+            yield MemberInfo(name, size, is_dir), (lambda zi=zi: _open_zip_member(zf, zi))
 
 
 def _iter_checked(path: str | os.PathLike, budget: _Budget):

@@ -239,3 +239,39 @@ def test_fuzzer_findings_are_typed_refusals(builder, error, words, tmp_path):
         archive.read_model_config(p, members)
     with pytest.raises(archive.ArchiveError):
         archive.extract_archive(p, tmp_path / "out", max_members=100, max_unpacked_bytes=BIG)
+
+
+# Inputs the archive fuzzer found (fuzz/fuzz_archive.py, issue 10): a local header offset before
+# the file's start (zipfile's seek raised OSError EINVAL) and a "zip file version 20.7" directory
+# (NotImplementedError). Both were 500s; both are InvalidArchive.
+FUZZ_NEGATIVE_OFFSET = (
+    "UEsDBBQAAAAIAKBMg129FlkKBmB+CvnOZK6wMbOLB5Od5t1kWZoKZaDQLm1RTiqrje05/+nR/M/iZJgg/324/ZwH"
+    "OG+kE7lwgnOabqnQphGOprR2tIvoqavlh/zTLIkpIluK7m4RR/Eyov3YI2MAUEsDBBQAAAAIAKBMg10S9t9pGgAA"
+    "ABgAAAAVAAAAdG9rZW5pemVyX2NvbmZpZy5qc29uq1bKzU9JzYnPTayIz0nNSy/JULJSMDSrBQBQSwECUEsGBwAA"
+    "CACgTINdvRZZCmUAAAB5AAAACwAAAAAAAAAAAAAAgAEAAAAAY29uZmlnLmpzb25QSwECFAMUAAAACACgTINdudNQ"
+    "4lkAAABwAAAAEQAAAAAAAAAAAAAAgAGOAAAAbW9kZWwuc2FmZXRlbnNvcnNQSwECFAMUAAAACACgTINdEvbfaRoA"
+    "AAAYAAAAFQAAAAAAAAAAAAAAgAEWAQAAdG9rZW5pemVyX2NvbmZpZy5qc29uUEsFBgAAAAADAAMAuwAAAGMBAAAA"
+    "AA=="
+)
+FUZZ_ZIP_VERSION = (
+    "UEsDBBQAAAAIAKBMg129FlkKZQAAAHkAAAALAAAAY29uZmlnLmpzb26rVkosSs7ILElNLiktSi1WslKIVvLJScxN"
+    "dMsvck4sLU7M8fFVitWvtsrNT0nNiS+pLEgFqlHKASlRAgpnZKakpObFF2dWgcQtgCJ5pbnxUNGcxMrUIpCZhkDx"
+    "svzkxCSYQpNaAFBLAwQUAAAACACgTINdudNQ4lkAAABwAAAAEQAAAG1vZGVsLnNhZm10ZW5zb4ByYICLc2ql+Pjc"
+    "1JLElMSSxPh4JatqpbT8otzEEiUrpYISpVo2HaVykFhKSWVBKlDIzdhISUepOCMRxIs20jGK1VEC68xPSytOLSkG"
+    "ChroGJrF1tYyMDTYI2MAUEsDBBQAAAAIAKBMg10S9t9pGgAAABgAAAAVAAAAdG9rZW5pemVyX2NvbmZpZy5qc29u"
+    "q1bKzU9JzYnPTayIz0nNSy/JULJSMDSrBQBQSwECFAMUAAAACACgTINdvRZZCmUAAAB5AAAACwAAAAAAAAAAAAAA"
+    "gAEAAAAAY29uZmlnLmpzb25QSwECFFHPb2gACACgTINdudNQ4lkAAABwAAAAEQAAAAD3/wAAAAAAgAGOAAAAbW9k"
+    "ZWwuc2FmZXRlbnNvcnNQSwECFAMUAAAACACgTINdEvbfaRoAAAAYAAAAFQAAAAAAAAAAAAAAgAEWAQAAdG9rZW5p"
+    "emVyX2NvbmZpZy5qc29uUEsFBgAAAAADAAMAuwAAAGMBJycnJycnJycnJycnJycnJycnJycnJycnJycnJycnJycn"
+    "JycnJycnJycnJycnJycnJycnJycnJycnJycnJycnJycnJyeCAAAA"
+)
+
+
+@pytest.mark.parametrize("blob, words", [(FUZZ_NEGATIVE_OFFSET, "config.json"), (FUZZ_ZIP_VERSION, "version")])
+def test_fuzzer_inputs_are_invalid_archives(blob, words, tmp_path):
+    import base64
+
+    p = write(tmp_path, base64.b64decode(blob), "fuzz.zip")
+    with pytest.raises(InvalidArchive, match=words):
+        archive.inspect_archive(p, max_members=100, max_unpacked_bytes=BIG)
+        archive.extract_archive(p, tmp_path / "out", max_members=100, max_unpacked_bytes=BIG)
