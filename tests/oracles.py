@@ -36,9 +36,9 @@ def hf_logits(model_dir: Path, text: str = PROMPT) -> tuple[list[int], np.ndarra
 
 
 def llama_cpp_logits(gguf_path: Path, text: str = PROMPT) -> tuple[list[int], np.ndarray]:
-    from llama_cpp import Llama
+    from quantyard.engine.gguf.llama_runtime import open_llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=256, logits_all=True, verbose=False,
+    llm = open_llama(model_path=str(gguf_path), n_ctx=256, logits_all=True, verbose=False,
                 n_threads=2, seed=0)
     try:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)

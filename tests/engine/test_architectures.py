@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from quantyard.engine import UnsupportedArchitecture, ValidationFailed, manifest, preflight
+from quantyard.engine.gguf.llama_runtime import open_llama
 from quantyard.engine.hf.source import open_source
 from tests.fixtures.models import ARCH_FIXTURES
 
@@ -46,7 +47,7 @@ def hf_run(model_dir: Path, text: str):
 def llama_cpp_run(path: Path, text: str):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_batch=128, n_ubatch=128,
+    llm = open_llama(model_path=str(path), logits_all=True, n_ctx=128, n_batch=128, n_ubatch=128,
                           verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         ids = llm.tokenize(text.encode(), add_bos=True, special=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from quantyard.engine import Cancelled, ValidationFailed, convert, parse_target
+from quantyard.engine.gguf.llama_runtime import open_llama
 from quantyard.engine.manifest import ENGINE_VERSION
 
 PROMPT = "Hello world! A llama jumps over 7 lazy dogs; café and Москва are rare words."
@@ -36,7 +37,7 @@ def hf_logits(model_dir: Path, text: str):
 def llama_cpp_logits(path: Path, text: str):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False,
+    llm = open_llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         ids = llm.tokenize(text.encode(), add_bos=True)

@@ -18,6 +18,7 @@ import pytest
 from quantyard.engine import Cancelled, UnsupportedTarget, ValidationFailed, convert, parse_target
 from quantyard.engine.gguf.ggml_types import FILE_TYPES
 from quantyard.engine.gguf.imatrix import compute_imatrix
+from quantyard.engine.gguf.llama_runtime import open_llama
 from quantyard.engine.gguf.quality import check_quality, logit_metrics
 from quantyard.engine.gguf.quantize import quantize_gguf
 from tests.fixtures.models import cached_model, make_tiny_llama
@@ -161,9 +162,7 @@ def test_f16_input(models, tmp_path):
 
 
 def _logits(path: Path, text: str = TEXT) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False, n_threads=2)
+    llm = open_llama(model_path=str(path), logits_all=True, n_ctx=128, verbose=False, n_threads=2)
     try:
         ids = llm.tokenize(text.encode(), add_bos=True)
         llm.eval(ids)

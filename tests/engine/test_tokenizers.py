@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from quantyard.engine.gguf.llama_runtime import open_llama
 from quantyard.engine.hf.source import open_source
 from tests.fixtures.models import ARCH_FIXTURES
 
@@ -47,13 +48,12 @@ def test_probe_corpus_is_broad():
 
 @pytest.mark.parametrize("family", ARCH_FIXTURES)
 def test_llama_cpp_tokenizes_like_transformers(family, arch_models, vocab_files):
-    import llama_cpp
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(arch_models[family])
     specials = sorted({t.content for t in tok.added_tokens_decoder.values()})
     texts = PROBES + specials + [f"a{s}b {s} c" for s in specials] + ["".join(specials)]
-    llm = llama_cpp.Llama(model_path=str(vocab_files[family]), vocab_only=True, verbose=False)
+    llm = open_llama(model_path=str(vocab_files[family]), vocab_only=True, verbose=False)
     try:
         mismatches = []
         for text in texts:

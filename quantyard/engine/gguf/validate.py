@@ -103,10 +103,11 @@ def llama_model(path: Path, n_ctx: int):
     runtime's cache rounding, which alone moves logits by ~0.01 on a sharp model."""
     import llama_cpp
 
+    from .llama_runtime import open_llama
+
     try:
-        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                              n_ubatch=n_ctx, type_k=llama_cpp.GGML_TYPE_F32,
-                              type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+        llm = open_llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                         type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     except Exception as e:  # llama_cpp's text names the server path: not shown to tenants
         raise ValidationFailed(f"llama.cpp cannot load {path.name} (a tensor it needs is missing or has the wrong "
                                "shape, or the file is corrupt)", details={"error": type(e).__name__}) from e
