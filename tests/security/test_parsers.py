@@ -89,6 +89,8 @@ GGUF_CASES = {
     "alignment not a power of two": (h.gguf_file(h.gguf_base_kv() + [h.gguf_kv_u32("general.alignment", 48)]),
                                      "general.alignment"),
     "5 dimensions": (_gguf_with_tensor([1, 1, 1, 1, 1]), "t.weight"),
+    "0 dimensions": (_gguf_with_tensor([]), "t.weight"),
+    "a zero dimension": (_gguf_with_tensor([32, 0]), "t.weight"),
     "dims product past 2^63": (_gguf_with_tensor([1 << 40, 1 << 40]), "t.weight"),
     "dimension near 2^64": (_gguf_with_tensor([h.U64_MAX]), "t.weight"),
     "unknown tensor type": (_gguf_with_tensor([32], type_id=99, data=bytes(128)), "t.weight"),

@@ -195,9 +195,11 @@ def _tensor_nbytes(cur: _Cursor, name: str, ne: tuple[int, ...], type_id: int) -
 def _read_tensor(cur: _Cursor) -> TensorInfo:
     name = cur.string("a tensor name", MAX_NAME_BYTES)
     n_dims = cur.unpack("<I", 4)
-    if n_dims > MAX_DIMS:
-        raise cur.fail(f"tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise cur.fail(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS})")
     ne = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
+    if 0 in ne:  # an empty tensor: every reader divides by its row length
+        raise cur.fail(f"tensor {name} has a dimension of 0")
     type_id, offset = cur.unpack("<I", 4), cur.unpack("<Q", 8)
     return TensorInfo(name, ne, type_id, offset, _tensor_nbytes(cur, name, ne, type_id))
 
