@@ -353,3 +353,15 @@ def test_absurd_config_sizes_are_refused_at_upload(field, value, tmp_path):
     assert (api.value.status, api.value.code) == (400, "invalid_model")
     assert api.value.message.startswith(f"config.json: {field} is {value}")
     assert api.value.details == {"file": "config.json", "field": field}
+
+
+def test_a_program_sources_inputs_json_is_parsed_with_caps(tmp_path):
+    from quantyard.engine.onnx.program import ProgramSource, declared_specs
+    from quantyard.engine.onnx.program_files import INPUTS_FILE
+
+    (tmp_path / INPUTS_FILE).write_bytes(h.deep_json(100_000))
+    src = ProgramSource(root=tmp_path, kind="torch.export", model_file="model.pt2", inputs_json=True)
+    with pytest.raises(InvalidModel) as exc:
+        declared_specs(src, {})
+    assert INPUTS_FILE in exc.value.message and "nests" in exc.value.message
+    clean(exc.value.message, tmp_path)

@@ -14,13 +14,13 @@ input's shape) sample 1, 3, 2 by default; other axes 8, 16, 12.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidModel, UnsupportedTarget
+from ..jsonsafe import load_json_capped
 from .program_files import INPUTS_FILE, PICKLE_KINDS, candidates, classify
 from .program_vet import sample_inputs as pt2_sample_inputs
 from .program_vet import vet_pt2_archive, vet_torchscript_archive
@@ -183,10 +183,7 @@ def declared_specs(src: ProgramSource, params: Mapping[str, Any]) -> tuple[list[
     """The specs the user gave: params `inputs` win over inputs.json; axis sizes merge."""
     specs, axes = None, {}
     if src.inputs_json:
-        try:
-            raw = json.loads((src.root / INPUTS_FILE).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidModel(f"{INPUTS_FILE} is not valid JSON: {e}") from None
+        raw = load_json_capped(src.root / INPUTS_FILE, name=INPUTS_FILE, max_bytes=1 << 20)
         specs, axes = parse_specs(raw, source=INPUTS_FILE)
     if params.get("inputs") is not None:
         specs, _ = parse_specs(params["inputs"], source="params")
