@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 MAX_EXAMPLES=${MAX_EXAMPLES:-200}
 SEED=${SEED:-1}
+# One worker: with two, hypothesis' lambda-source cache hit an internal "AST constructor recursion
+# depth mismatch" once (a tool bug, not an API failure).
+WORKERS=${WORKERS:-1}
 CHECKS=${CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,ignored_auth,missing_required_header}
 ROLES=(viewer submitter maintainer admin)
 
@@ -48,7 +51,7 @@ for role in "${ROLES[@]}"; do
   echo "== schemathesis as $role: $MAX_EXAMPLES examples per operation, checks $CHECKS"
   $PY -m schemathesis.cli run "http://127.0.0.1:$port/openapi.json" \
       -H "Authorization: Bearer ${secret[$role]}" \
-      --checks "$CHECKS" --max-examples "$MAX_EXAMPLES" --seed "$SEED" --workers 2 \
+      --checks "$CHECKS" --max-examples "$MAX_EXAMPLES" --seed "$SEED" --workers "$WORKERS" \
       --suppress-health-check all --request-timeout 30 \
       --report junit --report-dir "$REPORT_DIR/$role" || status=1
 done
