@@ -18,12 +18,11 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from api.errors import ApiError
 from quantyard import archive, gguf_header
 from quantyard.engine.errors import InvalidModel
 from quantyard.engine.hf.sanity import check_config_sizes
 from quantyard.settings import Settings
-
-from api.errors import ApiError
 
 ARCHIVE_TYPES = {
     "application/gzip",

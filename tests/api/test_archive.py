@@ -13,7 +13,6 @@ import pytest
 
 from quantyard import archive
 from quantyard.archive import InvalidArchive, UnsafeArchive
-
 from tests.api import archives
 
 BIG = 1 << 30

@@ -280,7 +280,7 @@ def test_config_size_bombs_are_invalid_at_preflight_with_bounded_memory(tiny_lla
     run = run_limited(_PREFLIGHT_CHILD, *map(str, folders), as_bytes=3 << 30)
     assert run.returncode == 0, run.stderr[-3000:]
     *results, ok, usage = json.loads(run.stdout.splitlines()[-1])
-    for (case, (_, field)), result in zip(CONFIG_BOMBS.items(), results):
+    for (case, (_, field)), result in zip(CONFIG_BOMBS.items(), results, strict=True):
         assert result["code"] == "invalid_model", (case, result)
         assert result["message"].startswith("config.json: ") and field in result["message"], (case, result)
         assert result["details"] == {"file": "config.json", "field": field}
@@ -300,7 +300,6 @@ def test_size_agreement_holds_across_families(family):
     from quantyard.engine.errors import InvalidModel
     from quantyard.engine.hf import sanity
     from quantyard.engine.hf.source import checked_tensors, load_config
-
     from tests.fixtures.models import arch_model
     from tests.fixtures.onnx_encoders import encoder_model
 
