@@ -227,7 +227,7 @@ def fmt_s(s: float | None) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + " |"  # noqa: E731
     sep = "|-" + "-|-".join("-" * w for w in widths) + "-|"
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 

@@ -161,7 +161,7 @@ def seed(url: str, rows: int, rng: random.Random) -> dict:
                 for i in range(rows):
                     copy.write_row(_artifact_row(i, jobs[rng.randrange(n_jobs)], rng, search_text, search_tokens))
         t_copy = time.perf_counter() - t0
-        for name, ddl in indexes:
+        for _name, ddl in indexes:
             conn.execute(ddl)
         conn.commit()
     t_index = time.perf_counter() - t0 - t_copy
@@ -197,7 +197,8 @@ def _artifact_row(i: int, job, rng: random.Random, search_text, search_tokens) -
     names = search_text(filename=filename, source_name=src_name, format=fmt, quantization=quant)
     return (f"art_{i:010d}_{rng.getrandbits(32):08x}", org, jid, sid, fmt, quant, filename, _hex(rng), size,
             f"s3://b/artifacts/{i}", f"artifacts/{i}", json.dumps(metrics), "{}", "quantyard-engine/0.1.0",
-            _hex(rng), _iso(created), arch, pairs, names, search_tokens(names, organization_id=org), kl, top1, cos, bpw if fmt == "gguf" else None)
+            _hex(rng), _iso(created), arch, pairs, names, search_tokens(names, organization_id=org), kl, top1, cos,
+            bpw if fmt == "gguf" else None)
 
 
 # -------------------------------------------------------------------------------- queries

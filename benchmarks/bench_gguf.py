@@ -44,7 +44,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    MB, Measured, compare_gguf, ensure_repo_on_path, fmt_mb, fmt_s, last_line, run_measured, table,
+    MB,
+    Measured,
+    compare_gguf,
+    ensure_repo_on_path,
+    fmt_mb,
+    fmt_s,
+    last_line,
+    run_measured,
+    table,
     tensor_type_counts,
 )
 from llama_tools import LlamaTools, find_llama_tools  # noqa: E402

@@ -113,7 +113,7 @@ def write_synthetic_safetensors(path: Path, s: Shape, *, seed: int = 0, std: flo
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
-        for name, shape in shapes:
+        for _name, shape in shapes:
             if len(shape) == 1:  # norms: around 1, not exactly
                 fh.write(_encode(1.0 + 0.05 * rng.standard_normal(shape, dtype=np.float32), s.dtype))
                 continue

@@ -188,7 +188,7 @@ def child_plain(source: str, quantization: str, out: str) -> int:
             self.model = model
 
         def forward(self, *tensors):
-            return self.model(**dict(zip(names, tensors))).last_hidden_state
+            return self.model(**dict(zip(names, tensors, strict=False))).last_hidden_state
 
     exported = out_dir / "exported.onnx"
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in [*names, "last_hidden_state"]}
@@ -330,7 +330,7 @@ def _decoder_judge(model_dir: Path, group: list[dict], runs: int) -> dict:
     for art in group:
         sess = _session(art["path"])
         diffs, cosines, agree, total = [], [], 0, 0
-        for ids, ref in zip(encoded, refs):
+        for ids, ref in zip(encoded, refs, strict=False):
             out = _output(sess, sess.run(None, _decoder_feeds(sess, ids, model.config)), "logits")[0]
             diffs.append(float(np.abs(out - ref).max()))
             cosines.append(float(_cosines(out, ref).min()))

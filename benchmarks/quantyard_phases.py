@@ -168,7 +168,7 @@ def _patch_validation(meter: PhaseMeter, skip: bool) -> int:
     sites = 0
     for name, mod in list(sys.modules.items()):
         if name.startswith("quantyard.engine") and getattr(mod, "validate_gguf", None) is original:
-            setattr(mod, "validate_gguf", measured_validate)
+            mod.validate_gguf = measured_validate
             sites += 1
     return sites
 

@@ -144,16 +144,17 @@ def _validate_task(artifact: dict, me: str) -> dict:
 def _formulation(artifact: dict, steps: list[facts.Step], refs: dict) -> list[dict]:
     made = [s for s in steps if s.recipe and s.role != "source"]
     tasks = [_task(s, refs) for s in made] + [_validate_task(artifact, refs[("artifact", artifact["id"])])]
-    by_node = {(s.type, s.id): t["bom-ref"] for s, t in zip(made, tasks)}
+    by_node = {(s.type, s.id): t["bom-ref"] for s, t in zip(made, tasks, strict=False)}
     deps = []
-    for s, t in zip(made, tasks):  # a step runs after the steps that made its inputs
+    for s, t in zip(made, tasks, strict=False):  # a step runs after the steps that made its inputs
         upstream = [by_node[p] for p in s.parents if p in by_node]
         if upstream:
             deps.append({"ref": t["bom-ref"], "dependsOn": upstream})
     me = ("artifact", artifact["id"])
     if me in by_node:  # validation runs on what the last step made
         deps.append({"ref": tasks[-1]["bom-ref"], "dependsOn": [by_node[me]]})
-    workflow = {"bom-ref": f"quantyard:workflow:{artifact['id']}", "uid": f"workflow:{artifact.get('recipe_hash') or artifact['id']}",
+    workflow = {"bom-ref": f"quantyard:workflow:{artifact['id']}",
+                "uid": f"workflow:{artifact.get('recipe_hash') or artifact['id']}",
                 "name": f"Quantyard conversion to {artifact.get('format')}:{artifact.get('quantization')}",
                 "taskTypes": sorted({tt for t in tasks for tt in t["taskTypes"]}), "tasks": tasks,
                 "taskDependencies": deps}

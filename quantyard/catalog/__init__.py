@@ -16,12 +16,14 @@ Postgres until commit.
 
 Audited: create_source, create_job, request_cancel, claim_job (claims, and the failures or
 cancellations it decides), set_target_status (when the status changes), record_artifact,
-finish_job, withdraw and reinstate (and each descendant they change). Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
+finish_job, withdraw and reinstate (and each descendant they change).
+Not audited (telemetry): set_progress, renew_lease, worker_heartbeat.
 
 Lookups by id return ``None`` when missing (``get_*``); mutations of a missing row raise
 ``NotFound``. Bad arguments raise ``InvalidArgument`` (a ValueError), bad cursors ``InvalidCursor``.
 """
 
+from . import reconcile  # noqa: F401 - its table (reconciler_resends) belongs to Base.metadata
 from .artifacts import (
     add_lineage_edge,
     assign_target_artifact,
@@ -87,7 +89,6 @@ from .retention import (
     restore_artifact,
     set_legal_hold,
 )
-from . import reconcile  # noqa: F401 - its table (reconciler_resends) belongs to Base.metadata
 from .reuse import recipe_digests, reusable_artifacts, reuse_artifact
 from .search import search_artifacts
 from .targets import (

@@ -89,7 +89,8 @@ def delete_artifact(s: Session, *, artifact_id: str, actor: str, reason: str | N
         art.purge_after = now + timedelta(seconds=max(grace_s, 0.0))
         outcome = "success"
     s.flush()
-    record_audit(s, actor=actor, action="artifact.delete", resource_type="artifact", organization_id=art.organization_id, resource_id=artifact_id,
+    record_audit(s, actor=actor, action="artifact.delete", resource_type="artifact",
+                 organization_id=art.organization_id, resource_id=artifact_id,
                  outcome=outcome, request=request,
                  details={"reason": reason, "purge_after": iso(art.purge_after), "sha256": art.sha256,
                           "derived_artifacts": derived})
@@ -108,7 +109,8 @@ def restore_artifact(s: Session, *, artifact_id: str, actor: str, request: Reque
     deleted = {"deleted_at": iso(art.deleted_at), "deleted_by": art.deleted_by, "reason": art.delete_reason}
     art.deleted_at = art.deleted_by = art.delete_reason = art.purge_after = None
     s.flush()
-    record_audit(s, actor=actor, action="artifact.restore", resource_type="artifact", organization_id=art.organization_id, resource_id=artifact_id,
+    record_audit(s, actor=actor, action="artifact.restore", resource_type="artifact",
+                 organization_id=art.organization_id, resource_id=artifact_id,
                  request=request, details={"deleted": deleted})
     return art
 
@@ -127,7 +129,8 @@ def set_legal_hold(s: Session, *, artifact_id: str, reason: str, actor: str,
         art.legal_hold_at, art.legal_hold_by = utcnow(), actor
     art.legal_hold_reason = reason.strip()
     s.flush()
-    record_audit(s, actor=actor, action="artifact.legal_hold", resource_type="artifact", organization_id=art.organization_id, resource_id=artifact_id,
+    record_audit(s, actor=actor, action="artifact.legal_hold", resource_type="artifact",
+                 organization_id=art.organization_id, resource_id=artifact_id,
                  request=request, details={"reason": art.legal_hold_reason, "previous_reason": previous,
                                            "deleted": art.deleted_at is not None})
     return art
@@ -142,7 +145,8 @@ def release_legal_hold(s: Session, *, artifact_id: str, actor: str, reason: str 
     outcome = "noop" if art.legal_hold_at is None else "success"
     art.legal_hold_at = art.legal_hold_by = art.legal_hold_reason = None
     s.flush()
-    record_audit(s, actor=actor, action="artifact.legal_hold_release", resource_type="artifact", organization_id=art.organization_id,
+    record_audit(s, actor=actor, action="artifact.legal_hold_release", resource_type="artifact",
+                 organization_id=art.organization_id,
                  resource_id=artifact_id, outcome=outcome, request=request,
                  details={"released": held if outcome == "success" else None, "reason": reason})
     return art
@@ -193,7 +197,8 @@ def purge_artifact(s: Session, store, *, artifact_id: str, actor: str = PURGE_AC
     removed = [k for k in keys if k not in kept]
     art.purged_at = now
     s.flush()
-    record_audit(s, actor=actor, action="artifact.purge", resource_type="artifact", organization_id=art.organization_id, resource_id=art.id,
+    record_audit(s, actor=actor, action="artifact.purge", resource_type="artifact",
+                 organization_id=art.organization_id, resource_id=art.id,
                  details={"keys": removed, "kept_shared_keys": sorted(kept), "sha256": art.sha256,
                           "size_bytes": art.size_bytes, "deleted_at": iso(art.deleted_at),
                           "purge_after": iso(art.purge_after), "early": bool(ignore_grace)})

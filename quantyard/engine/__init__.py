@@ -11,8 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .errors import (
-    Cancelled, ConversionError, InvalidModel, ResourceExhausted, UnsupportedArchitecture,
-    UnsupportedTarget, ValidationFailed,
+    Cancelled,
+    ConversionError,
+    InvalidModel,
+    ResourceExhausted,
+    UnsupportedArchitecture,
+    UnsupportedTarget,
+    ValidationFailed,
 )
 from .manifest import ENGINE_VERSION, MANIFEST, capabilities, supported_architectures
 from .registry import get_converter, lazy_factory, register_converter, registered_formats
@@ -152,7 +157,8 @@ def quantize_onnx(source_dir: Path, fp32_onnx: Path, target: TargetSpec, out_dir
 
 
 __all__ = [
-    "preflight", "convert", "onnx_fp32_spec", "quantize_onnx", "PreflightReport", "ConversionResult", "TargetSpec", "parse_target",
+    "preflight", "convert", "onnx_fp32_spec", "quantize_onnx", "PreflightReport", "ConversionResult", "TargetSpec",
+    "parse_target",
     "MANIFEST", "ENGINE_VERSION", "capabilities", "register_converter", "get_converter",
     "registered_formats", "ConversionError", "InvalidModel", "UnsupportedArchitecture",
     "UnsupportedTarget", "ValidationFailed", "Cancelled", "ResourceExhausted",

@@ -31,7 +31,8 @@ MANIFEST: dict = {
             # config.json architectures[0]; only what tests/engine/onnx exercises
             "architectures": ["BertModel", "BertForSequenceClassification", "RobertaModel",
                               "RobertaForSequenceClassification", "DistilBertModel",
-                              "DistilBertForSequenceClassification", "XLMRobertaModel", "LlamaForCausalLM", "GPT2LMHeadModel", "Qwen2ForCausalLM"],
+                              "DistilBertForSequenceClassification", "XLMRobertaModel", "LlamaForCausalLM",
+                              "GPT2LMHeadModel", "Qwen2ForCausalLM"],
             "source_formats": ["safetensors", "pytorch-weights-only", "torch.export (.pt2)", "torchscript", "onnx"],
         },
     },

@@ -8,7 +8,6 @@ from sqlalchemy import select
 
 from quantyard import catalog
 from quantyard.catalog.models import AuditEvent
-
 from tests.api.test_jobs import submit
 
 
@@ -86,8 +85,8 @@ def test_missing_bytes(client, app, tmp_path, source):
 def test_download_redirects_to_presigned_url_on_s3(s3_server, tmp_path):
     import httpx
 
-    from tests.api.conftest import build_client, make_settings, upload
     from tests.api import archives
+    from tests.api.conftest import build_client, make_settings, upload
 
     store = s3_server.open_store()
     settings = make_settings(tmp_path / "d", storage_url=store.url, s3_endpoint_url=s3_server.endpoint_url)

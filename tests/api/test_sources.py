@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import func, select
 
 from quantyard.catalog.models import AuditEvent, Source
-
 from tests.api import archives
 from tests.api.conftest import MiB, build_client, make_settings, upload
 
@@ -205,7 +204,6 @@ def test_auto_migrate(tmp_path):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-
     from tests.api.conftest import make_key
 
     settings = make_settings(tmp_path / "fresh")

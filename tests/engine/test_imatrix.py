@@ -11,7 +11,11 @@ import pytest
 
 from quantyard.engine import InvalidModel, convert, parse_target
 from quantyard.engine.gguf.imatrix import (
-    DEFAULT_DATASET, compute_imatrix, default_calibration_text, gguf_names_for, load_imatrix,
+    DEFAULT_DATASET,
+    compute_imatrix,
+    default_calibration_text,
+    gguf_names_for,
+    load_imatrix,
 )
 
 from ._llama_tools import locate_llama_tools, run_tool

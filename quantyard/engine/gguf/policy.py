@@ -15,9 +15,9 @@ checks them against llama.cpp's own llama_quant_compute_types on many synthetic 
 from __future__ import annotations
 
 import re
-from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .ggml_types import FILE_TYPES, GGML_TYPES
 

@@ -286,7 +286,7 @@ def quantize_gguf(
 
         with _remove_on_error(temps):
             try:
-                for i, (tmp, shard) in enumerate(zip(temps, shards)):
+                for i, (tmp, shard) in enumerate(zip(temps, shards, strict=False)):
                     split = _split_keys(i, len(shards), len(items)) if len(shards) > 1 else []
                     shard_kv = (kv if i == 0 else []) + split
                     _write_shard(tmp, shard_kv, shard, src.alignment, nthread, on_tensor)
@@ -294,7 +294,7 @@ def quantize_gguf(
                 if e.errno == 28:  # ENOSPC
                     raise ResourceExhausted(f"out of disk space writing {output_path.name}") from e
                 raise
-            for tmp, final in zip(temps, finals):
+            for tmp, final in zip(temps, finals, strict=False):
                 os.replace(tmp, final)
     return _report(quantization, ft.llama_ftype, finals, items, imat, time.monotonic() - started)
 
@@ -315,7 +315,7 @@ def planned_data_bytes(tensors: list[TensorInfo], info: ModelInfo, quantization:
     (names, ggml shapes, input types) and hparams: sizes before anything is converted."""
     total = 0
     for c, t in zip(plan_types(tensors, info, quantization, has_imatrix=True),
-                    sorted(tensors, key=lambda t: (layer_of(t.name), t.name))):
+                    sorted(tensors, key=lambda t: (layer_of(t.name), t.name)), strict=False):
         n_rows = math.prod(t.ne) // t.ne[0]
         total += go.pad(ggml_quants.row_size(GGML_TYPES[c.type_name].id, t.ne[0]) * n_rows, alignment)
     return total

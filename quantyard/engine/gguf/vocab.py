@@ -290,7 +290,7 @@ def _write_llama_family(w: gguf.GGUFWriter, root: Path, n_vocab: int | None) -> 
         return _write_spm(w, root, *sentencepiece_vocab(root, n_vocab))
     if _is_spm_style_json(_read_json(root / "tokenizer.json")):
         vocab = gguf.LlamaHfVocab(root)
-        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens()))
+        tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=False))
         return _write_spm(w, root, tokens, scores, types)
     return _write_gpt2(w, root, n_vocab, "llama")
 

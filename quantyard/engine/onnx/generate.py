@@ -56,7 +56,7 @@ class OnnxDecoder:
             feeds["position_ids"] = position_ids_from_mask(feeds["attention_mask"], input_ids.shape[1]).astype(np.int64)
         outs = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
-        by_name = dict(zip(names, outs))
+        by_name = dict(zip(names, outs, strict=False))
         nxt = {p.name: by_name[p.name.replace("past_key_values.", "present.")] for p in self.past}
         return by_name["logits"], nxt
 

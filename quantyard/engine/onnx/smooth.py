@@ -71,7 +71,7 @@ def activation_amax(model, activations: Sequence[str], feeds: list[dict], work: 
     amax: dict = {}
     for feed in feeds:
         values = sess.run(list(activations), feed)
-        for name, value in zip(activations, values):
+        for name, value in zip(activations, values, strict=False):
             channel = np.abs(value.reshape(-1, value.shape[-1])).max(0)
             amax[name] = channel if name not in amax else np.maximum(amax[name], channel)
     return amax

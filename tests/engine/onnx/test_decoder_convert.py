@@ -199,7 +199,8 @@ def test_preflight_is_light_and_estimates_decoders():
         "from quantyard.engine.onnx import preflight_onnx\n"
         "from quantyard.engine.spec import TargetSpec\n"
         f"r = preflight_onnx({str(model_dir)!r}, [TargetSpec('onnx', q) for q in ('fp32', 'fp16', 'int8-dynamic', 'int4')])\n"
-        "print(json.dumps({'est': r.estimates, 'arch': r.architecture, 'heavy': [m for m in ('torch', 'onnxruntime', 'onnx', 'transformers') if m in sys.modules]}))\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'transformers') if m in sys.modules]\n"
+        "print(json.dumps({'est': r.estimates, 'arch': r.architecture, 'heavy': heavy}))\n"
     )
     out = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert out["arch"] == "Qwen2ForCausalLM" and out["heavy"] == []
