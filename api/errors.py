@@ -53,6 +53,7 @@ CONVERSION_STATUS: dict[str, int] = {
     "validation_failed": 422,
     "cancelled": 409,
     "resource_exhausted": 503,
+    "storage_unavailable": 503,  # quantyard.storage.StorageUnavailable: S3 down past its retries
 }
 
 _HTTP_CODES = {

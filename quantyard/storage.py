@@ -53,8 +53,9 @@ MAX_PARTS = 10_000
 MAX_PRESIGN_S = 7 * 24 * 3600
 # CopyObject handles objects up to 5 GiB in one request; above that a multipart copy is needed.
 SINGLE_COPY_LIMIT = 5 * 1024**3
-# How long the store keeps retrying a transient S3 failure by default, and its backoff steps.
-DEFAULT_RETRY_S = 60.0
+# How long the store keeps retrying a transient S3 failure by default (short: an API request
+# waits through it; workers pass settings.storage_retry_s), and its backoff steps.
+DEFAULT_RETRY_S = 10.0
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 8.0
 TEMP_PREFIX = "tmp/"

@@ -19,6 +19,8 @@ import socket
 import threading
 from pathlib import Path
 
+from quantyard.storage import StorageError
+
 log = logging.getLogger(__name__)
 
 _OWNER = re.compile(r"^(?P<host>.+)-p(?P<pid>\d+)-(?P<start>\d+)$")
@@ -97,6 +99,8 @@ def sweep(runtime, *, scratch_base: Path) -> None:
         removed = runtime.store.sweep_temp(runtime.settings.storage_temp_max_age_s)
         if removed:
             log.info("storage: removed %d stale temporary object(s) or upload(s)", removed)
+    except StorageError as exc:  # the store is down: the next sweep tries again
+        log.warning("sweep of temporary objects skipped: %s", exc)
     except Exception:  # noqa: BLE001 - a sweep must never take the worker down
         log.exception("sweep failed")
     finally:

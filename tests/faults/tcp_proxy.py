@@ -1,11 +1,14 @@
 """A TCP proxy on 127.0.0.1 that can be cut and restored: a real network fault between a client
-and a real server (connections refused while down, open ones reset), no mocks."""
+and a real server (connections refused while down, open ones reset), no mocks. It can also slow
+the client-to-server direction (`upload_rate_bps`), so that an upload is reliably under way when
+the test cuts it."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
 
 
 class CuttableProxy:
@@ -16,6 +19,7 @@ class CuttableProxy:
         self._lock = threading.Lock()
         self.port = _free_port()
         self.up = False
+        self.upload_rate_bps: float | None = None
         self.restore()
 
     @property
@@ -64,13 +68,15 @@ class CuttableProxy:
                 continue
             with self._lock:
                 self._conns.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upload: bool) -> None:
         try:
-            while data := src.recv(65536):
+            while data := src.recv(16384 if upload and self.upload_rate_bps else 65536):
                 dst.sendall(data)
+                if upload and self.upload_rate_bps:
+                    time.sleep(len(data) / self.upload_rate_bps)
         except OSError:
             pass
         finally:
