@@ -107,7 +107,8 @@ class _NotingRequest(Request):
         exc = getattr(exc_info, "exception", None)
         exc = getattr(exc, "exc", exc)
         if isinstance(exc, WorkerLostError):
-            _note_lost(self.name, self.args, f"the worker process running it died ({exc})")
+            why = str(exc).split(" Job:")[0]  # billiard's own pool slot number means nothing here
+            _note_lost(self.name, self.args, f"the worker process running it died ({why})")
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -121,7 +122,10 @@ def _note_lost(task_name: str, args, cause: str) -> None:
     target_id = args[1] if task_name == CONVERT_TARGET_TASK and len(args) > 1 else None
     try:
         with runtime.session() as s:
-            catalog.note_lost_attempt(s, job_id=args[0], target_id=target_id, cause=cause.split(" Job:")[0])
+            # This worker's pool process died: its lease ends now, so the requeued message
+            # re-claims at once instead of waiting out the lease.
+            catalog.note_lost_attempt(s, job_id=args[0], target_id=target_id, cause=cause,
+                                      worker_id=runtime.worker_id)
             s.commit()
     except Exception:  # only a note: the requeue goes on regardless
         log.exception("could not note the lost attempt of %s", args[0])

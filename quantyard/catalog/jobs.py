@@ -365,17 +365,26 @@ def lease_expired_cause(worker_id: str | None, expired_at) -> str:
             "it was killed, ran out of memory or lost the catalog")
 
 
-def note_lost_attempt(s: Session, *, job_id: str, target_id: str | None = None, cause: str) -> bool:
+def note_lost_attempt(s: Session, *, job_id: str, target_id: str | None = None, cause: str,
+                      worker_id: str | None = None) -> bool:
     """Remember why the running attempt of a job's prepare stage (or of one target) ended without
     a result, e.g. its worker process died: shown as the job's or target's error while it waits
-    to be redone, and in ``attempts_exhausted`` if it never is. Not audited (the claim that
-    redoes it is). False when the job or target is no longer running."""
+    to be redone, and in ``attempts_exhausted`` if it never is. With ``worker_id`` (the worker
+    that knows its process died), only that worker's attempt is noted and its lease ends now, so
+    the requeued message re-claims it at once instead of waiting out the lease. Not audited (the
+    claim that redoes it is). False when the job or target is no longer running (or not held by
+    ``worker_id``)."""
+    model = Job if target_id is None else JobTarget
     if target_id is None:
         q = update(Job).where(Job.id == job_id, Job.status == "running", Job.dispatched_at.is_(None))
     else:
         q = update(JobTarget).where(JobTarget.id == target_id, JobTarget.job_id == job_id,
                                     JobTarget.status == "running")
-    return s.execute(q.values(error_code="worker_lost", error_message=cause)).rowcount == 1
+    values: dict[str, Any] = {"error_code": "worker_lost", "error_message": cause}
+    if worker_id is not None:
+        q = q.where(model.worker_id == worker_id)
+        values["lease_expires_at"] = utcnow()
+    return s.execute(q.values(**values)).rowcount == 1
 
 
 def renew_lease(s: Session, *, job_id: str, worker_id: str, lease_s: float) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Engine, String, func, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, lazyload, mapped_column
 
 from .audit import record_audit
 from .models import AuditEvent, Base, Job, JobTarget, UTCDateTime, utcnow
@@ -49,6 +49,8 @@ RESEND_KINDS = ("queued_job", "expired_job", "pending_target", "expired_target")
 LEADER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"quantyard:reconciler").digest()[:8], "big", signed=True)
 # Upper bound of items looked at per kind and pass (a backlog is worked off over several passes).
 BATCH = 500
+# The scans need the rows only, not each job's targets and artifacts (eager by default).
+_ROWS_ONLY = lazyload("*")
 
 
 class ReconcilerResend(Base):
@@ -197,23 +199,25 @@ def dispatch_inputs(s: Session, *, job_ids: set[str]) -> dict[str, dict[str, Any
 
 
 def _queued_jobs(s: Session, now: datetime, grace: timedelta) -> list[tuple[str, Job, None]]:
-    q = (select(Job).where(Job.status == "queued", Job.dispatched_at.is_(None), Job.created_at < now - grace)
+    q = (select(Job).options(_ROWS_ONLY)
+         .where(Job.status == "queued", Job.dispatched_at.is_(None), Job.created_at < now - grace)
          .order_by(Job.created_at).limit(BATCH))
     return [("queued_job", j, None) for j in s.execute(q).scalars()]
 
 
 def _expired_jobs(s: Session, now: datetime) -> list[tuple[str, Job, None]]:
-    q = (select(Job).where(Job.status == "running", Job.dispatched_at.is_(None), Job.cancel_requested.is_(False),
+    q = (select(Job).options(_ROWS_ONLY)
+         .where(Job.status == "running", Job.dispatched_at.is_(None), Job.cancel_requested.is_(False),
                            Job.lease_expires_at < now).order_by(Job.lease_expires_at).limit(BATCH))
     return [("expired_job", j, None) for j in s.execute(q).scalars()]
 
 
 def _targets(s: Session, now: datetime, grace: timedelta) -> list[tuple[str, Job, JobTarget]]:
     running_job = (Job.status == "running", Job.dispatched_at.is_not(None), Job.cancel_requested.is_(False))
-    pending = (select(JobTarget, Job).join(Job, JobTarget.job_id == Job.id)
+    pending = (select(JobTarget, Job).options(_ROWS_ONLY).join(Job, JobTarget.job_id == Job.id)
                .where(*running_job, JobTarget.status == "pending", Job.dispatched_at < now - grace)
                .order_by(Job.dispatched_at).limit(BATCH))
-    expired = (select(JobTarget, Job).join(Job, JobTarget.job_id == Job.id)
+    expired = (select(JobTarget, Job).options(_ROWS_ONLY).join(Job, JobTarget.job_id == Job.id)
                .where(*running_job, JobTarget.status == "running", JobTarget.lease_expires_at < now)
                .order_by(JobTarget.lease_expires_at).limit(BATCH))
     return ([("pending_target", j, t) for t, j in s.execute(pending)]

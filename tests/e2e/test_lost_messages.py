@@ -234,3 +234,47 @@ def test_cancel_of_a_job_whose_worker_is_gone_ends_it(lost_stack, tiny_llama_arc
     assert job["status"] == "cancelled", (job, stack.logs())
     assert {t["status"] for t in job["targets"]} <= {"cancelled", "succeeded"}, job["targets"]
     assert job["attempts"] == 1, job
+
+
+def test_catalog_outage_at_claim_keeps_the_messages(lost_stack, tiny_llama_archive):
+    """The worker's catalog connections go through a proxy the test cuts (connections refused,
+    open ones reset); the API keeps its own. With the reconciler off, only the worker's own
+    handling can save the messages: claims fail, yet no job is failed or dropped, and all run
+    once the catalog is back, without restarting the worker."""
+    from sqlalchemy.engine import make_url
+
+    from tests.faults.tcp_proxy import CuttableProxy
+
+    stack, redis, _sessions = lost_stack
+    direct = stack.env["QUANTYARD_DATABASE_URL"]
+    url = make_url(direct)
+    proxy = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        stack.env.update(QUANTYARD_DATABASE_URL=url.set(host="127.0.0.1", port=proxy.port)
+                         .render_as_string(hide_password=False),
+                         QUANTYARD_RECONCILE_INTERVAL_S="0", QUANTYARD_CATALOG_WAIT_S="2")
+        _start_worker(stack, "worker-a", wait=1)
+        stack.env.update(QUANTYARD_DATABASE_URL=direct)
+        with stack.client() as client:
+            source = upload(client, tiny_llama_archive, "tiny-llama")
+            proxy.cut()
+            ids = [client.post("/v1/jobs", json={"source": source["id"], "targets": [t]}).json()["id"]
+                   for t in ("gguf:F16", "gguf:BF16", "gguf:F32")]
+            deadline = time.monotonic() + 60
+            log = stack.log_dir / "worker-a.log"
+            while log.read_text(errors="replace").count("keeping the message") < 2:
+                assert time.monotonic() < deadline, stack.logs()
+                time.sleep(0.2)
+            time.sleep(3)  # a few more rounds of failed claims
+            during = [client.get(f"/v1/jobs/{j}").json()["status"] for j in ids]
+            proxy.restore()
+            back_at = time.monotonic()
+            jobs = [wait_for_job(client, j, timeout_s=300)[0] for j in ids]
+        print(f"\ncatalog cut for the worker: {len(ids)} jobs finished {time.monotonic() - back_at:.1f} s "
+              "after it came back")
+    finally:
+        proxy.close()
+    assert during == ["queued"] * len(ids), during  # nothing failed or half-claimed meanwhile
+    assert [j["status"] for j in jobs] == ["succeeded"] * len(ids), ([j["error"] for j in jobs], stack.logs())
+    assert all(j["attempts"] == 1 for j in jobs), [j["attempts"] for j in jobs]
+    assert "OperationalError" not in "".join(j["error"]["message"] if j["error"] else "" for j in jobs)

@@ -193,6 +193,8 @@ def test_nothing_resent_while_every_worker_is_busy_or_none_lives(rt, app, redis_
     with rt.session() as s:
         assert reconcile.slots(s, hardware_class="cpu", stale_after_s=60) == reconcile.Slots(1, 1, 1)
     _expire(rt, job_id=busy)  # its worker died: nobody is busy, both go out again
+    with rt.session() as s:
+        assert reconcile.slots(s, hardware_class="cpu", stale_after_s=60).busy == 0
     sent = {(r.kind, r.job_id) for r in reconcile_once(rt, app)}
     assert sent == {("queued_job", lost), ("expired_job", busy)}
 
@@ -396,3 +398,31 @@ def test_unreachable_catalog_at_claim_keeps_the_message(tmp_path):
     # expired-lease kinds on the next one.
     reconciler = Reconciler(runtime, make_celery(settings))
     assert reconciler.run() is None and reconciler._catalog_was_down
+
+
+def test_embedded_broker_queue_is_read(tmp_path):
+    """The filesystem broker of the embedded default: message files in one folder."""
+    from quantyard.queue import enqueue_job, enqueue_target
+
+    app = make_celery(Settings(data_dir=tmp_path / "data"))
+    assert waiting_message_ids(app, ["cpu"]) == set()
+    enqueue_job(app, job_id="job_a", hardware_class="cpu")
+    enqueue_target(app, job_id="job_a", target_id="tgt_b", inputs={"x": 1}, hardware_class="cpu")
+    enqueue_job(app, job_id="job_c", hardware_class="cuda")
+    assert waiting_message_ids(app, ["cpu"]) == {"job_a", "tgt_b"}
+    assert waiting_message_ids(app, ["cpu", "cuda"]) == {"job_a", "tgt_b", "job_c"}
+
+
+def test_a_dead_pool_process_releases_its_lease(rt, source_id):
+    job_id = _job(rt, source_id)
+    _claim(rt, job_id, worker_id="host:1:cpu")
+    with rt.session() as s:
+        assert not catalog.note_lost_attempt(s, job_id=job_id, cause="died", worker_id="host:2:cpu")
+        assert catalog.note_lost_attempt(s, job_id=job_id, cause="the worker process running it died "
+                                         "(Worker exited prematurely: signal 9 (SIGKILL))", worker_id="host:1:cpu")
+        s.commit()
+    job = _get(rt, job_id)
+    assert job["status"] == "running" and job["error"]["code"] == "worker_lost"
+    again = _claim(rt, job_id, worker_id="host:1:cpu")  # the requeued message: no lease to wait out
+    assert (again.kind, again.attempt) == ("claimed", 2)
+    assert _get(rt, job_id)["error"] is None  # being redone
