@@ -42,6 +42,7 @@ LIBRARY_TEXT = ("Traceback", "site-packages", "RecursionError", "ZeroDivisionErr
                 "UnicodeDecodeError", "KeyError", "struct.error", "OverflowError", "MemoryError", "BadZipFile",
                 "JSONDecodeError", "internal server error", "object has no attribute")
 ARCHIVE_CODES = ("unsafe_archive", "invalid_archive")
+CORRUPT_CODES = (*ARCHIVE_CODES, "invalid_model")  # a corrupt member: the archive's fault or the model's
 BOMB_CODES = ("unsafe_archive", "resource_limit", "payload_too_large")
 MODEL_CODES = ("invalid_model",)
 SIZE_CODES = ("invalid_model", "resource_limit")
@@ -123,9 +124,9 @@ ARCHIVE_CASES = [
     _archive("tar.gz-bomb-2GiB", h.tar_gz_bomb, "model.safetensors", "ratio", codes=BOMB_CODES),
     _archive("zip-million-members", h.zip_million_members, "member", codes=BOMB_CODES, ctype=ZIP),
     # found by fuzz/fuzz_archive.py
-    _archive("zip-config.json-bad-crc", h.zip_bad_crc, "config.json", ctype=ZIP),
-    _archive("zip-member-name-not-utf8", h.zip_name_not_utf8, "name", "utf-8", ctype=ZIP),
-    _archive("zip-strong-encryption-flag", h.zip_strong_encryption_flag, "config.json", ctype=ZIP),
+    _archive("zip-config.json-bad-crc", h.zip_bad_crc, "config.json", ctype=ZIP, codes=CORRUPT_CODES),
+    _archive("zip-member-name-not-utf8", h.zip_name_not_utf8, "name", "utf-8", ctype=ZIP, codes=CORRUPT_CODES),
+    _archive("zip-strong-encryption-flag", h.zip_strong_encryption_flag, "config.json", ctype=ZIP, codes=CORRUPT_CODES),
 ]
 
 
