@@ -20,9 +20,11 @@ import pytest
 
 from tests.e2e.conftest import Stack, clean_env, free_port
 
-# Measured on the embedded stack with the tiny models (see the final report of issue 10): idle
-# worker tree ~0.35 GiB, a tiny conversion with torch, transformers and onnxruntime loaded
-# ~1.3 GiB; the API ~0.2 GiB. The bounds leave room for that and nothing like a bomb.
+# Measured on the embedded stack with these cases (2 cores, 2026-12-03): the worker's tree (celery
+# main + pool process + any sandbox child) 150 MiB idle, 520-680 MiB once torch and onnxruntime are
+# loaded, 950 MiB at most (a 1M-token tokenizer.json); the API 96-111 MiB, growing at most 5 MiB in
+# a case (bodies and headers are refused before they are read). Before issue 10's fixes a layer bomb
+# took the worker past 15 GB and a million-member zip cost the API 646 MB.
 WORKER_RSS_BOUND = 3 << 30
 API_RSS_BOUND = 1 << 30
 API_RSS_GROWTH_BOUND = 300 << 20  # over the API's RSS before the case: no body or header in memory

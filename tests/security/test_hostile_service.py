@@ -126,7 +126,8 @@ ARCHIVE_CASES = [
     # found by fuzz/fuzz_archive.py
     _archive("zip-config.json-bad-crc", h.zip_bad_crc, "config.json", ctype=ZIP, codes=CORRUPT_CODES),
     _archive("zip-member-name-not-utf8", h.zip_name_not_utf8, "name", "utf-8", ctype=ZIP, codes=CORRUPT_CODES),
-    _archive("zip-strong-encryption-flag", h.zip_strong_encryption_flag, "config.json", ctype=ZIP, codes=CORRUPT_CODES),
+    _archive("zip-strong-encryption-flag", h.zip_strong_encryption_flag, "config.json", ctype=ZIP,
+             codes=CORRUPT_CODES),
 ]
 
 
