@@ -83,7 +83,7 @@ def world():
         catalog.upgrade_database(url)
         settings = make_settings(root / "data", database_url=url, db_connect_timeout_s=2,
                                  db_statement_timeout_s=5.0, db_lock_timeout_s=1.0, db_pool_timeout_s=3.0)
-        secret = make_key(settings, role="viewer")[1]
+        secret = make_key(settings, role="submitter")[1]  # may also POST /v1/jobs
         with Served(settings) as served:
             yield pg, served, {"Authorization": f"Bearer {secret}"}
     finally:
