@@ -91,9 +91,9 @@ def run(target: str, kwargs: Mapping, *, scratch: Path, limits: Limits, label: s
                                 env=_child_env(scratch), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
         try:
-            usage = _wait(proc, limits, label, on_wait, poll_seconds, start)
+            _wait(proc, limits, label, on_wait, poll_seconds, start)
         finally:
-            _kill_group(proc)
+            usage = _kill_and_reap(proc)
     outcome = _outcome(scratch, proc.returncode, label, limits, time.monotonic() - start)
     return replace(outcome, peak_rss_bytes=usage.ru_maxrss * 1024, cpu_seconds=usage.ru_utime + usage.ru_stime)
 
@@ -108,14 +108,11 @@ def _child_env(scratch: Path) -> dict:
             "PYTHONPATH": package_root, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _wait(proc, limits: Limits, label: str, on_wait, poll_seconds: float, start: float):
-    """Reap the child ourselves (wait4: its own resource usage); raise on time or on_wait."""
+def _wait(proc, limits: Limits, label: str, on_wait, poll_seconds: float, start: float) -> None:
+    """Until the child exits (left a zombie: its process group cannot be reused yet); raise on
+    the time limit or when on_wait does."""
     last = start
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return usage
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         time.sleep(min(0.05 + (time.monotonic() - start) / 20, 0.5, poll_seconds))
         now = time.monotonic()
         if now - start > limits.wall_seconds:
@@ -126,13 +123,15 @@ def _wait(proc, limits: Limits, label: str, on_wait, poll_seconds: float, start:
             on_wait(now - start)  # may raise Cancelled: the finally clause kills the child
 
 
-def _kill_group(proc) -> None:
-    """The child and anything it forked (it leads its own session)."""
+def _kill_and_reap(proc):
+    """Kill the child's whole session (anything it forked), then reap it: its own rusage."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage
 
 
 def _outcome(scratch: Path, returncode: int, label: str, limits: Limits, seconds: float) -> Outcome:

@@ -83,7 +83,9 @@ _DENIED = {"execve": 59, "execveat": 322, "ptrace": 101, "process_vm_readv": 310
            "init_module": 175, "finit_module": 313, "delete_module": 176, "kexec_load": 246,
            "kexec_file_load": 320, "bpf": 321, "perf_event_open": 298, "open_by_handle_at": 304,
            "keyctl": 250, "add_key": 248, "request_key": 249, "userfaultfd": 323, "reboot": 169,
-           "swapon": 167, "swapoff": 168}
+           "swapon": 167, "swapoff": 168,
+           # leaving the sandbox's process group would let a forked payload outlive the kill
+           "setsid": 112, "setpgid": 109}
 _SOCKET = 41
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _X32_BIT = 0x40000000

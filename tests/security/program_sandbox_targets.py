@@ -123,3 +123,16 @@ def connect_unix(*, path: str) -> str:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(path)
         return "connected"
+
+
+def fork_and_linger() -> int:
+    """A payload that forks a process meant to outlive the sandbox (and tries to leave its group)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+        except OSError:
+            pass
+        time.sleep(300)
+        os._exit(0)
+    return pid

@@ -172,3 +172,17 @@ def test_read_only_outside_scratch_and_output(tmp_path):
     assert not outside.exists()
     assert run(tmp_path, "write_file", path=str(tmp_path / "out" / "ok.txt")).value
     assert (tmp_path / "out" / "ok.txt").read_text() == "written from the sandbox"
+
+
+def test_nothing_the_child_forked_outlives_it(tmp_path):
+    pid = run(tmp_path, "fork_and_linger").value
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{pid}/status").read().split("State:")[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return  # gone
+        if state == "Z":
+            return  # killed, waiting for its new parent to reap it
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} forked in the sandbox is still running")

@@ -103,8 +103,8 @@ def refuse_pickle(path: Path) -> None:
     except Exception as e:  # any failure of the restricted unpickler (or of the zip under it) refuses
         raise InvalidModel(
             f"refused {path.name}: an unsafe pickle (it names Python objects that loading would build or run; "
-            f"Quantyard never unpickles arbitrary objects); {advice}. torch said: {str(e).splitlines()[0][:200]}",
-            details={"file": path.name, "reason": "unsafe_pickle"}) from None
+            f"Quantyard never unpickles arbitrary objects); {advice}",
+            details={"file": path.name, "reason": "unsafe_pickle", "error": type(e).__name__}) from None
     raise InvalidModel(f"{path.name} holds only weights (a torch.save pickle of tensors), not a program; {advice}",
                        details={"file": path.name, "reason": "weights_only"})
 
@@ -285,8 +285,7 @@ def vet_pt2(path: Path) -> None:
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # any failure of the restricted unpickler means "not only tensors"
         raise _refuse(path, f"{member} is an unsafe pickle (not only tensors; Quantyard never unpickles "
-                      f"arbitrary objects). torch said: {str(e).splitlines()[0][:200]}", "unsafe_pickle",
-                      member=member) from None
+                      "arbitrary objects)", "unsafe_pickle", member=member, error=type(e).__name__) from None
 
 
 def vet_torchscript(path: Path) -> None:
@@ -414,9 +413,9 @@ def _pt2_load(path: Path, f):
 
     try:
         return torch.export.load(f)
-    except pickle.UnpicklingError as e:
-        raise _refuse(path, f"it holds an unsafe pickle that torch.export.load would unpickle without restriction "
-                      f"({e})", "unsafe_pickle") from None
+    except pickle.UnpicklingError:
+        raise _refuse(path, "it holds an unsafe pickle that torch.export.load would unpickle without restriction",
+                      "unsafe_pickle") from None
 
 
 def load_torch(src: ProgramSource) -> TorchProgram:

@@ -80,7 +80,7 @@ def refuse(path: Path, why: str, reason: str, **details) -> InvalidModel:
 def open_archive(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError):
         raise refuse(path, "it is not a readable zip archive", "bad_archive") from None
 
 
