@@ -162,24 +162,26 @@ def test_lost_queued_job_is_resent_once(rt, app, redis_client, source_id):
     assert [(r.kind, r.job_id) for r in sent] == [("queued_job", lost)]
     assert _queued_messages(redis_client) == [("quantyard.convert_job", [lost])]
     assert waiting_message_ids(app, ["cpu"]) == {lost}
-    assert reconcile_once(rt, app) == []  # its message waits in the queue now
-
-    redis_client.flushdb()  # lost again
-    assert reconcile_once(rt, app) == []  # re-sent less than a grace period ago
+    assert reconcile_once(rt, app) == []  # just re-sent
     later = catalog.models.utcnow() + timedelta(seconds=GRACE_S + 1)
+    # A grace period on, the fresh job (never sent: made here without a message) is lost too;
+    # the other is not re-sent again: its message waits in the queue.
+    assert [r.job_id for r in reconcile_once(rt, app, now=later)] == [fresh]
+
+    redis_client.flushdb()  # both lost again
     assert [r.job_id for r in reconcile_once(rt, app, now=later)] == [lost, fresh]
 
     events = _resend_events(rt, lost)
     assert [e["kind"] for e in events] == ["queued_job", "queued_job"] and events[0]["target_id"] is None
     with rt.session() as s:
-        assert reconcile.resend_counts(s) == {"queued_job": 3, "expired_job": 0, "pending_target": 0,
+        assert reconcile.resend_counts(s) == {"queued_job": 4, "expired_job": 0, "pending_target": 0,
                                               "expired_target": 0}
     from prometheus_client import generate_latest
 
     from api.metrics import make_registry
 
     text = generate_latest(make_registry(rt.sessions, rt.settings)).decode()
-    assert 'quantyard_reconciler_resends_total{kind="queued_job"} 3.0' in text
+    assert 'quantyard_reconciler_resends_total{kind="queued_job"} 4.0' in text
     assert 'quantyard_reconciler_resends_total{kind="expired_job"} 0.0' in text
 
 
