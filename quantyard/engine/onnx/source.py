@@ -67,22 +67,23 @@ def _weights_kind(root: Path) -> str:
 
 
 def load_pickled_state_dict(path: Path) -> dict:
-    """Tensors from a torch pickle without executing it; InvalidModel if it holds anything else."""
-    import pickle
+    """Tensors from a torch pickle without executing it; InvalidModel if it holds anything else.
 
+    Always torch's weights_only unpickler (tensors and plain containers; explicit weights_only=True
+    is not overridable by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), memory-mapped for zip checkpoints
+    (every torch.save since 1.6), and never a second, unrestricted attempt."""
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # any failure of the restricted unpickler or the zip under it: refused
         raise InvalidModel(
             f"refused to load {path.name}: it is a pickle that is not plain tensors (it would run code or "
-            f"build arbitrary objects, which Quantyard never unpickles); save the weights as safetensors. "
-            f"torch said: {str(e).splitlines()[0][:300]}",
-            details={"file": path.name, "reason": "unsafe_pickle"},
+            f"build arbitrary objects, which Quantyard never unpickles); save the weights as safetensors",
+            details={"file": path.name, "reason": "unsafe_pickle", "error": type(e).__name__},
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InvalidModel(f"{path.name} is not a state dict of tensors")
+        raise InvalidModel(f"{path.name} is not a state dict of tensors", details={"file": path.name})
     return state
 
 
