@@ -77,7 +77,11 @@ GGUF_CASES = {
         h.gguf_file([_kv_raw("general.name", _STR, struct.pack("<Q", NEAR) + b"x")]), "general.name"),
     "array count near 2^63": (h.gguf_array_count(NEAR), "hostile.blob"),
     "string array count near 2^63": (h.gguf_array_count(NEAR, _STR), "hostile.blob"),
-    "array count past the file": (h.gguf_array_count(10_000_000), "hostile.blob"),
+    "array count past the file": (h.gguf_array_count(1_000_000), "hostile.blob"),
+    "array count past the cap": (h.gguf_array_count(5_000_000), "hostile.blob"),
+    "1024 strings of 16 MB claimed": (h.gguf_file([_kv_raw("hostile.strs", _ARR, struct.pack("<IQ", _STR, 1024)
+                                                           + (struct.pack("<Q", 1 << 24) + b"x" * 16) * 2)]),
+                                      "hostile.strs"),
     "arrays nested 3 deep": (h.gguf_file([_kv_raw("hostile.nest", _ARR, struct.pack("<IQ", _ARR, 1)
                                                   + struct.pack("<IQ", _ARR, 1) + struct.pack("<IQ", _U8, 0))]),
                              "hostile.nest"),
@@ -122,18 +126,31 @@ def test_hostile_gguf_headers_are_invalid_models(case, tmp_path):
 
 def test_60m_item_array_costs_the_api_nothing(tmp_path):
     """Issue 10: one 60M-item uint8 array cost the API +486 MB. Refused past the item cap; an
-    array under it (10M items) is skipped with one jump, never materialised."""
+    array under it (4M items) is skipped with one jump, never materialised."""
     path = tmp_path / "big.gguf"
     path.write_bytes(h.gguf_huge_array(60_000_000))
     exc, peak = peak_of(lambda: gguf_header.summary(path))
     assert isinstance(exc, gguf_header.NotGGUF) and "hostile.blob" in str(exc), exc
     assert peak < 2 * MB, peak
-    path.write_bytes(h.gguf_huge_array(10_000_000))
+    path.write_bytes(h.gguf_huge_array(4_000_000))
     meta = {}
     exc, peak = peak_of(lambda: meta.update(gguf_header.read_metadata(path)))
-    assert exc is None and meta["hostile.blob"] == {"array_length": 10_000_000}
-    assert peak < 2 * MB, f"read_metadata allocated {peak >> 10} KiB for a 10 MB array"
+    assert exc is None and meta["hostile.blob"] == {"array_length": 4_000_000}
+    assert peak < 2 * MB, f"read_metadata allocated {peak >> 10} KiB for a 4 MB array"
     assert gguf_header.summary(path)["architecture"] == "llama"
+
+
+def test_decoded_strings_have_a_budget(tmp_path):
+    """Short arrays and string values are decoded: together at most MAX_DECODED_BYTES, so 1,024
+    strings of 16 MiB (each under its own cap) cannot make the API hold 16 GiB."""
+    from quantyard.engine.gguf.gguf_layout import MAX_DECODED_BYTES
+
+    s = struct.pack("<Q", 12 << 20) + b"x" * (12 << 20)
+    path = tmp_path / "strings.gguf"
+    path.write_bytes(h.gguf_file(h.gguf_base_kv() + [_kv_raw("hostile.strs", _ARR, struct.pack("<IQ", _STR, 3) + s * 3)]))
+    exc, peak = peak_of(lambda: gguf_header.summary(path))
+    assert isinstance(exc, gguf_header.NotGGUF) and "hostile.strs" in str(exc) and "add up" in str(exc), exc
+    assert peak < MAX_DECODED_BYTES + 8 * MB
 
 
 @pytest.mark.parametrize("key, value", [

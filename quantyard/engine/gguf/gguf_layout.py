@@ -36,8 +36,12 @@ MAX_DECODED_ARRAY = 1024
 # Caps, far above any real model (a 262k-token vocabulary, ~50 keys, a few thousand tensors).
 MAX_KV = 1 << 16
 MAX_TENSORS = 1 << 16
-MAX_ARRAY_ITEMS = 1 << 24
+MAX_ARRAY_ITEMS = 1 << 22
 MAX_STRING_BYTES = 1 << 24  # a value (chat templates are a few KB)
+# The whole key/value + tensor-info section (a 262k vocabulary with merges is ~30 MB): bounds the
+# raw bytes the engine keeps; and what is decoded into Python values (short arrays, strings).
+MAX_HEADER_BYTES = 256 << 20
+MAX_DECODED_BYTES = 32 << 20
 MAX_NAME_BYTES = 1024  # a key or tensor name (ggml allows 63)
 MAX_ARRAY_NESTING = 2  # an array of arrays, at most
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -83,6 +87,7 @@ class Layout:
 class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
+        self.decoded = 0
 
     def fail(self, what: str) -> InvalidModel:
         return InvalidModel(f"{self.path.name}: {what}", details={"file": self.path.name})
@@ -117,6 +122,9 @@ class _Cursor:
 
     def string(self, what: str = "a GGUF string", cap: int = MAX_STRING_BYTES) -> str:
         n = self._length(what, cap)
+        self.decoded += n
+        if self.decoded > MAX_DECODED_BYTES:
+            raise self.fail(f"{what}: the header's strings add up to more than {MAX_DECODED_BYTES} bytes")
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
@@ -161,6 +169,8 @@ def _read_kv(cur: _Cursor, keep_raw: bool) -> tuple[str, KeyValue]:
             raise cur.fail("the GGUF header ends early")
         length = struct.unpack_from("<Q", cur.buf, cur.pos + 4)[0]
     value = cur.value(vtype, key)
+    if cur.pos > MAX_HEADER_BYTES:  # checked before the raw copy below
+        raise cur.fail(f"{key}: the GGUF header runs past {MAX_HEADER_BYTES} bytes")
     raw = bytes(cur.buf[start:cur.pos]) if keep_raw else b""
     return key, KeyValue(key, raw, value, length)
 
@@ -241,6 +251,8 @@ def read_layout(path: Path, *, keep_raw: bool = True) -> Layout:
                     raise cur.fail(f"the key {key} appears more than once")
                 kv[key] = pair
             tensors = [_read_tensor(cur) for _ in range(n_tensors)]
+            if cur.pos > MAX_HEADER_BYTES:
+                raise cur.fail(f"the GGUF header runs past {MAX_HEADER_BYTES} bytes")
             alignment = _alignment(cur, kv)
             data_offset = (cur.pos + alignment - 1) // alignment * alignment
             _check_tensors(cur, tensors, data_offset, alignment)
@@ -248,4 +260,5 @@ def read_layout(path: Path, *, keep_raw: bool = True) -> Layout:
 
 
 __all__ = ["read_layout", "Layout", "KeyValue", "TensorInfo", "MAX_DECODED_ARRAY", "MAX_KV",
-           "MAX_TENSORS", "MAX_ARRAY_ITEMS", "MAX_STRING_BYTES", "MAX_DIMS"]
+           "MAX_TENSORS", "MAX_ARRAY_ITEMS", "MAX_STRING_BYTES", "MAX_DIMS", "MAX_HEADER_BYTES",
+           "MAX_DECODED_BYTES"]
