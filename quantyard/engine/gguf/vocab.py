@@ -70,8 +70,8 @@ def does_token_look_special(text: str | bytes) -> bool:
             or (text.startswith("<unused") and text.endswith(">")))
 
 
-# tokenizer.json of a 262k vocabulary with its merges is ~35 MB.
-MAX_TOKENIZER_JSON_BYTES = 256 * 1024 * 1024
+# tokenizer.json of a 262k vocabulary with its merges is ~35 MB; parsed, a file costs ~10x its size.
+MAX_TOKENIZER_JSON_BYTES = 96 * 1024 * 1024
 
 
 def _read_json(path: Path) -> dict:
