@@ -136,6 +136,8 @@ class World:
                 sha256=stored.sha256, size_bytes=stored.size_bytes, uri=stored.uri, storage_key=stored.key,
                 filename="m.gguf", metrics={}, metadata={}, engine_version="t", recipe={}, recipe_hash=digest)
             job.status = "running"  # cancellable, with an artifact
+            # ...held by a live worker (a job nobody holds is cancelled at once: 200, not 202)
+            job.worker_id, job.lease_expires_at = "worker:test", utcnow() + timedelta(hours=1)
             key, _ = catalog.create_api_key(s, organization_id=org_id, name=f"{org}-spare", role="viewer",
                                             actor="test")
             return {"source_id": src.id, "job_id": job.id, "artifact_id": art.id, "key_id": key.id}
