@@ -153,6 +153,32 @@ def _expr(g, m):
     return rezip(g["pt2"], replace={"models/model.json": program.replace(sym, evil, 1)})
 
 
+FQN_INJECTION = 'linear.x") or __import__("os").system("touch {m}") or ("'
+
+
+def _fqn(g, m):
+    """An attribute path torch.fx would paste into the Python it generates (getattr(self, "<it>"))."""
+    evil = FQN_INJECTION.format(m=m)
+
+    def program(doc):
+        for spec in doc["graph_module"]["signature"]["input_specs"]:
+            if spec.get("parameter", {}).get("parameter_name") == "linear.weight":
+                spec["parameter"]["parameter_name"] = evil
+
+    def config(doc):
+        doc["config"][evil] = doc["config"].pop("linear.weight")
+
+    return edit_json(edit_json(g["pt2"], "models/model.json", program), "data/weights/model_weights_config.json",
+                     config)
+
+
+def _node_target(g, m):
+    with zipfile.ZipFile(io.BytesIO(g["pt2"])) as zf:
+        program = zf.read(f"{TOP}/models/model.json")
+    evil = json.dumps(f'torch.ops.aten.add.Tensor") or __import__("os").system("touch {m}") or ("').encode()
+    return rezip(g["pt2"], replace={"models/model.json": program.replace(b'"torch.ops.aten.add.Tensor"', evil, 1)})
+
+
 def _payload_rewrite(member: str, payload: Callable[[Path], bytes]):
     return lambda g, m: rezip(g["pt2"], replace={member: payload(m)})
 
@@ -191,6 +217,8 @@ PT2_CASES = [
     ("so-elsewhere", lambda g, m: rezip(g["pt2"], add=[(f"{TOP}/data/weights/libevil.so", b"\x7fELF")]),
      "native_code", f"{TOP}/data/weights/libevil.so"),
     ("expr-str-eval", _expr, "unsafe_expression", f"{TOP}/models/model.json"),
+    ("fqn-code-injection", _fqn, "unsafe_name", f"{TOP}/data/weights/model_weights_config.json"),
+    ("node-target-code-injection", _node_target, "unsafe_name", f"{TOP}/models/model.json"),
     ("member-outside-folder", lambda g, m: rezip(g["pt2"], add=[("version", b"1"),
                                                                 ("serialized_state_dict.pt", marker_pickle(m))]),
      "unexpected_part", "version"),

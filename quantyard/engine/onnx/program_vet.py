@@ -62,6 +62,10 @@ _SYMBOL_CALL = re.compile(r"Symbol\('([a-z]+\d+)'(?:,\s*(?:positive|integer|real
 _FLOAT_CALL = re.compile(r"Float\('[-+0-9.e]+',\s*precision=\d+\)")
 _SYMBOL_NAME = re.compile(r"[a-z]+\d+")
 _IDENT = re.compile(r"[A-Za-z_]\w*")
+# names and attribute paths (module FQNs: "layers.0.weight", targets: "torch.ops.aten.linear.default")
+_DOTTED = re.compile(r"(?:[A-Za-z_]\w*|\d+)(?:\.(?:[A-Za-z_]\w*|\d+))*", re.ASCII)
+NAME_KEYS = frozenset({"name", "target", "parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name",
+                       "fqn", "forward_arg_names", "arg_name"})
 _EXPR_CHARS = re.compile(r"[\w\s+\-*/%(),.<>=!&|~^]*")
 SYMPY_NAMES = frozenset(
     ["FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "oo", "Integer", "Rational", "Float", "True", "False", "true", "false", "floor", "ceiling", "sqrt",
@@ -166,6 +170,7 @@ def _payloads(path: Path, zf, rel: dict, top: str) -> set[str]:
         if not isinstance(entries, dict):
             raise refuse(path, f"{info.filename} has no config object", "bad_json", member=info.filename)
         for fqn, meta in entries.items():
+            _check_names(path, info.filename, "tensor name", fqn)  # a module attribute path when unlifting
             declared.add(_payload(path, folder, pattern, str(fqn)[:200], meta, info.filename, top))
     missing = sorted(p for p in declared if p not in rel)
     if missing:
@@ -194,7 +199,8 @@ def _payload(path: Path, folder: str, pattern, fqn: str, meta, config_name: str,
 
 
 def _check_program_json(path: Path, zf, info: zipfile.ZipInfo) -> None:
-    """Every symbolic size in the program must be a plain expression over symbols (sympify evals it)."""
+    """Every symbolic size must be a plain expression over symbols (sympify evals it), every
+    name and attribute path a dotted identifier (torch.fx writes them into Python it execs)."""
     stack = [_read_json(path, zf, info)]
     while stack:
         node = stack.pop()
@@ -204,9 +210,18 @@ def _check_program_json(path: Path, zf, info: zipfile.ZipInfo) -> None:
                 raise refuse(path, f"{info.filename} has a symbolic size {str(expr)[:80]!r} that is not a plain "
                              "expression over size symbols (torch would evaluate it as Python)", "unsafe_expression",
                              member=info.filename)
+            for key in NAME_KEYS.intersection(node):
+                _check_names(path, info.filename, key, node[key])
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _check_names(path: Path, member: str, key: str, value) -> None:
+    for name in value if isinstance(value, list) else [value]:
+        if not isinstance(name, str) or not (name == "" or _DOTTED.fullmatch(name)):
+            raise refuse(path, f"{member} has a {key} {str(name)[:80]!r} that is not a dotted identifier (torch.fx "
+                         "would write it into generated Python)", "unsafe_name", member=member)
 
 
 def safe_sympy_expr(expr) -> bool:
