@@ -74,9 +74,8 @@ def write_file(*, path: str) -> str:
 def instrumented_load(*, root: str) -> dict:
     """Quantyard's program loader (program.load_torch) with every unpickler torch could reach
     instrumented: which unpickles went through weights_only, which did not."""
-    from tests.security.program_unpicklers import Recorder
-
     from quantyard.engine.onnx.program import describe, load_torch
+    from tests.security.program_unpicklers import Recorder
 
     with Recorder() as rec:
         try:
@@ -97,10 +96,9 @@ def raw_load_one(*, path: str) -> dict:
     (no guard of Quantyard's) unpickles only through weights_only=True."""
     import torch
 
-    from tests.security.program_unpicklers import Recorder
-
     from quantyard.engine.errors import InvalidModel
     from quantyard.engine.onnx.program import vet_pt2
+    from tests.security.program_unpicklers import Recorder
 
     try:
         vet_pt2(Path(path))

@@ -11,12 +11,19 @@ import datetime
 import pickle
 from pathlib import Path
 
+import pytest
+
 from quantyard.engine import sandbox
 from quantyard.engine.onnx.program import describe, load_torch, vet_pt2
 from tests.security.program_unpicklers import Recorder
-from tests.security.test_program_uploads import PT2_CASES, TOP, genuine, rezip  # noqa: F401 (fixture)
+from tests.security.test_program_uploads import PT2_CASES, TOP, make_genuine, rezip
 
 LIMITS = sandbox.Limits(memory_bytes=6 << 30, cpu_seconds=120, wall_seconds=120.0)
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> dict[str, bytes]:
+    return make_genuine(tmp_path_factory.mktemp("genuine"))
 
 
 def _write(tmp_path: Path, data: bytes) -> Path:
@@ -75,8 +82,8 @@ def test_whatever_the_vetting_accepts_torch_loads_weights_only(genuine, tmp_path
         paths.append(str(folder / f"{TOP}.pt2"))
     reports = _in_child(tmp_path, "raw_load_if_vetted", paths=paths)
     assert len(reports) == len(PT2_CASES)
-    for (case_id, *_), report in zip(PT2_CASES, reports):
+    for (case_id, *_), report in zip(PT2_CASES, reports, strict=True):
         assert report["unsafe"] == [], (case_id, report)
-    accepted = [c[0] for c, r in zip(PT2_CASES, reports) if not r["outcome"].startswith("refused")]
+    accepted = [c[0] for c, r in zip(PT2_CASES, reports, strict=True) if not r["outcome"].startswith("refused")]
     assert accepted == ["raw-weight-is-a-pickle"], accepted  # raw bytes: read as floats, never unpickled
     assert not marker.exists()

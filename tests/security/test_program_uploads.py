@@ -67,10 +67,13 @@ def _module():
 
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory) -> dict[str, bytes]:
+    return make_genuine(tmp_path_factory.mktemp("genuine"))
+
+
+def make_genuine(root: Path) -> dict[str, bytes]:
     """A .pt2 with weights, constants and sample inputs, and a TorchScript archive."""
     import torch
 
-    root = tmp_path_factory.mktemp("genuine")
     module = _module()
     program = torch.export.export(module, (torch.randn(2, 8),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     torch.export.save(program, root / f"{TOP}.pt2")

@@ -67,11 +67,17 @@ _DOTTED = re.compile(r"(?:[A-Za-z_]\w*|\d+)(?:\.(?:[A-Za-z_]\w*|\d+))*", re.ASCI
 NAME_KEYS = frozenset({"name", "target", "parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name",
                        "fqn", "forward_arg_names", "arg_name"})
 _EXPR_CHARS = re.compile(r"[\w\s+\-*/%(),.<>=!&|~^]*")
-SYMPY_NAMES = frozenset(
-    ["FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "oo", "Integer", "Rational", "Float", "True", "False", "true", "false", "floor", "ceiling", "sqrt",
-     # srepr spells sizes as constructor calls: Mul(Integer(16), Symbol('s27', positive=True, integer=True))
-     "Add", "Mul", "Pow", "Tuple", "Half", "One", "Zero", "NegativeOne", "Infinity", "NegativeInfinity", "BooleanTrue",
-     "BooleanFalse", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Equality", "Unequality"])
+# torch's own sympy functions (serialize.py's sympy_functions), sympy's, and the constructors srepr
+# spells sizes with: Mul(Integer(16), Symbol('s27', positive=True, integer=True))
+SYMPY_NAMES = frozenset([
+    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
+    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
+    "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat",
+    "Identity", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "oo",
+    "Integer", "Rational", "Float", "True", "False", "true", "false", "floor", "ceiling", "sqrt", "Add", "Mul",
+    "Pow", "Tuple", "Half", "One", "Zero", "NegativeOne", "Infinity", "NegativeInfinity", "BooleanTrue",
+    "BooleanFalse", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Equality", "Unequality"
+])
 
 
 def refuse(path: Path, why: str, reason: str, **details) -> InvalidModel:
