@@ -30,7 +30,7 @@ def describe(root: Path) -> EncoderSource:
     """config.json and file names only: architecture, task, where the weights are."""
     root = Path(root)
     if not root.is_dir():
-        raise InvalidModel(f"source {root} is not a directory")
+        raise InvalidModel("the source is not a model folder")
     config = load_config(root)
     archs = config.get("architectures") or [str(config.get("model_type", "unknown"))]
     if archs[0] not in SUPPORTED:
@@ -39,7 +39,7 @@ def describe(root: Path) -> EncoderSource:
             details={"architecture": archs[0], "supported": list(SUPPORTED)},
         )
     if not any((root / f).is_file() for f in TOKENIZER_FILES + ("vocab.txt",)):
-        raise InvalidModel(f"{root} has no tokenizer (tokenizer.json or vocab.txt)")
+        raise InvalidModel("the model has no tokenizer (tokenizer.json or vocab.txt)")
     return EncoderSource(root, config, archs[0], TASKS[archs[0]], _weights_kind(root))
 
 
@@ -63,7 +63,7 @@ def _weights_kind(root: Path) -> str:
     for name in PICKLE_NAMES:
         if (root / name).is_file():
             return name
-    raise InvalidModel(f"{root} has no weights (model.safetensors or {', '.join(PICKLE_NAMES)})")
+    raise InvalidModel(f"the model has no weights (model.safetensors or {', '.join(PICKLE_NAMES)})")
 
 
 def load_pickled_state_dict(path: Path) -> dict:
