@@ -32,7 +32,16 @@ def _host() -> str:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """The process's start time (field 22 of /proc/<pid>/stat), None if it is gone or a zombie."""
+    """The process's start time (field 22 of /proc/<pid>/stat), None if it is gone or a zombie;
+    0 where there is no /proc (then only whether the pid exists is known)."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # exists, someone else's
+            pass
+        return 0
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -57,7 +66,7 @@ def is_dead_owner(name: str) -> bool:
     if pid == os.getpid():
         return False
     start = _start_ticks(pid)
-    return start is None or (int(match["start"]) != 0 and start != int(match["start"]))
+    return start is None or (0 not in (start, int(match["start"])) and start != int(match["start"]))
 
 
 def sweep_scratch(base: Path) -> list[str]:
