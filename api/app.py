@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI
 
 from quantyard import catalog
 from quantyard.catalog.anchor import AnchorWatcher
+from quantyard.catalog.audit_seal import defer_chaining
 from quantyard.catalog.db import engine_options
 from quantyard.queue import make_celery
 from quantyard.settings import Settings, get_settings
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
 
     engine = catalog.make_engine(db_url, **engine_options(settings))
     session_factory = catalog.make_session_factory(engine)
+    defer_chaining(engine, settings.audit_chain == "deferred")
     if store is None:
         store = open_store(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url,
                            region=settings.s3_region)

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from fastapi import Depends, Request
 
-from quantyard import catalog
-from quantyard.catalog.identity import ROLE_RANK, Principal
-from quantyard.catalog.models import DEFAULT_ORGANIZATION_ID, DEFAULT_ORGANIZATION_NAME
-
 from api.errors import ApiError, not_found
+from quantyard import catalog
+from quantyard.catalog.identity import ROLE_RANK, Principal, hash_secret
+from quantyard.catalog.models import DEFAULT_ORGANIZATION_ID, DEFAULT_ORGANIZATION_NAME, ApiKey, utcnow
 
 log = logging.getLogger("quantyard.api")
 
@@ -52,6 +53,66 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
+class PrincipalCache:
+    """Keys this API process checked in the last ``ttl_s`` seconds: sha256(secret) -> (principal,
+    the key's expiry, when it was checked). Only valid keys are kept, so an unknown key is always
+    looked up. A key revoked elsewhere (another API process, `quantyard keys revoke`) keeps working
+    here for at most ``ttl_s`` (QUANTYARD_AUTH_CACHE_S); a revocation through this process
+    (DELETE /v1/keys/{id}) empties the cache first, so here it takes effect at once."""
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[Principal, object, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        principal, expires_at, checked = entry
+        if time.monotonic() - checked > self.ttl_s or (expires_at is not None and expires_at <= utcnow()):
+            self._entries.pop(digest, None)
+            return None
+        return principal
+
+    def put(self, digest: str, principal: Principal, expires_at) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) > 10_000:  # many keys: start over rather than grow without bound
+                self._entries.clear()
+            self._entries[digest] = (principal, expires_at, time.monotonic())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _principal_cache(request: Request) -> PrincipalCache:
+    state = request.app.state
+    cache = getattr(state, "principal_cache", None)
+    if cache is None:
+        cache = state.principal_cache = PrincipalCache(state.settings.auth_cache_s)
+    return cache
+
+
+def _lookup(request: Request, secret: str) -> Principal | None:
+    cache = _principal_cache(request)
+    if request.method == "DELETE" and request.url.path.startswith("/v1/keys/"):
+        cache.clear()  # a revocation: no key may be served from memory past it (in this process)
+    digest = hash_secret(secret)
+    found = cache.get(digest)
+    if found is not None:
+        return found
+    with request.app.state.session_factory() as s:
+        found = catalog.authenticate(s, secret=secret)
+        expires_at = s.get(ApiKey, found.key_id).expires_at if found is not None else None
+        s.commit()  # last_used_at
+    if found is not None:
+        cache.put(digest, found, expires_at)
+    return found
+
+
 def authenticated(request: Request) -> Principal:
     """The caller; also kept in ``request.state`` (``principal``, ``actor``) for audit records."""
     cached = getattr(request.state, "principal", None)
@@ -60,10 +121,7 @@ def authenticated(request: Request) -> Principal:
     if request.app.state.settings.auth == "disabled":
         principal = ANONYMOUS_ADMIN
     else:
-        secret = _bearer(request)
-        with request.app.state.session_factory() as s:
-            principal = catalog.authenticate(s, secret=secret)
-            s.commit()  # last_used_at
+        principal = _lookup(request, _bearer(request))
         if principal is None:
             raise unauthorized("the API key is unknown, expired or revoked")
     request.state.principal = principal

@@ -103,15 +103,20 @@ def _print_bootstrap_key(settings) -> None:
     sys.stdout.flush()
 
 
-def _run_api(settings) -> None:
+def _run_api(settings, workers: int = 1) -> None:
+    """uvicorn in this process, or ``workers`` processes (each builds its app from the
+    environment). Each process anchors the audit chain when it shuts down (api/app.py lifespan)."""
     import uvicorn
 
-    from api.app import create_app
-
-    app = create_app(settings)
     click.echo(f"Quantyard listening on http://{settings.host}:{settings.port}", err=False)
     sys.stdout.flush()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    if workers > 1:
+        uvicorn.run("api.app:create_app", factory=True, workers=workers, host=settings.host, port=settings.port,
+                    log_level="warning")
+        return
+    from api.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -126,12 +131,14 @@ def _stop(process: subprocess.Popen) -> None:
 @main.command()
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
-def api(host, port) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="uvicorn worker processes (one per core the API may use).")
+def api(host, port, workers) -> None:
     """Run the HTTP API only (production: several replicas behind a load balancer)."""
     _configure(host=host, port=port)
     settings = get_settings()
     _check_auth_binding(settings)
-    _run_api(settings)
+    _run_api(settings, workers)
 
 
 @main.command()
@@ -957,7 +964,7 @@ def keys_list(org, as_json) -> None:
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id) -> None:
-    """Revoke KEY_ID: it stops working at once."""
+    """Revoke KEY_ID: it stops working within QUANTYARD_AUTH_CACHE_S (5 s) on every API process."""
     from quantyard import catalog
 
     try:

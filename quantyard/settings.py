@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # disabled: everyone is an admin of the default organisation; `quantyard serve` allows it only
     # while bound to a loopback address.
     auth: Literal["required", "disabled"] = "required"
+    # An API process remembers a key it checked for this long (0: never): a key revoked through
+    # another process or the CLI stops working here within this bound (at once through this one).
+    auth_cache_s: float = Field(default=5.0, ge=0)
     # The key CLI client commands send (QUANTYARD_API_KEY).
     api_key: str | None = Field(default=None, repr=False)
     # A bearer token Prometheus may scrape /metrics with (QUANTYARD_METRICS_TOKEN), so a scraper
@@ -88,6 +91,11 @@ class Settings(BaseSettings):
     # seconds by workers and API processes off the request path; every API and worker process
     # also anchors when it shuts down. Together they bound what can be cut off the chain's tail.
     audit_anchor_every_events: int = Field(default=1000, ge=0)
+    # How audited changes join the hash chain (Postgres; SQLite is always direct): direct, each in
+    # its own transaction under the chain lock (one audited write at a time, service-wide), or
+    # deferred, written beside the change and chained in batches right after the commit
+    # (quantyard/catalog/audit_seal.py; for throughput: the chain lock is held once per batch).
+    audit_chain: Literal["direct", "deferred"] = "direct"
     # The database role the API and workers connect as (`quantyard db grant-app-role ROLE`):
     # `quantyard audit verify` checks it cannot UPDATE, DELETE or TRUNCATE audit_events.
     db_app_role: str | None = None

@@ -15,6 +15,7 @@ from typing import Iterator
 from sqlalchemy.orm import Session, sessionmaker
 
 from quantyard import catalog
+from quantyard.catalog.audit_seal import defer_chaining
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import ObjectStore, open_store
 from worker.scratch import process_scratch_dir, scratch_base
@@ -41,6 +42,7 @@ def worker_identity(hardware_class: str) -> str:
 def build_runtime(settings: Settings | None = None, *, worker_id: str | None = None) -> WorkerRuntime:
     settings = settings or get_settings()
     engine = catalog.make_engine(settings.resolved_database_url)
+    defer_chaining(engine, settings.audit_chain == "deferred")  # QUANTYARD_AUDIT_CHAIN (audit_seal.py)
     # This process's own folder: what a SIGKILLed process leaves is swept (worker/scratch.py).
     scratch = process_scratch_dir(scratch_base(settings))
     return WorkerRuntime(

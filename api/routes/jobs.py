@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -12,17 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from quantyard import catalog
-from quantyard.engine.errors import UnsupportedTarget
-from quantyard.engine.manifest import MANIFEST
-from quantyard.engine.spec import parse_target
-from quantyard.queue import enqueue_job
-
 from api.auth import requires
 from api.deps import actor, get_session, mark_audit, org_id, principal, request_info
 from api.errors import CATALOG_DOWN, ApiError, not_found
 from api.responses import JSONResponse
 from api.routes.sources import register_uri_source
+from quantyard import catalog
+from quantyard.engine.errors import UnsupportedTarget
+from quantyard.engine.manifest import MANIFEST
+from quantyard.engine.spec import parse_target
+from quantyard.queue import enqueue_job
 
 log = logging.getLogger("quantyard.api")
 
@@ -244,25 +244,26 @@ def brief_params(params: dict) -> dict:
     return out
 
 
-def resolve_source(request: Request, s: Session, ref: str) -> str:
-    """A source id, or a URI of this store (registered as a source on the fly); returns the id."""
-    if "://" not in ref:
-        source = catalog.get_source(s, source_id=ref, organization_id=org_id(request))
-        if source is None:
-            raise not_found("source", ref)
-        return source.id
-    return register_uri_source(request, ref)["id"]
+def resolve_source(request: Request, s: Session, ref: str):
+    """A source id, or a URI of this store (registered as a source on the fly); returns the source."""
+    source_id = ref if "://" not in ref else register_uri_source(request, ref)["id"]
+    source = catalog.get_source(s, source_id=source_id, organization_id=org_id(request))
+    if source is None:
+        raise not_found("source", ref)
+    return source
 
 
 @router.post("", status_code=202, summary="Submit a conversion job", dependencies=[requires("submitter")])
 def create_job(body: JobCreate, request: Request, s: Session = Depends(get_session)):
     mark_audit(request, "job.create", "job")
-    settings = request.app.state.settings
     hardware_class = check_hardware_class(body.hardware_class)
     targets = parse_targets(body.targets)
     check_labels(body.labels)
-    source_id = resolve_source(request, s, body.source)
-    check_targets_fit_source(catalog.get_source(s, source_id=source_id, organization_id=org_id(request)), targets)
+    # Held for the whole request: the session's identity map is weak, and every check below (and
+    # catalog.create_job) finds the source in it instead of reading it again.
+    source = resolve_source(request, s, body.source)
+    source_id = source.id
+    check_targets_fit_source(source, targets)
     check_source_not_withdrawn(s, source_id)
     job = catalog.create_job(s, source_id=source_id, targets=targets, hardware_class=hardware_class,
                              labels=dict(body.labels), actor=actor(request), request=request_info(request))
@@ -279,9 +280,36 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
         raise ApiError(503, "broker_unavailable", f"job {job_id} was recorded but could not be queued "
                        "(the job queue is unreachable); it is marked failed, submit it again later",
                        details={"job_id": job_id}, headers={"Retry-After": "5"}) from None
-    s.refresh(job)
-    data = job_json(job, WaitingReasons(s, settings.worker_stale_after_s))
+    # The job as committed (nothing read back: the session keeps what it wrote); the waiting
+    # reason of its hardware class is at most a second old (per process).
+    data = job_json(job, recent_waiting_reasons(request, s))
     return JSONResponse(data, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+WAITING_REASON_TTL_S = 1.0
+
+
+def recent_waiting_reasons(request: Request, s: Session):
+    """WaitingReasons for a submission, remembered per hardware class for WAITING_REASON_TTL_S in
+    this process: a burst of submissions does not ask the catalog about the workers each time.
+    GET /v1/jobs/{id} always computes it afresh."""
+    state = request.app.state
+    cache = getattr(state, "submit_waiting_reasons", None)
+    if cache is None:
+        cache = state.submit_waiting_reasons = {}
+    fresh = WaitingReasons(s, state.settings.worker_stale_after_s)
+
+    def reason(job: dict) -> str | None:
+        if job.get("status") != "queued":
+            return None
+        hc = job.get("hardware_class") or "cpu"
+        now = time.monotonic()
+        hit = cache.get(hc)
+        if hit is None or now - hit[0] > WAITING_REASON_TTL_S:
+            hit = cache[hc] = (now, fresh(job))
+        return hit[1]
+
+    return reason
 
 
 @router.get("", summary="List jobs (newest first)", dependencies=[requires("viewer")])

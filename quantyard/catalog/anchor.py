@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from quantyard.storage import S3Store
 
 from .audit import AuditVerification, canonical_json, record_audit, verify_audit_chain
+from .audit_seal import SEAL_EVERY_S, is_deferred, seal_left_behind, seal_pending
 from .models import AuditEvent, iso, utcnow
 
 log = logging.getLogger("quantyard.catalog.anchor")
@@ -159,6 +161,7 @@ def anchor_if_due(sessions: sessionmaker, store, *, interval_s: float, every_eve
     (0: no time rule) or ``every_events`` events (0: no count rule) came after it. No anchor yet:
     anchored at once by the time rule, after ``every_events`` events by the count rule."""
     now = now or utcnow()
+    _seal_first(sessions)
     with sessions() as s:
         if not _due(s, interval_s=interval_s, every_events=every_events, now=now):
             return None
@@ -169,6 +172,15 @@ def anchor_if_due(sessions: sessionmaker, store, *, interval_s: float, every_eve
         anchor = write_anchor(s, store, now=now, **kwargs)
         s.commit()
         return anchor
+
+
+def _seal_first(sessions: sessionmaker) -> None:
+    """With deferred chaining, chain what is pending before looking at the head (audit_seal.py)."""
+    with sessions() as s:
+        deferred = is_deferred(s)
+        engine = s.get_bind()
+    if deferred:
+        seal_pending(getattr(engine, "engine", engine), wait=True)
 
 
 def anchor_on_shutdown(sessions: sessionmaker, store, **kwargs) -> dict[str, Any] | None:
@@ -197,17 +209,29 @@ class AnchorWatcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> AnchorWatcher:
-        if self.interval_s > 0 or self.every_events > 0:
+        with self.sessions() as s:
+            deferred = is_deferred(s)
+        if self.interval_s > 0 or self.every_events > 0 or deferred:
             self._thread = threading.Thread(target=self._run, name="audit-anchor", daemon=True)
             self._thread.start()
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.check_every_s):
+        with self.sessions() as s:
+            deferred, bind = is_deferred(s), s.get_bind()
+        engine = getattr(bind, "engine", bind)
+        tick = min(SEAL_EVERY_S, self.check_every_s) if deferred else self.check_every_s
+        next_check = time.monotonic() + self.check_every_s
+        while not self._stop.wait(tick):
             try:
-                anchor_if_due(self.sessions, self.store, interval_s=self.interval_s, every_events=self.every_events)
-            except Exception:  # noqa: BLE001 - the next check retries
-                log.exception("audit anchor check failed")
+                if deferred:  # the background sealer: what a busy lock left pending after a commit
+                    seal_left_behind(engine)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.check_every_s
+                    anchor_if_due(self.sessions, self.store, interval_s=self.interval_s,
+                                  every_events=self.every_events)
+            except Exception:  # noqa: BLE001 - the next tick retries
+                log.exception("audit seal or anchor check failed")
 
     def stop(self, *, final_anchor: bool = True) -> dict[str, Any] | None:
         self._stop.set()

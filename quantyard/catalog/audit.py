@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from .audit_guard import Protection, check_protection
+from .audit_seal import AUDIT_PENDING, PENDING_FLAG, is_deferred, pending_count
 from .errors import CatalogError
 from .models import (
     GENESIS_HASH,
@@ -47,8 +48,8 @@ from .models import (
     AuditEvent,
     hashed_fields,
     new_id,
-    with_optional_hashed,
     utcnow,
+    with_optional_hashed,
 )
 
 log = logging.getLogger("quantyard.catalog.audit")
@@ -90,6 +91,8 @@ class AuditVerification:
     # The database's protections (audit_guard.py): what is missing, whatever the chain says.
     triggers_missing: tuple[str, ...] = ()
     grants_unsafe: tuple[str, ...] = ()
+    # Committed events not chained yet (deferred chaining, audit_seal.py): not checked here.
+    pending: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -135,6 +138,10 @@ def record_audit(
     Raises :class:`AuditUnavailable` when the database refuses the append; the caller's
     transaction is then unusable and must be rolled back (no change without its record)."""
     s.flush()  # the audited change fails on its own account, before the audit write is tried
+    if is_deferred(s):
+        return _record_pending(s, actor=actor, action=action, resource_type=resource_type, resource_id=resource_id,
+                               outcome=outcome, request=request or RequestInfo(), details=details,
+                               organization_id=organization_id)
     try:
         lock_audit_chain(s)
         head = s.execute(select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)).first()
@@ -164,6 +171,25 @@ def record_audit(
         raise AuditUnavailable(f"the audit record for {action} could not be written, so the change was not "
                                "made; try again later") from exc
     return event
+
+
+def _record_pending(s: Session, *, actor, action, resource_type, resource_id, outcome, request: RequestInfo,
+                    details, organization_id) -> AuditEvent:
+    """Deferred chaining (audit_seal.py): the event goes to audit_pending in the caller's
+    transaction, no chain lock; it is chained right after the commit. Returns the event unchained
+    (no seq or hashes yet; not part of the session)."""
+    fields = dict(id=new_id("aud"), at=utcnow(), actor=actor, action=action, resource_type=resource_type,
+                  resource_id=resource_id, outcome=outcome, request_id=request.request_id,
+                  source_ip=request.source_ip, user_agent=request.user_agent, details=_jsonable(details),
+                  organization_id=organization_id if organization_id is not None else request.organization_id)
+    try:
+        s.execute(AUDIT_PENDING.insert().values(**fields))
+    except DBAPIError as exc:
+        log.error("audit append refused for %s %s/%s: %s", action, resource_type, resource_id, exc.orig)
+        raise AuditUnavailable(f"the audit record for {action} could not be written, so the change was not "
+                               "made; try again later") from exc
+    s.info[PENDING_FLAG] = True
+    return AuditEvent(**fields)
 
 
 # ------------------------------------------------------------------------------------ verification
@@ -330,6 +356,7 @@ def verify_audit_chain(s: Session, *, batch_size: int = 1000,
     for a in anchors or ():
         by_seq.setdefault(int(a["seq"]), []).append(a)
     result = verify_events(iter_chain_rows(s, batch_size=batch_size), anchors=by_seq)
+    result = replace(result, pending=pending_count(s))
     return with_protection(result, check_protection(s, app_role=app_role)) if protection else result
 
 

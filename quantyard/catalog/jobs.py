@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from .audit import RequestInfo, record_audit
 from .errors import InvalidArgument, NotFound
@@ -119,6 +120,7 @@ def create_job(
     ]
     s.add(job)
     s.flush()
+    set_committed_value(job, "artifacts", [])  # a new job has none: no read-back to show it
     record_audit(
         s,
         actor=actor,

@@ -45,7 +45,7 @@ def cli_verify(catalog_url, tmp_path, *extra) -> tuple[int, dict, str]:
     return code, json.loads(out), text_out
 
 
-def test_dropped_triggers_and_a_cut_tail_are_both_reported(factory, engine, catalog_url, chain, tmp_path):
+def test_dropped_triggers_and_a_cut_tail_are_both_reported(factory, engine, catalog_url, chain, tmp_path):  # noqa: F811 (the fixture)
     store = store_for(tmp_path)
     assert anchor_on_shutdown(factory, store)["seq"] == 10  # what a stopping API or worker writes
     assert anchor_on_shutdown(factory, store) is None  # nothing new since: no second anchor
@@ -79,7 +79,7 @@ def test_dropped_triggers_and_a_cut_tail_are_both_reported(factory, engine, cata
 
 
 @postgres_only
-def test_disabled_trigger_and_unsafe_grants_are_reported(factory, engine, catalog_url, chain, tmp_path):
+def test_disabled_trigger_and_unsafe_grants_are_reported(factory, engine, catalog_url, chain, tmp_path):  # noqa: F811 (the fixture)
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_truncate"))
     with factory() as s:
@@ -99,7 +99,7 @@ def test_disabled_trigger_and_unsafe_grants_are_reported(factory, engine, catalo
 
 
 @postgres_only
-def test_the_app_role_is_checked(factory, catalog_url, chain, tmp_path):
+def test_the_app_role_is_checked(factory, catalog_url, chain, tmp_path):  # noqa: F811 (the fixture)
     with app_role(catalog_url, tmp_path) as url:  # quantyard db grant-app-role: safe
         role = url.split("://", 1)[1].split("@", 1)[0]
         code, data, _ = cli_verify(catalog_url, tmp_path, "--app-role", role)
@@ -152,3 +152,120 @@ def test_the_api_anchors_when_it_shuts_down(catalog_url, tmp_path):
     assert [a["seq"] for a in anchors] == [1]
     with catalog.make_session_factory(catalog.make_engine(catalog_url))() as s:
         assert verify_with_anchors(s, store_for(tmp_path)).ok
+
+
+# ------------------------------------------------------------------------ deferred chaining
+
+
+@pytest.fixture
+def deferred(engine, factory):
+    from quantyard.catalog.audit_seal import defer_chaining
+
+    defer_chaining(engine)
+    yield factory
+    defer_chaining(engine, False)
+
+
+@postgres_only
+def test_deferred_events_are_chained_right_after_commit(deferred, engine, source):
+    from quantyard.catalog.audit_seal import pending_count
+
+    for i in range(3):
+        with deferred.begin() as s:
+            catalog.create_job(s, source_id=source.id, targets=["gguf:Q8_0"], labels={"n": str(i)},
+                               actor="key:alice", request=REQ)
+    rows = events(deferred)
+    assert [r["action"] for r in rows] == ["source.create"] + ["job.create"] * 3
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4]
+    with deferred() as s:
+        result = catalog.verify_audit_chain(s)
+        assert result.ok and result.checked == 4 and result.pending == 0 and pending_count(s) == 0
+
+
+@postgres_only
+def test_concurrent_deferred_writes_make_one_unbroken_chain(deferred, engine, source):
+    """8 threads x 25 jobs: every job has exactly one job.create event, the chain verifies, and a
+    seal that found the lock busy left nothing behind once the sealer has run."""
+    import threading
+
+    from quantyard.catalog.audit_seal import seal_pending
+
+    made: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        for i in range(25):
+            with deferred.begin() as s:
+                job = catalog.create_job(s, source_id=source.id, targets=["gguf:Q8_0"], actor="key:alice",
+                                         labels={"t": str(n), "i": str(i)}, request=REQ)
+            with lock:
+                made.append(job.id)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seal_pending(engine, wait=True)
+    rows = events(deferred)
+    created = [r["resource_id"] for r in rows if r["action"] == "job.create"]
+    assert sorted(created) == sorted(made) and len(set(created)) == 200
+    assert [r["seq"] for r in rows] == list(range(1, 202))
+    with deferred() as s:
+        result = catalog.verify_audit_chain(s)
+    assert result.ok and result.checked == 201 and result.pending == 0
+
+
+@postgres_only
+def test_a_pending_event_cannot_be_changed_or_dropped_and_is_chained_later(deferred, engine, catalog_url, source,
+                                                                           tmp_path):
+    from sqlalchemy.exc import DBAPIError
+
+    from quantyard.catalog.audit import AUDIT_LOCK_KEY
+    from quantyard.catalog.audit_seal import seal_pending
+
+    with engine.connect() as holder:  # the chain lock is busy: the event stays pending
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": AUDIT_LOCK_KEY})
+        with deferred.begin() as s:
+            catalog.record_audit(s, actor="key:x", action="note", resource_type="test", resource_id="p")
+        with deferred() as s:
+            assert catalog.verify_audit_chain(s).pending == 1
+        for statement in ("UPDATE audit_pending SET actor = 'key:mallory'", "DELETE FROM audit_pending",
+                          "TRUNCATE audit_pending"):
+            with pytest.raises(DBAPIError, match="audit_pending"), engine.begin() as conn:
+                conn.execute(text(statement))
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": AUDIT_LOCK_KEY})
+        holder.commit()
+    assert seal_pending(engine) == 1
+    rows = events(deferred)
+    assert (rows[-1]["action"], rows[-1]["actor"], rows[-1]["seq"]) == ("note", "key:x", 2)
+    with deferred() as s:
+        result = catalog.verify_audit_chain(s)
+        assert result.ok and result.pending == 0
+    # Sealed, an event is as tamper-evident as any: deleting it is a gap.
+    from tests.catalog.test_audit_tamper import tamper
+
+    note(deferred, 1)
+    tamper(engine, "DELETE FROM audit_events WHERE seq = 2")
+    with deferred() as s:
+        result = catalog.verify_audit_chain(s)
+    assert (result.ok, result.problem, result.first_bad_seq) == (False, "missing", 3)
+
+
+@postgres_only
+def test_a_refused_pending_write_rolls_the_change_back(deferred, engine, source):
+    from sqlalchemy import func, select
+
+    from quantyard.catalog import Job
+
+    with engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION t_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          "RAISE EXCEPTION 'refused'; END $$"))
+        conn.execute(text("CREATE TRIGGER t_refuse BEFORE INSERT ON audit_pending FOR EACH ROW "
+                          "EXECUTE FUNCTION t_refuse()"))
+    from quantyard.catalog.audit import AuditUnavailable
+
+    with pytest.raises(AuditUnavailable), deferred.begin() as s:
+        catalog.create_job(s, source_id=source.id, targets=["gguf:Q8_0"], actor="key:alice", request=REQ)
+    with deferred() as s:
+        assert s.execute(select(func.count()).select_from(Job)).scalar_one() == 0

@@ -1,0 +1,203 @@
+"""Deferred chaining: audit events written beside the change, sealed into the chain in batches.
+
+Direct chaining (the default, and always on SQLite) appends each event to ``audit_events`` in the
+change's transaction under the chain lock, so every audited write in the whole service waits for
+the previous one to *commit* (its WAL flush included): one writer at a time.
+
+Deferred chaining (``QUANTYARD_AUDIT_CHAIN=deferred``, Postgres; ``defer_chaining(engine)``):
+
+- ``record_audit`` INSERTs the event into ``audit_pending`` in the change's transaction, without
+  the lock. The change and its event commit together or not at all (fail closed as before).
+- Right after that commit (a session ``after_commit`` hook) the committing process tries the chain
+  lock and, when it gets it, *seals*: in one transaction it reads every committed pending event
+  (``pending_seq`` order), computes seq / prev_hash / hash from the chain head exactly as a direct
+  append would, INSERTs them into ``audit_events`` and deletes them from ``audit_pending``. One
+  seal chains everything committed meanwhile (a batch), so the lock is held once per batch, not
+  once per write. Under contention the lock is busy and the event waits for the holder's next
+  round or for the background sealer: every ``SEAL_EVERY_S`` in API processes when one of their
+  commits found the lock busy, and in every process before each anchor check (every 5 s, see
+  anchor.py) and at shutdown. So an event is chained at once, or within 0.1 s (API) / 5 s
+  (workers) while its process runs, or by any later seal (every process seals everything).
+- Until sealed, an event is protected by the migration 0009 triggers only: nobody may UPDATE a
+  pending event and one may be deleted only once an event with its id is in the chain. Once
+  sealed it has every guarantee of a direct event: the hash chain, ``verify``, the anchors.
+  ``verify`` reports how many events are still pending (``pending``).
+
+Order: the chain is in seal order, which follows commit order closely; ``at`` is the time of the
+change, so it may step back slightly from one seq to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.orm import Session
+
+from .models import GENESIS_HASH, AuditEvent, Base, JSONType, UTCDateTime, hashed_fields
+
+log = logging.getLogger("quantyard.catalog.audit")
+
+AUDIT_PENDING = Table(
+    "audit_pending", Base.metadata,
+    Column("pending_seq", BigInteger().with_variant(Integer, "sqlite"), autoincrement=True, nullable=False),
+    Column("id", String(40), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(100), nullable=False),
+    Column("resource_type", String(50), nullable=False),
+    Column("resource_id", String(200)),
+    Column("outcome", String(50), nullable=False),
+    Column("request_id", String(200)),
+    Column("source_ip", String(100)),
+    Column("user_agent", Text()),
+    Column("details", JSONType, nullable=False),
+    Column("organization_id", String(40)),
+    PrimaryKeyConstraint("pending_seq"),
+    UniqueConstraint("id"),
+)
+EVENT_COLUMNS = tuple(c.name for c in AUDIT_PENDING.columns if c.name != "pending_seq")
+
+SEAL_BATCH = 2000
+SEAL_EVERY_S = 0.1
+# The session flag record_audit sets when it wrote a pending event (sealed after the commit).
+PENDING_FLAG = "quantyard_audit_pending"
+
+_deferred: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def defer_chaining(engine: Engine, enabled: bool = True) -> None:
+    """Make ``record_audit`` on sessions of ``engine`` write pending events (Postgres only)."""
+    if enabled and engine.dialect.name == "postgresql":
+        _deferred.add(engine)
+    else:
+        _deferred.discard(engine)
+
+
+def is_deferred(s: Session) -> bool:
+    bind = s.get_bind()
+    return getattr(bind, "engine", bind) in _deferred
+
+
+def pending_count(s: Session) -> int:
+    if s.get_bind().dialect.name != "postgresql":
+        return 0
+    return s.execute(select(func.count()).select_from(AUDIT_PENDING)).scalar_one()
+
+
+# One sealer per process at a time: a thread that finds another sealing skips the database
+# round trips (the one sealing goes round again while it finds events, and takes this one's).
+_local_sealer = threading.Lock()
+# Set when a seal after a commit found the lock busy: the background sealer of this process then
+# looks on its next tick (otherwise it stays off the database).
+_left_behind = threading.Event()
+
+
+def seal_left_behind(engine: Engine) -> int | None:
+    """The background sealer's tick: seal only if a commit of this process left events pending."""
+    if not _left_behind.is_set():
+        return 0
+    _left_behind.clear()
+    sealed = seal_pending(engine)
+    if sealed is None:
+        _left_behind.set()
+    return sealed
+
+
+def seal_pending(engine: Engine, *, wait: bool = False, rounds: int = 10) -> int | None:
+    """Chain every committed pending event; returns how many were sealed, or None when the lock
+    was busy (``wait=False``: another sealer or a direct append holds it)."""
+    if not _local_sealer.acquire(blocking=wait):
+        return None
+    try:
+        return _seal_rounds(engine, wait=wait, rounds=rounds)
+    finally:
+        _local_sealer.release()
+
+
+def _seal_rounds(engine: Engine, *, wait: bool, rounds: int) -> int | None:
+    from .audit import AUDIT_LOCK_KEY  # audit.py imports this module
+
+    total = 0
+    for _ in range(rounds):
+        with engine.begin() as conn:
+            if wait:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY})
+            elif not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY}).scalar():
+                return total or None
+            n = _seal_batch(conn)
+        total += n
+        if n == 0:  # nothing left that is visible; events committed meanwhile were found this round
+            return total
+    return total
+
+
+def _seal_batch(conn) -> int:
+    """One statement reads the head and the batch (after the lock: a snapshot taken before it could
+    miss the previous sealer's head), one inserts the chained events, one removes them."""
+    head = (select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+            .subquery().lateral("head"))
+    batch = (select(AUDIT_PENDING, head.c.seq.label("head_seq"), head.c.hash.label("head_hash"))
+             .select_from(AUDIT_PENDING).outerjoin(head, text("true"))
+             .order_by(AUDIT_PENDING.c.pending_seq).limit(SEAL_BATCH))
+    rows = conn.execute(batch).mappings().all()
+    if not rows:
+        return 0
+    first = rows[0]
+    seq, prev_hash = ((first["head_seq"], first["head_hash"]) if first["head_seq"] is not None
+                      else (0, GENESIS_HASH))
+    from .audit import event_hash
+
+    events = []
+    for row in rows:
+        seq += 1
+        fields = {c: row[c] for c in EVENT_COLUMNS}
+        fields.update(seq=seq, prev_hash=prev_hash)
+        fields["hash"] = prev_hash = event_hash(hashed_fields(fields))
+        events.append(fields)
+    conn.execute(insert(AuditEvent.__table__), events)
+    conn.execute(delete(AUDIT_PENDING).where(AUDIT_PENDING.c.pending_seq.in_([r["pending_seq"] for r in rows])))
+    return len(rows)
+
+
+@event.listens_for(Session, "after_commit")
+def _seal_after_commit(session: Session) -> None:
+    """Seal right after a commit that wrote pending events (the session can't run SQL here: the
+    seal uses a connection of its own). A busy lock is not waited for: its holder goes round again
+    while it finds events, and the background sealer takes what is left."""
+    if not session.info.pop(PENDING_FLAG, False):
+        return
+    bind = session.get_bind()
+    try:
+        if seal_pending(getattr(bind, "engine", bind)) is None:
+            _left_behind.set()
+    except Exception:  # noqa: BLE001 - the event is committed; a later seal chains it
+        _left_behind.set()
+        log.warning("sealing audit events after a commit failed; the background sealer retries", exc_info=True)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_pending(session: Session) -> None:
+    session.info.pop(PENDING_FLAG, None)
+
+
+__all__ = ["AUDIT_PENDING", "PENDING_FLAG", "SEAL_EVERY_S", "defer_chaining", "is_deferred", "pending_count",
+           "seal_left_behind", "seal_pending"]
