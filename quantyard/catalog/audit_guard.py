@@ -8,7 +8,8 @@ the next tampering. So ``verify_audit_chain`` also checks, on the live catalog:
   raises must together refuse UPDATE, DELETE and TRUNCATE (``audit_events_no_update_delete``,
   ``audit_events_no_truncate``); on SQLite, ``audit_events_no_update`` and ``audit_events_no_delete``.
   A trigger that is dropped, disabled (``ALTER TABLE ... DISABLE TRIGGER``), set to fire only in
-  replica mode, or whose function no longer raises is reported in ``triggers_missing``.
+  replica mode, or whose function no longer raises is reported in ``triggers_missing``. The same
+  for ``audit_pending``'s guard (migration 0009: ``audit_pending_guard``, ``audit_pending_no_truncate``).
 - **grants** (Postgres; ``quantyard db grant-app-role``): no role but the table owner may UPDATE,
   DELETE or TRUNCATE ``audit_events`` through a grant (PUBLIC included), and the application's
   role — given, configured (``QUANTYARD_DB_APP_ROLE``), or the verifying connection's own user
@@ -31,6 +32,9 @@ TABLE = "audit_events"
 GUARDED_OPS = ("UPDATE", "DELETE", "TRUNCATE")
 # The triggers migration 0001 installs, and what each refuses (named in reports).
 PG_TRIGGERS = {"audit_events_no_update_delete": ("UPDATE", "DELETE"), "audit_events_no_truncate": ("TRUNCATE",)}
+# Events waiting to be chained (deferred chaining, migration 0009) have their own guard.
+PENDING_TABLE = "audit_pending"
+PG_PENDING_TRIGGERS = {"audit_pending_guard": ("UPDATE", "DELETE"), "audit_pending_no_truncate": ("TRUNCATE",)}
 SQLITE_TRIGGERS = {"audit_events_no_update": "UPDATE", "audit_events_no_delete": "DELETE"}
 
 # pg_trigger.tgtype bits (src/include/catalog/pg_trigger.h)
@@ -59,17 +63,20 @@ class Protection:
 def check_protection(s: Session, *, app_role: str | None = None) -> Protection:
     dialect = s.get_bind().dialect.name
     if dialect == "postgresql":
-        return Protection(tuple(_pg_trigger_problems(s)), tuple(_pg_grant_problems(s, app_role)))
+        triggers = _pg_trigger_problems(s, TABLE, PG_TRIGGERS)
+        if s.execute(text("SELECT to_regclass(:t)"), {"t": PENDING_TABLE}).scalar() is not None:
+            triggers += _pg_trigger_problems(s, PENDING_TABLE, PG_PENDING_TRIGGERS)
+        return Protection(tuple(triggers), tuple(_pg_grant_problems(s, app_role)))
     if dialect == "sqlite":
         return Protection(tuple(_sqlite_trigger_problems(s)))
     return Protection()
 
 
-def _pg_trigger_problems(s: Session) -> list[str]:
+def _pg_trigger_problems(s: Session, table: str, expected: dict[str, tuple[str, ...]]) -> list[str]:
     rows = s.execute(text(
         "SELECT t.tgname, t.tgenabled, t.tgtype, p.proname, p.prosrc FROM pg_trigger t "
         "JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = to_regclass(:t) AND NOT t.tgisinternal"),
-        {"t": TABLE}).all()
+        {"t": table}).all()
     covered: set[str] = set()
     notes: dict[str, str] = {}
     for name, enabled, tgtype, proname, prosrc in rows:
@@ -84,7 +91,7 @@ def _pg_trigger_problems(s: Session) -> list[str]:
         else:
             covered |= ops
     problems = []
-    for name, ops in PG_TRIGGERS.items():
+    for name, ops in expected.items():
         uncovered = [op for op in ops if op not in covered]
         if uncovered:
             problems.append(f"{name} ({', '.join(uncovered)} not refused): {notes.get(name, 'missing')}")
@@ -144,4 +151,4 @@ def _sqlite_trigger_problems(s: Session) -> list[str]:
     return problems
 
 
-__all__ = ["GUARDED_OPS", "PG_TRIGGERS", "Protection", "SQLITE_TRIGGERS", "check_protection"]
+__all__ = ["GUARDED_OPS", "PG_PENDING_TRIGGERS", "PG_TRIGGERS", "Protection", "SQLITE_TRIGGERS", "check_protection"]

@@ -96,6 +96,10 @@ def test_disabled_trigger_and_unsafe_grants_are_reported(factory, engine, catalo
         conn.execute(text("REVOKE DELETE, TRUNCATE ON audit_events FROM PUBLIC"))
     code, data, _ = cli_verify(catalog_url, tmp_path)
     assert code == 0 and data["ok"] and data["grants_unsafe"] == []
+    with engine.begin() as conn:  # the guard of the events waiting to be chained counts too
+        conn.execute(text("DROP TRIGGER audit_pending_guard ON audit_pending"))
+    code, data, _ = cli_verify(catalog_url, tmp_path)
+    assert code == 1 and data["triggers_missing"] == ["audit_pending_guard (UPDATE, DELETE not refused): missing"]
 
 
 @postgres_only
