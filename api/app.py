@@ -14,6 +14,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from api import dashboard, docs
+from api.auth import authenticated
+from api.deps import known_query
+from api.errors import COMMON_ERRORS, error_responses, install_error_handlers
+from api.metrics import make_registry
+from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from api.responses import JSONResponse
+from api.routes import artifacts, audit, capabilities, health, jobs, keys, sources
 from quantyard import catalog
 from quantyard.catalog.anchor import AnchorWatcher
 from quantyard.catalog.audit_seal import defer_chaining
@@ -21,15 +29,6 @@ from quantyard.catalog.db import engine_options
 from quantyard.queue import make_celery
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import open_store
-
-from api import dashboard, docs
-from api.auth import authenticated
-from api.deps import known_query
-from api.errors import COMMON_ERRORS, error_responses, install_error_handlers
-from api.responses import JSONResponse
-from api.metrics import make_registry
-from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
-from api.routes import artifacts, audit, capabilities, health, jobs, keys, sources
 
 log = logging.getLogger("quantyard.api")
 

@@ -12,7 +12,6 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.responses import JSONResponse
-
 from quantyard.archive import InvalidArchive, UnsafeArchive
 from quantyard.catalog.audit import AuditUnavailable
 from quantyard.catalog.errors import CatalogError, InvalidArgument, InvalidCursor, InvalidState, NotFound

@@ -11,10 +11,9 @@ import logging
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from api import stats
 from quantyard import catalog
 from quantyard.engine.manifest import MANIFEST
-
-from api import stats
 
 log = logging.getLogger("quantyard.api")
 

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import _harness
-
 import atheris
 
 with atheris.instrument_imports(include=["quantyard", "tarfile", "zipfile", "gzip"]):

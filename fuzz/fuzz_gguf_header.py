@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import _harness
-
 import atheris
 
 with atheris.instrument_imports(include=["quantyard"]):

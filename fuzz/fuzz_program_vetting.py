@@ -9,7 +9,6 @@ file written by an input would be a finding too.
 from __future__ import annotations
 
 import _harness
-
 import atheris
 
 with atheris.instrument_imports(include=["quantyard"]):

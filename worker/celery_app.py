@@ -7,25 +7,29 @@ from __future__ import annotations
 
 import logging
 
+from billiard.exceptions import WorkerLostError
 from celery import Celery, bootsteps
 from celery.signals import worker_shutdown
 from celery.worker.request import Request
-from billiard.exceptions import WorkerLostError
 
 from quantyard import catalog
 from quantyard.catalog.anchor import CHECK_EVERY_S, anchor_if_due, anchor_on_shutdown
 from quantyard.catalog.retention import purge_due
 from quantyard.queue import (
-    CONVERT_TARGET_TASK, CONVERT_TASK, enqueue_target, make_celery, queue_name,
+    CONVERT_TARGET_TASK,
+    CONVERT_TASK,
+    enqueue_target,
+    make_celery,
+    queue_name,
 )
 from quantyard.settings import Settings, get_settings
 from worker import hardware
 from worker.outage import backoff_s, is_catalog_outage, wait_for_catalog
 from worker.pipeline import run_job
 from worker.reconciler import Reconciler
-from worker.target_pipeline import run_target
 from worker.runtime import build_runtime, runtime_for_this_process
 from worker.scratch import scratch_base, sweep_in_background
+from worker.target_pipeline import run_target
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import random
 import time
 from collections.abc import Iterator
 
-from sqlalchemy import text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
+from worker.limits import ScratchQuota, memory_limit, resource_limit_of, scratch_limit
+from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.publish import publish, target_recipe
 from worker.reuse import find_present, imatrix_spec, reuse, reuse_known_targets
-from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
-from worker.limits import ScratchQuota, memory_limit, resource_limit_of, scratch_limit
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import JobWatch, LeaseLost

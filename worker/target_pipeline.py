@@ -16,12 +16,12 @@ from pathlib import Path
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target, split_max_bytes
+from worker.limits import ScratchQuota, resource_limit_of, scratch_limit
+from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.publish import publish, target_recipe
 from worker.reuse import find_present, reuse
-from worker.limits import ScratchQuota, resource_limit_of, scratch_limit
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
-from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.watch import LeaseLost, TargetWatch
 
 log = logging.getLogger(__name__)

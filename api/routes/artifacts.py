@@ -11,14 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from quantyard import cards, catalog
-from quantyard.catalog.lineage import MAX_DEPTH as MAX_LINEAGE_DEPTH
-from quantyard.catalog.search import make_filters
-
 from api.auth import requires
 from api.deps import actor, caller_may_use_withdrawn, get_session, mark_audit, org_id, request_info
 from api.errors import CATALOG_DOWN, ApiError, not_found, out_of_range
 from api.responses import dumps
+from quantyard import cards, catalog
+from quantyard.catalog.lineage import MAX_DEPTH as MAX_LINEAGE_DEPTH
+from quantyard.catalog.search import make_filters
 
 # Sizes are stored as signed 64-bit integers.
 MAX_SIZE = 2**63 - 1

@@ -18,11 +18,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from quantyard.catalog.audit import iter_export
-
 from api.auth import is_operator, requires
 from api.deps import principal
 from api.errors import ApiError, out_of_range
+from quantyard.catalog.audit import iter_export
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 

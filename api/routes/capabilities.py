@@ -5,11 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.orm import Session
 
-from quantyard import catalog
-from quantyard.engine.manifest import capabilities as engine_capabilities
-
 from api.auth import requires
 from api.deps import get_session
+from quantyard import catalog
+from quantyard.engine.manifest import capabilities as engine_capabilities
 
 router = APIRouter(prefix="/v1", tags=["capabilities"])
 

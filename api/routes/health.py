@@ -16,10 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from quantyard.queue import broker_ping
-
 from api.auth import metrics_reader
 from api.responses import JSONResponse
+from quantyard.queue import broker_ping
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("quantyard.api")

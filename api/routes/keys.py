@@ -13,13 +13,12 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from quantyard import catalog
-from quantyard.catalog.models import API_ROLES, utcnow
-
 from api.auth import is_operator, requires
 from api.deps import actor, get_session, mark_audit, principal, request_info
 from api.errors import ApiError, not_found
 from api.responses import JSONResponse
+from quantyard import catalog
+from quantyard.catalog.models import API_ROLES, utcnow
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

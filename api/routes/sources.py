@@ -8,15 +8,14 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from quantyard import archive, catalog
-from quantyard.cards import facts
-
 from api import uploads
 from api.auth import requires
 from api.deps import actor, get_session, mark_audit, org_id, request_info
 from api.errors import ApiError, not_found
 from api.responses import JSONResponse
 from api.routes.artifacts import ReinstateIn, WithdrawIn, lineage_params
+from quantyard import archive, catalog
+from quantyard.cards import facts
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])
 

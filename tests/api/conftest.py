@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 
 from quantyard import catalog
 from quantyard.settings import Settings
-
 from tests.api import archives
 
 MiB = 1 << 20

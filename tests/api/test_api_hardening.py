@@ -15,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 
 from quantyard import catalog
-
 from tests.api import archives
 from tests.api.conftest import build_client, make_settings, upload
 

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 from quantyard import catalog
 from quantyard.catalog.models import utcnow
-
 from tests.api.conftest import build_client, make_key, make_settings
 
 ROLES = ("viewer", "submitter", "maintainer", "admin")

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from quantyard import catalog
-
 from tests.api.conftest import make_key, make_settings
 
 pytestmark = pytest.mark.timeout(300)

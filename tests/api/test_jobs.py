@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import socket
 
-
 from quantyard import catalog
 from quantyard.queue import CONVERT_TASK
-
 from tests.api.conftest import broker_messages, build_client, make_settings
 
 

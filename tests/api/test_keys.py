@@ -16,7 +16,6 @@ from sqlalchemy import select
 
 from quantyard import catalog
 from quantyard.catalog.models import ApiKey, AuditEvent, utcnow
-
 from tests.api.conftest import make_key
 
 REPO = Path(__file__).resolve().parents[2]

@@ -26,7 +26,6 @@ from schemathesis.specs.openapi import checks as oa  # noqa: E402
 
 from quantyard import catalog  # noqa: E402
 from quantyard.catalog.models import DEFAULT_ORGANIZATION_ID  # noqa: E402
-
 from tests.api.conftest import build_client, make_key, make_settings  # noqa: E402
 
 ROLES = ("viewer", "submitter", "maintainer", "admin")

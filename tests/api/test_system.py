@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 from quantyard import catalog
-
 from tests.api.conftest import build_client, make_settings
 from tests.api.test_jobs import submit
 

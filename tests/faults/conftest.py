@@ -149,7 +149,8 @@ class FaultStack:
 
 def _require_tools() -> None:
     missing = [what for what, ok in (
-        ("Postgres 15 binaries", (Path(os.environ.get("QUANTYARD_TEST_PG_BIN", "/usr/lib/postgresql/15/bin")) / "initdb").exists()),
+        ("Postgres 15 binaries",
+         (Path(os.environ.get("QUANTYARD_TEST_PG_BIN", "/usr/lib/postgresql/15/bin")) / "initdb").exists()),
         ("redis-server", shutil.which("redis-server") is not None),
         ("weed", find_weed() is not None)) if not ok]
     if missing:

@@ -10,8 +10,13 @@ import httpx
 import pytest
 
 from tests.faults.checks import (
-    assert_scratch_clean, assert_store_clean, assert_succeeded_exactly_once, attempts_summary,
-    get_job, submit, wait_final,
+    assert_scratch_clean,
+    assert_store_clean,
+    assert_succeeded_exactly_once,
+    attempts_summary,
+    get_job,
+    submit,
+    wait_final,
 )
 from tests.faults.services import wait_until
 

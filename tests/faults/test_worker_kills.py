@@ -18,8 +18,13 @@ import time
 import pytest
 
 from tests.faults.checks import (
-    assert_scratch_clean, assert_store_clean, assert_succeeded_exactly_once, attempts_summary,
-    running_owner, submit, wait_final,
+    assert_scratch_clean,
+    assert_store_clean,
+    assert_succeeded_exactly_once,
+    attempts_summary,
+    running_owner,
+    submit,
+    wait_final,
 )
 from tests.faults.conftest import LEASE_S
 from tests.faults.services import wait_until

@@ -391,7 +391,6 @@ def torchscript_pickle(marker: Path, member: str) -> bytes:
 
 def onnx_external(location: str, *, length: int | None = None) -> dict[str, bytes]:
     """A one-MatMul .onnx whose weight lives in external data at `location` (+ a real w.bin)."""
-    import onnx
     from onnx import TensorProto, helper
 
     weight = TensorProto()

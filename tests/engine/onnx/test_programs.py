@@ -95,7 +95,7 @@ def _check_against_torch(path: Path, module, max_diff: float, min_cos: float) ->
         with torch.no_grad():
             refs = [r.numpy() for r in module(x)]
         assert [o.shape for o in outs] == [r.shape for r in refs]
-        for out, ref in zip(outs, refs):
+        for out, ref in zip(outs, refs, strict=False):
             assert np.abs(out - ref).max() < max_diff
             assert _cosine_min(out, ref) > min_cos
 
