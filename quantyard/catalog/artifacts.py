@@ -56,7 +56,7 @@ def create_source(
         resource_id=source.id,
         request=request,
         details={"name": name, "sha256": sha256, "size_bytes": size_bytes, "uri": uri,
-                 **({"base_model": metadata["base_model"]} if (metadata or {}).get("base_model") else {})},
+                 **({"base_model": (metadata or {})["base_model"]} if (metadata or {}).get("base_model") else {})},
     )
     return source
 

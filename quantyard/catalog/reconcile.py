@@ -32,9 +32,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Engine, String, func, select, text, update
+from sqlalchemy import BigInteger, CursorResult, Engine, String, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Mapped, Session, lazyload, mapped_column
 
@@ -185,6 +185,7 @@ def last_resends(s: Session, *, job_ids: set[str]) -> dict[tuple[str, str | None
     """When each (job id, target id or None) was last re-sent, from the audit chain."""
     out: dict[tuple[str, str | None], datetime] = {}
     for e in _last_events(s, job_ids, RESEND_ACTION):
+        assert e.resource_id is not None  # selected by resource_id IN job_ids
         out[(e.resource_id, (e.details or {}).get("target_id"))] = e.at
     return out
 
@@ -194,6 +195,7 @@ def dispatch_inputs(s: Session, *, job_ids: set[str]) -> dict[str, dict[str, Any
     event records them; see ``mark_dispatched``)."""
     out: dict[str, dict[str, Any]] = {}
     for e in _last_events(s, job_ids, DISPATCH_ACTION):
+        assert e.resource_id is not None  # selected by resource_id IN job_ids
         out[e.resource_id] = dict((e.details or {}).get("inputs") or {})
     return out
 
@@ -250,6 +252,7 @@ def find_lost(s: Session, *, grace_s: float, stale_after_s: float, waiting: set[
             continue  # re-sent recently: give that message time
         if kind.startswith("expired"):
             expired_at = (target or job).lease_expires_at
+            assert expired_at is not None  # the expired kinds are selected by lease_expires_at < now
             reason = f"its lease expired at {expired_at.isoformat()} (worker {(target or job).worker_id} stopped)"
         else:
             if job.hardware_class not in free:
@@ -292,8 +295,8 @@ def record_resends(s: Session, *, resends: Iterable[Resend], actor: str) -> int:
                      details={"kind": r.kind, "target_id": r.target_id, "reason": r.reason})
         counts[r.kind] = counts.get(r.kind, 0) + 1
     for kind, n in counts.items():
-        changed = s.execute(update(ReconcilerResend).where(ReconcilerResend.kind == kind)
-                            .values(count=ReconcilerResend.count + n, last_at=now)).rowcount
+        changed = cast(CursorResult, s.execute(update(ReconcilerResend).where(ReconcilerResend.kind == kind)
+                                               .values(count=ReconcilerResend.count + n, last_at=now))).rowcount
         if not changed:
             s.add(ReconcilerResend(kind=kind, count=n, last_at=now))
         s.flush()

@@ -8,13 +8,14 @@ Same transaction rule as the rest of the catalog: the caller commits.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from .audit import record_audit
 from .errors import NotFound
-from .jobs import ClaimOutcome, _finish, _last_cause, _lock_job, _worker_actor, exhausted_message, lease_expired_cause
+from .jobs import ClaimOutcome, _finish, _last_cause, _lock_job, _worker_actor, exhausted_message
 from .models import TERMINAL_JOB_STATUSES, Job, JobTarget, utcnow
 
 TERMINAL_TARGET_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -65,6 +66,8 @@ def claim_target(s: Session, *, target_id: str, worker_id: str, lease_s: float,
         return ClaimOutcome("gone")
     job = _lock_job(s, target.job_id)
     target = _lock_target(s, target_id)
+    # Both rows were just read in this transaction and nothing deletes jobs or targets.
+    assert job is not None and target is not None
     now = utcnow()
     if target.status in TERMINAL_TARGET_STATUSES:
         return ClaimOutcome("finished", job, target.attempts)
@@ -97,12 +100,12 @@ def claim_target(s: Session, *, target_id: str, worker_id: str, lease_s: float,
 
 
 def renew_target_lease(s: Session, *, target_id: str, worker_id: str, lease_s: float) -> bool:
-    result = s.execute(
+    result = cast(CursorResult, s.execute(
         update(JobTarget)
         .where(JobTarget.id == target_id, JobTarget.worker_id == worker_id,
                JobTarget.status == "running")
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-    )
+    ))
     return result.rowcount == 1
 
 
@@ -116,6 +119,7 @@ def set_target_progress(s: Session, *, target_id: str, progress: float,
               .values(progress=min(max(progress, 0.0), 1.0)))
     s.refresh(target)
     job = s.get(Job, target.job_id)
+    assert job is not None  # job_id is a foreign key and nothing deletes jobs
     s.refresh(job)
     if job.status not in TERMINAL_JOB_STATUSES:
         job.progress = max(job.progress, _job_progress(job))
@@ -146,6 +150,7 @@ def finish_target(s: Session, *, target_id: str, status: str, error_code: str | 
         raise NotFound(f"target {target_id} not found")
     _lock_job(s, target.job_id)
     target = _lock_target(s, target_id)
+    assert target is not None  # read just above in this transaction; nothing deletes targets
     if target.status not in TERMINAL_TARGET_STATUSES:
         _close_target(target, status, error_code, error_message)
         s.flush()
@@ -192,9 +197,9 @@ def hold_for_record(s: Session, *, job_id: str, target_id: str | None, worker_id
     ``request_cancel`` (same row lock) and on SQLite it takes the write lock first: a cancel
     either comes before (nothing is recorded; the caller deletes what it uploaded) or after
     (the cancel finds the target finished). False: roll back."""
-    job_ok = s.execute(update(Job).where(Job.id == job_id, Job.status == "running",
-                                         Job.cancel_requested.is_(False))
-                       .values(progress=Job.progress)).rowcount == 1
+    job_ok = cast(CursorResult, s.execute(update(Job).where(Job.id == job_id, Job.status == "running",
+                                                            Job.cancel_requested.is_(False))
+                                          .values(progress=Job.progress))).rowcount == 1
     if not job_ok:
         return False
     if target_id is None:  # the prepare stage's shared artifacts (intermediate, imatrix, fp32)

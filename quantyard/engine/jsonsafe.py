@@ -82,7 +82,10 @@ def _no_duplicates(name: str):
         obj = dict(pairs)
         if len(obj) != len(pairs):
             seen: set[str] = set()
-            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            for dup, _ in pairs:  # the first key met a second time
+                if dup in seen:
+                    break
+                seen.add(dup)
             raise _fail(name, f"has the key {dup[:80]!r} more than once")
         return obj
 

@@ -138,7 +138,9 @@ def _outcome(scratch: Path, returncode: int, label: str, limits: Limits, seconds
     result = _read_result(scratch / RESULT_FILE)
     if returncode != 0 or result is None:
         raise _death(returncode, label, limits)
-    protections = result.get("protections") if isinstance(result.get("protections"), dict) else {}
+    protections = result.get("protections")
+    if not isinstance(protections, dict):
+        protections = {}
     if "error" in result:
         raise _error(result["error"], label)
     return Outcome(result.get("value"), protections, seconds)
@@ -232,7 +234,7 @@ def confine(scratch: Path, writable: Sequence[Path], limits: Limits, *, readable
     """Apply every protection available to this process; say which took effect."""
     from . import sandbox_os
 
-    done = {"rlimits": sandbox_os.set_limits(limits)}
+    done: dict[str, bool | str] = {"rlimits": sandbox_os.set_limits(limits)}
     os.chdir(scratch)
     done["network_namespace"] = sandbox_os.leave_network()
     done["read_only_filesystem"] = sandbox_os.read_only_except([scratch, *writable])

@@ -150,7 +150,7 @@ def _fs_rights(abi: int) -> int:
     return rights
 
 
-def restrict_filesystem(readable: Sequence[Path], writable: Sequence[Path]) -> bool | str:
+def restrict_filesystem(readable: Sequence[str | Path], writable: Sequence[Path]) -> bool | str:
     """Landlock: from now on this process reads only under `readable` (plus SYSTEM_READABLE) and
     writes only under `writable`; no TCP, no signals or abstract sockets outside (ABI >= 4 / 6).
     Needs no privilege, but no_new_privs (set here). Other readers' files, the worker's
@@ -170,8 +170,8 @@ def restrict_filesystem(readable: Sequence[Path], writable: Sequence[Path]) -> b
         read = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
         for path in [*SYSTEM_READABLE, *map(str, readable)]:
             _allow(libc, fd, path, read)
-        for path in writable:
-            _allow(libc, fd, str(path), handled)
+        for place in writable:
+            _allow(libc, fd, str(place), handled)
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             return False
         return libc.syscall(_LANDLOCK_RESTRICT, fd, ctypes.c_uint32(0)) == 0

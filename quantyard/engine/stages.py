@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 from .dominant import dominant_type
 from .manifest import ENGINE_VERSION
@@ -66,9 +67,10 @@ def compute_imatrix(source_dir: Path, intermediate: Path, out_path: Path, *,
 
     with GGUFInput(Path(intermediate)) as gguf_in:
         fields = gguf_in.small_fields()
-        arch = fields["general.architecture"]
+        # our own intermediate: a string and an integer key (gguf_layout decodes them so)
+        arch = cast(str, fields["general.architecture"])
         shapes = {name: t.ne for name, t in gguf_in.tensors.items()}
-    data = _compute(Path(source_dir), gguf_arch=arch, n_blocks=int(fields[f"{arch}.block_count"]),
+    data = _compute(Path(source_dir), gguf_arch=arch, n_blocks=int(cast(int, fields[f"{arch}.block_count"])),
                     text=text, gguf_tensors=shapes, progress=progress)
     data.save(Path(out_path))
     return data.provenance()
@@ -205,10 +207,8 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
     importance matrix when any target wants it). Every artifact is validated."""
     import tempfile
 
-    from . import _load, convert
+    from . import _load, convert, parse_target
     from .gguf.converter import write_float_gguf
-
-    from . import parse_target
 
     targets = [parse_target(t) for t in targets]
     out_dir = Path(out_dir)

@@ -67,7 +67,9 @@ def plan_tensors(source: HFModelSource, quantization: str, arch: Architecture | 
     family's dropped_tensors); any other is InvalidModel naming it, as is a tensor llama.cpp
     needs that the source lacks. Each tensor is checked finite as it streams."""
     arch = arch or architecture(source)
-    plans, seen, unplaceable = [], {}, []
+    plans: list[TensorPlan] = []
+    seen: dict[str, str] = {}  # GGUF name -> the HF name mapped to it
+    unplaceable: list[str] = []
     for hf_name, ref in sorted(source.tensors.items()):
         try:
             name = arch.gguf_name(hf_name)
@@ -90,8 +92,12 @@ def plan_tensors(source: HFModelSource, quantization: str, arch: Architecture | 
     arch.check_complete(set(seen), ", ".join(sorted({r.file.name for r in source.tensors.values()})))
     for name, data in arch.extra_tensors():
         plans.append(TensorPlan(name, data.shape, policy.tensor_type(name, data.shape, quantization),
-                                lambda data=data: data))
+                                _constant(data)))
     return sorted(plans, key=lambda p: tensor_order_key(p.name))
+
+
+def _constant(data: np.ndarray) -> Callable[[], np.ndarray]:
+    return lambda: data
 
 
 def model_name(source: HFModelSource, provenance: Mapping[str, str]) -> str:

@@ -19,6 +19,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ..errors import InvalidModel
 from .ggml_types import GGML_TYPES_BY_ID
@@ -81,7 +82,7 @@ class Layout:
     @property
     def alignment(self) -> int:
         kv = self.kv.get("general.alignment")
-        return int(kv.value) if kv is not None else 32
+        return int(cast(int, kv.value)) if kv is not None else 32  # a u32 key, decoded to int
 
 
 class _Cursor:

@@ -24,12 +24,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidModel
 from . import gguf_output as go
 from .policy import n_dims
+
+if TYPE_CHECKING:  # torch is imported only when an imatrix is computed
+    from torch import Tensor
+    from torch.nn import Module
 
 DEFAULT_DATASET = "quantyard-calibration-v1"
 DEFAULT_N_CTX = 512
@@ -232,7 +237,7 @@ class _Collector:
     (llama.cpp adds in float32; float64 keeps our side the more exact one)."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, object] = {}
+        self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
 
     def hook(self, gguf_name: str):
@@ -271,18 +276,19 @@ def _chunk(ids: list[int], c: int, n_ctx: int, bos: int | None) -> list[int]:
     return [bos] + chunk[1:] if bos is not None else chunk
 
 
-def _linear_modules(model) -> list[tuple[str, object]]:
+def _linear_modules(model) -> list[tuple[str, Module]]:
     """The modules whose weight llama.cpp multiplies activations by: nn.Linear, and the Conv1D
     that GPT-2 uses for the same job."""
     torch = _torch()
-    kinds = [torch.nn.Linear]
+    kinds: list[type[Module]] = [torch.nn.Linear]
     try:
         from transformers.pytorch_utils import Conv1D
 
         kinds.append(Conv1D)
     except ImportError:  # older transformers layouts
         pass
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(kinds))]
+    linear = tuple(kinds)  # named, so that mypy narrows by it
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, linear)]
 
 
 def compute_imatrix(

@@ -207,7 +207,7 @@ def _write_tensor(f, it: _Item, nthread: int) -> None:
     that never cross an expert boundary (each expert has its own imatrix slice)."""
     t = it.src
     if not it.choice.quantize:
-        f.write(memoryview(t.raw))
+        f.write(t.raw.data)  # a memoryview of the mapped bytes
         return
     n = t.ne[0]
     rows_per_mat = t.ne[1] if len(t.ne) > 1 else 1

@@ -184,13 +184,14 @@ def resolve_thresholds(quantization: str | None, *, max_mean_kl: float | None = 
                        thresholds: Thresholds | None = None) -> Thresholds:
     """Explicit bounds win over `thresholds`, which win over the defaults for `quantization`."""
     base = thresholds or THRESHOLDS.get(quantization or "")
-    if base is None and (max_mean_kl is None or min_top1 is None):
-        raise ValueError(f"no default thresholds for {quantization!r}: pass max_mean_kl and min_top1")
+    if base is None:
+        if max_mean_kl is None or min_top1 is None:
+            raise ValueError(f"no default thresholds for {quantization!r}: pass max_mean_kl and min_top1")
+        return Thresholds(min_top1=min_top1, max_mean_kl=max_mean_kl, max_abs_logit_diff=max_abs_logit_diff)
     return Thresholds(
         min_top1=min_top1 if min_top1 is not None else base.min_top1,
         max_mean_kl=max_mean_kl if max_mean_kl is not None else base.max_mean_kl,
-        max_abs_logit_diff=(max_abs_logit_diff if max_abs_logit_diff is not None
-                            else (base.max_abs_logit_diff if base is not None else None)),
+        max_abs_logit_diff=max_abs_logit_diff if max_abs_logit_diff is not None else base.max_abs_logit_diff,
     )
 
 

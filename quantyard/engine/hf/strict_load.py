@@ -207,6 +207,10 @@ def load_pretrained(cls, root: Path, *, dtype: str = "float32", attn_implementat
     return model.eval()
 
 
+def _given(tensor: object) -> Loader:
+    return lambda: tensor
+
+
 def load_state_dict_strict(model, state: Mapping[str, object], file: str):
     """Load a weights-only pickle's tensors into a freshly built `model`, with the same proof
     as load_pretrained (names both ways, values, finiteness); the model in eval mode."""
@@ -218,7 +222,7 @@ def load_state_dict_strict(model, state: Mapping[str, object], file: str):
         raise _load_error(e, file, type(model).__name__) from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    check_values(model, {n: (lambda t=t: t) for n, t in state.items()}, matched, file)
+    check_values(model, {n: _given(t) for n, t in state.items()}, matched, file)
     return model.eval()
 
 

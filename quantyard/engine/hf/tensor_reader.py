@@ -7,7 +7,7 @@ import numpy as np
 from .safetensors_header import TensorRef
 
 # safetensors is little-endian by definition
-_NUMPY_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_NUMPY_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 def read_f32(ref: TensorRef) -> np.ndarray:

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult
@@ -18,6 +19,9 @@ from .modelio import artifact_files, artifact_size, consolidate, finalize
 from .options import OnnxOptions, parse_options
 from .samples import LATENCY_TEXT, THROUGHPUT_BATCH, VALIDATION_TEXTS
 from .source import EncoderSource, describe, load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from .decoder_options import DecoderOptions
 
 Progress = Callable[[float, str], None]
 
@@ -73,7 +77,7 @@ def _quantize(loaded: Loaded, fp32: Path, dst: Path, opts: OnnxOptions) -> dict:
     return info
 
 
-def _stamp(path: Path, provenance: Mapping[str, str] | None, opts: OnnxOptions) -> None:
+def _stamp(path: Path, provenance: Mapping[str, str] | None, opts: OnnxOptions | DecoderOptions) -> None:
     """Provenance in the model's metadata_props (tensors stay where they are)."""
     import onnx
 

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult
@@ -30,8 +31,8 @@ class LoadedDecoder:
     """The PyTorch source, loaded once per conversion."""
 
     src: EncoderSource
-    model: object
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel, fp32, in eval mode
+    tokenizer: Any
 
 
 def load_decoder(source: Path) -> LoadedDecoder:
@@ -73,9 +74,12 @@ def _graph_io(path: Path) -> dict:
 
     model = onnx.load(str(path), load_external_data=False)
     types = {1: "float32", 10: "float16", 7: "int64"}
-    io = lambda values: [{"name": v.name, "dtype": types.get(v.type.tensor_type.elem_type, "other"),
-                          "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
-                         for v in values]
+
+    def io(values):
+        return [{"name": v.name, "dtype": types.get(v.type.tensor_type.elem_type, "other"),
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                for v in values]
+
     return {"inputs": io(model.graph.input), "outputs": io(model.graph.output),
             "producer": f"{model.producer_name} {model.producer_version}".strip(),
             "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)}

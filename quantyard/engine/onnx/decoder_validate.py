@@ -14,19 +14,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ValidationFailed
+
+if TYPE_CHECKING:  # numpy is imported where it is used
+    import numpy as np
 
 
 @dataclass(frozen=True)
 class Reference:
     """transformers' answers on the prompts, computed once per conversion."""
 
-    input_ids: object  # numpy int64 (batch, prompt)
-    attention_mask: object  # numpy int64 (batch, prompt), left padding
-    logits: object  # numpy float32 (batch, prompt, vocab): the prefill step
-    sequences: object  # numpy int64 (batch, prompt + generated)
-    eos_token_id: object
+    input_ids: np.ndarray  # int64 (batch, prompt)
+    attention_mask: np.ndarray  # int64 (batch, prompt), left padding
+    logits: np.ndarray  # float32 (batch, prompt, vocab): the prefill step
+    sequences: np.ndarray  # int64 (batch, prompt + generated)
+    eos_token_id: int | Sequence[int] | None
     pad_token_id: int
     new_tokens: int
 
@@ -99,7 +103,7 @@ def agreement(got, want, prompt_length: int) -> list[float]:
     a, b = got[:, prompt_length:], want[:, prompt_length:]
     total = max(a.shape[1], b.shape[1], 1)
     n = min(a.shape[1], b.shape[1])
-    for x, y in zip(a[:, :n], b[:, :n]):
+    for x, y in zip(a[:, :n], b[:, :n], strict=False):
         diff = (x != y).nonzero()[0]
         rows.append((int(diff[0]) if diff.size else n) / total)
     return rows

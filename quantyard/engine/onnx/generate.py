@@ -11,14 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .decoder import position_ids_from_mask
+
+if TYPE_CHECKING:  # numpy is imported where it is used
+    import numpy as np
 
 
 @dataclass
 class Generation:
-    sequences: object  # numpy int64 (batch, prompt + generated): prompt included, as transformers returns
-    first_logits: object  # numpy float (batch, vocab): the prefill step's last-position logits
+    sequences: np.ndarray  # int64 (batch, prompt + generated): prompt included, as transformers returns
+    first_logits: np.ndarray | None  # float (batch, vocab): the prefill step's last-position logits
     steps: int = 0
     step_logits: list = field(default_factory=list)  # each step's (batch, vocab) logits, when kept
 
@@ -77,7 +81,7 @@ def greedy_generate(decoder: OnnxDecoder | Path, input_ids, attention_mask=None,
     batch = input_ids.shape[0]
     sequences, past, step_in = input_ids, decoder.empty_past(batch), input_ids
     done = np.zeros(batch, dtype=bool)
-    result = Generation(sequences=None, first_logits=None)
+    result = Generation(sequences=input_ids, first_logits=None)  # sequences: set after the loop
     for _ in range(max_new_tokens):
         logits, past = decoder.step(step_in, mask, past)
         last = logits[:, -1, :]

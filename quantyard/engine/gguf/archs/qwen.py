@@ -7,6 +7,8 @@ Small models tie the output head to the embeddings: llama.cpp then reuses token_
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import gguf
 
 from .base import LLAMA_BLOCK, Architecture
@@ -17,7 +19,7 @@ class Qwen2(Architecture):
     gguf_arch = gguf.MODEL_ARCH.QWEN2
     vocab_style = "qwen2"  # tokenizer.model when present, else byte-level BPE
     # llama.cpp's qwen2 loader needs the q/k/v biases
-    required_block_tensors = LLAMA_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias")
+    required_block_tensors: ClassVar[tuple[str, ...]] = LLAMA_BLOCK + ("attn_q.bias", "attn_k.bias", "attn_v.bias")
 
 
 class Qwen3(Qwen2):
