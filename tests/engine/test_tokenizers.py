@@ -157,3 +157,86 @@ def test_pre_tokenizer_hash_table_is_llama_cpps():
     assert PRE_TOKENIZER_HASHES["3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454"] == "gpt-2"
     assert PRE_TOKENIZER_HASHES["e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea"] == "qwen2"
     assert PRE_TOKENIZER_HASHES["855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"] == "smollm"
+
+
+# ---- tokenizer.json against config.json, from the parsed JSON (issue 10) ----------------------
+
+def _bytelevel_with(tmp_path: Path, tokenizer_json: bytes) -> Path:
+    import shutil
+
+    from tests.fixtures.models import cached_model, make_tiny_llama_bytelevel
+
+    root = tmp_path / "model"
+    shutil.copytree(cached_model("tiny-llama-bytelevel", make_tiny_llama_bytelevel), root)
+    (root / "tokenizer.json").write_bytes(tokenizer_json)
+    return root
+
+
+def test_a_tokenizer_far_past_vocab_size_is_refused_before_transformers_builds_it(tmp_path, monkeypatch):
+    """250k tokens against config.json's 512: refused naming tokenizer.json and model.vocab, at
+    preflight and at convert, without transformers building the tokenizer (which took 10-15 s)."""
+    import transformers
+
+    from quantyard import engine
+    from quantyard.engine.errors import InvalidModel
+    from tests.security.hostile import huge_tokenizer_json
+
+    root = _bytelevel_with(tmp_path, huge_tokenizer_json(250_000))
+    assert json.loads((root / "config.json").read_text())["vocab_size"] == 512
+
+    def built(*args, **kwargs):
+        raise AssertionError("the tokenizer was built before its ids were checked")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", built)
+    for call in (lambda: engine.preflight(root, ["gguf:F32"]), lambda: engine.convert(root, "gguf:F32", tmp_path / "out")):
+        with pytest.raises(InvalidModel) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith("tokenizer.json: model.vocab has token id 249999 (250000 tokens)"), message
+        assert "vocab_size 512" in message and str(tmp_path) not in message
+        assert info.value.details["file"] == "tokenizer.json" and info.value.details["field"] == "model.vocab"
+
+
+@pytest.mark.parametrize("tok_json,field,words", [
+    ({"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"id": 600, "content": "<x>"}]},
+     "added_tokens", ("token id 600", "vocab_size 512")),
+    ({"model": {"type": "BPE", "vocab": {"a": 0, "b": "1"}}}, "model.vocab", ("not a non-negative integer",)),
+    ({"model": {"type": "BPE", "vocab": {"a": -1}}}, "model.vocab", ("not a non-negative integer",)),
+    ({"model": {"type": "BPE", "vocab": {"a": True}}}, "model.vocab", ("not a non-negative integer",)),
+    ({"model": {"type": "Unigram", "vocab": [["a", 0.0]] * 513}}, "model.vocab", ("token id 512",)),
+    ({"model": {"type": "BPE", "vocab": {}}, "added_tokens": [{"content": "<x>"}]}, "added_tokens",
+     ("not a non-negative integer",)),
+    ({"model": {"type": "BPE", "vocab": {}}, "added_tokens": {"id": 1}}, "added_tokens", ("not a list",)),
+    ({"model": ["BPE"]}, "model", ("not an object",)),
+])
+def test_token_ids_checked_from_the_json(tok_json, field, words):
+    from quantyard.engine.errors import InvalidModel
+    from quantyard.engine.gguf.vocab import check_token_ids
+
+    with pytest.raises(InvalidModel) as info:
+        check_token_ids(tok_json, 512)
+    assert str(info.value).startswith(f"tokenizer.json: {field} "), str(info.value)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert info.value.details == {**info.value.details, "file": "tokenizer.json", "field": field}
+
+
+def test_genuine_tokenizers_pass_the_id_check(arch_models):
+    """Every fixture family's own tokenizer.json fits its config.json (the check refuses no real
+    model), and the same file against one vocab_size fewer than its largest id is refused."""
+    from quantyard.engine.errors import InvalidModel
+    from quantyard.engine.gguf.vocab import _read_json, check_token_ids
+    from tests.fixtures.models import cached_model, make_tiny_llama_bytelevel
+
+    roots = {**arch_models, "bytelevel": cached_model("tiny-llama-bytelevel", make_tiny_llama_bytelevel)}
+    checked = 0
+    for root in roots.values():
+        tok_json = _read_json(root / "tokenizer.json")
+        if not tok_json:
+            continue
+        config = json.loads((root / "config.json").read_text())
+        check_token_ids(tok_json, config.get("vocab_size") or config["text_config"]["vocab_size"])
+        top = max([*tok_json["model"]["vocab"].values(), *(t["id"] for t in tok_json.get("added_tokens", []))])
+        with pytest.raises(InvalidModel):
+            check_token_ids(tok_json, top)
+        checked += 1
+    assert checked >= 3, checked

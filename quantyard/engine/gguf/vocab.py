@@ -95,6 +95,37 @@ def _added_tokens_decoder(root: Path) -> dict[int, dict]:
     return {int(t["id"]): t for t in _read_json(root / "tokenizer.json").get("added_tokens", [])}
 
 
+def _ids(tok_json: dict) -> list[tuple[str, list]]:
+    """(field, ids) of tokenizer.json's vocabularies: model.vocab (a {token: id} map, or
+    Unigram's [[token, score], ...] list whose ids are the positions) and added_tokens."""
+    model = tok_json.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise InvalidModel("tokenizer.json: model is not an object", details={"file": "tokenizer.json",
+                                                                             "field": "model"})
+    vocab = (model or {}).get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
+    added = tok_json.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        raise InvalidModel("tokenizer.json: added_tokens is not a list of objects",
+                           details={"file": "tokenizer.json", "field": "added_tokens"})
+    return [("model.vocab", ids), ("added_tokens", [t.get("id") for t in added])]
+
+
+def check_token_ids(tok_json: dict, n_vocab: int | None) -> None:
+    """tokenizer.json's ids are integers below config.json's vocab_size, checked on the parsed
+    JSON: a 250k-token file against a 512-row embedding is refused in milliseconds instead of
+    after transformers spent seconds (and hundreds of MB) building the tokenizer."""
+    for field, ids in _ids(tok_json):
+        if not all(type(i) is int and i >= 0 for i in ids):  # bool is no id either
+            raise InvalidModel(f"tokenizer.json: {field} has a token id that is not a non-negative integer",
+                               details={"file": "tokenizer.json", "field": field})
+        if n_vocab and ids and max(ids) >= n_vocab:
+            raise InvalidModel(f"tokenizer.json: {field} has token id {max(ids)} ({len(ids)} tokens), past "
+                               f"config.json's vocab_size {n_vocab}",
+                               details={"file": "tokenizer.json", "field": field, "token_id": max(ids),
+                                        "vocab_size": n_vocab})
+
+
 # ---- SentencePiece ---------------------------------------------------------------------------
 
 def _sentencepiece_base(root: Path, n_vocab: int | None):
@@ -206,12 +237,14 @@ def bpe_vocab(root: Path, n_vocab: int | None, family: str = "gpt2") -> tuple[li
     """Tokens, types, pre-tokenizer name and how it was found (TextModel.get_vocab_base)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(root)
     tok_json = _read_json(Path(root) / "tokenizer.json")
+    check_token_ids(tok_json, n_vocab)  # before the (slow) build
+    tokenizer = AutoTokenizer.from_pretrained(root)
     vocab = tokenizer.get_vocab()
     n_vocab = n_vocab or len(vocab)
-    if max(vocab.values()) >= n_vocab:
-        raise InvalidModel(f"tokenizer has token id {max(vocab.values())}, past config.json's vocab_size {n_vocab}")
+    if max(vocab.values()) >= n_vocab:  # ids the JSON did not show (tokenizer_config.json's added tokens)
+        raise InvalidModel(f"tokenizer.json: the tokenizer has token id {max(vocab.values())}, past config.json's "
+                           f"vocab_size {n_vocab}", details={"file": "tokenizer.json", "field": "vocab_size"})
     pre, how = pre_tokenizer_name(tokenizer, tok_json, family)
     by_id = {i: t for t, i in vocab.items()}
     added_vocab = tokenizer.get_added_vocab()
@@ -331,9 +364,10 @@ def gguf_vocab_size(root: Path, n_vocab: int | None) -> int:
 
         return SentencePieceProcessor(model_file=str(root / "tokenizer.model")).vocab_size()
     tok_json = _read_json(root / "tokenizer.json")
+    check_token_ids(tok_json, n_vocab)  # at preflight (architecture() calls this), from the parsed JSON
     return len(tok_json.get("model", {}).get("vocab", {})) + len(tok_json.get("added_tokens", []))
 
 
 __all__ = ["write_vocab", "sentencepiece_vocab", "phi3_sentencepiece_vocab", "bpe_vocab", "PRE_PROBE",
            "KNOWN_PRE_HASHES", "VocabInfo", "pre_tokenizer_name", "pre_tokenizer_from_structure",
-           "does_token_look_special", "gguf_vocab_size", "tokenizer_config"]
+           "does_token_look_special", "gguf_vocab_size", "tokenizer_config", "check_token_ids"]

@@ -447,16 +447,11 @@ _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool"}
 
 
 def check_external_data(src: ProgramSource, model) -> None:
-    """External tensors must live in plain files beside the model (no paths out of the folder)."""
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    """Every external tensor in plain files beside the model, inside them, of the right length
+    (external_data.py); before onnxruntime or onnx reads any of it."""
+    from .external_data import check_external_data as check
 
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            location = ExternalDataInfo(tensor).location
-            target = (src.root / location).resolve()
-            if "/" in location.replace("\\", "/") or target.parent != src.root.resolve() or not target.is_file():
-                raise InvalidModel(f"{src.model_file}: tensor {tensor.name} points at external data {location!r}, "
-                                   "which is not a file beside the model", details={"location": location})
+    check(src.root, src.model_file, model)
 
 
 def onnx_graph(src: ProgramSource):
@@ -465,8 +460,11 @@ def onnx_graph(src: ProgramSource):
 
     try:
         model = onnx.load(str(src.path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
-        raise InvalidModel(f"{src.model_file} is not a readable ONNX model: {str(e)[:200]}") from None
+    except MemoryError:
+        raise
+    except Exception:  # protobuf's DecodeError and friends (their text is the library's): not an ONNX file
+        raise InvalidModel(f"{src.model_file} is not a readable ONNX model (its protobuf does not parse)",
+                           details={"file": src.model_file}) from None
     check_external_data(src, model)
     return model
 

@@ -26,9 +26,22 @@ from ..sandbox import Limits
 from ..spec import TargetSpec
 from .modelio import artifact_files, artifact_size, consolidate, finalize, is_large
 from .options import OnnxOptions, parse_options
+from .ort_errors import ort_reason, source_runner, source_session
 from .program import (
-    SETS, ProgramSource, Specs, batch_override, check_external_data, declared_specs, describe, finish_specs,
-    match_names, onnx_graph, onnx_specs, sample_inputs, vet_pt2, vet_torchscript,
+    SETS,
+    ProgramSource,
+    Specs,
+    batch_override,
+    check_external_data,
+    declared_specs,
+    describe,
+    finish_specs,
+    match_names,
+    onnx_graph,
+    onnx_specs,
+    sample_inputs,
+    vet_pt2,
+    vet_torchscript,
 )
 from .program_child import feeds_digest, load_references, specs_from_child
 from .program_vet import vet_pt2_archive, vet_torchscript_archive
@@ -143,12 +156,10 @@ def prepare(root: Path, params: Mapping[str, Any]) -> Prepared:
     src = describe(Path(root))
     if src.kind != "onnx":
         raise TypeError(f"{src.kind} programs load only in the sandbox (prepare_sandboxed)")
-    from .validate import session
-
-    graph = onnx_graph(src)
+    graph = onnx_graph(src)  # external data checked before onnxruntime reads any of it
     specs = _specs_for(src, params, graph=graph)
-    sess = session(src.path)
-    return Prepared(src, specs, lambda feeds: sess.run(None, feeds), None)
+    sess = source_session(src.path, src.model_file)
+    return Prepared(src, specs, source_runner(sess, src.model_file), None)
 
 
 def prepare_sandboxed(src: ProgramSource, params: Mapping[str, Any], fp32: Path, opset: int, work: Path, *,
@@ -248,7 +259,7 @@ def optimize_source(src: ProgramSource, path: Path) -> dict:
         # written beside the optimized model, then folded back into one file when small enough
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", path.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(src.path), so, providers=["CPUExecutionProvider"])
+    source_session(src.path, src.model_file, so)
     consolidate(path)
     return {"optimizer": f"onnxruntime {ort.__version__} basic graph optimizations (level 1)"}
 
@@ -336,8 +347,10 @@ def validate(prep: Prepared, path: Path, opts: OnnxOptions) -> dict:
 
     try:
         sess = session(path)
-    except Exception as e:  # onnxruntime's own exception types: all mean "doesn't load"
-        raise ValidationFailed(f"onnxruntime cannot load {path.name}: {str(e)[:400]}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types: all mean "doesn't load"; its text names our path
+        raise ValidationFailed(f"onnxruntime cannot load {path.name}: {ort_reason(e)}") from e
     worst = {"max_abs_diff": 0.0, "cosine_min": 1.0}
     for index in range(SETS):
         feeds = sample_inputs(prep.specs, index, seed=7)
