@@ -104,7 +104,7 @@ def write_anchor(
     now = now or utcnow()
     locked = object_lock_enabled(store)
     retain_until = now + timedelta(days=retention_days)
-    retention: dict[str, str] | str = (
+    retention: dict[str, str | None] | str = (
         {"mode": mode, "retain_until": iso(retain_until)} if locked else "unsupported")
     doc = {"seq": head["seq"], "hash": head["hash"], "at": head["at"], "count": head["count"],
            "anchored_at": iso(now), "retention": retention}
@@ -291,7 +291,7 @@ def verify_with_anchors(s: Session, store, *, app_role: str | None = None) -> Au
     note = f"; anchor {overwritten[0]} has versions with different contents (overwritten)" if overwritten else ""
     result = verify_audit_chain(s, anchors=[a for a in anchors if not a.get("error")], app_role=app_role)
     if not result.ok:
-        return replace(result, reason=result.reason + note)
+        return replace(result, reason=(result.reason or "") + note)
     if bad:
         return replace(result, ok=False, problem="unreadable_anchor",
                        reason=f"anchor {bad[0]['key']} is {bad[0]['error']}")

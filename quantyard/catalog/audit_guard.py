@@ -91,8 +91,8 @@ def _pg_trigger_problems(s: Session, table: str, expected: dict[str, tuple[str, 
         else:
             covered |= ops
     problems = []
-    for name, ops in expected.items():
-        uncovered = [op for op in ops if op not in covered]
+    for name, wanted in expected.items():
+        uncovered = [op for op in wanted if op not in covered]
         if uncovered:
             problems.append(f"{name} ({', '.join(uncovered)} not refused): {notes.get(name, 'missing')}")
     return problems
@@ -139,7 +139,7 @@ def _app_role_problems(s: Session, role: str, owner: str) -> list[str]:
 
 
 def _sqlite_trigger_problems(s: Session) -> list[str]:
-    rows = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :t"),
+    rows: dict[str, str] = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = :t"),
                           {"t": TABLE}).all())
     problems = []
     for name, op in SQLITE_TRIGGERS.items():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -173,7 +174,7 @@ def _seal_batch(conn) -> int:
         fields.update(seq=seq, prev_hash=prev_hash)
         fields["hash"] = prev_hash = event_hash(hashed_fields(fields))
         events.append(fields)
-    conn.execute(insert(AuditEvent.__table__), events)
+    conn.execute(insert(cast(Table, AuditEvent.__table__)), events)
     conn.execute(delete(AUDIT_PENDING).where(AUDIT_PENDING.c.pending_seq.in_([r["pending_seq"] for r in rows])))
     return len(rows)
 
@@ -187,7 +188,7 @@ def _seal_after_commit(session: Session) -> None:
         return
     bind = session.get_bind()
     try:
-        if seal_pending(getattr(bind, "engine", bind)) is None:
+        if seal_pending(bind.engine) is None:
             _left_behind.set()
     except Exception:  # noqa: BLE001 - the event is committed; a later seal chains it
         _left_behind.set()

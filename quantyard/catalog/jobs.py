@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -326,7 +326,7 @@ def claim_job(s: Session, *, job_id: str, worker_id: str, lease_s: float, max_at
                 error_message=None,
             )
         )
-        if result.rowcount != 1:
+        if cast(CursorResult, result).rowcount != 1:
             continue  # another claimer changed the row between our read and our update: re-read
         # Targets a dead worker left running start again; finished targets stay finished.
         for t in job.targets:
@@ -386,7 +386,7 @@ def note_lost_attempt(s: Session, *, job_id: str, target_id: str | None = None, 
     if worker_id is not None:
         q = q.where(model.worker_id == worker_id)
         values["lease_expires_at"] = utcnow()
-    return s.execute(q.values(**values)).rowcount == 1
+    return cast(CursorResult, s.execute(q.values(**values))).rowcount == 1
 
 
 def renew_lease(s: Session, *, job_id: str, worker_id: str, lease_s: float) -> bool:
@@ -396,7 +396,7 @@ def renew_lease(s: Session, *, job_id: str, worker_id: str, lease_s: float) -> b
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
     )
-    return result.rowcount == 1
+    return cast(CursorResult, result).rowcount == 1
 
 
 def set_progress(

@@ -255,10 +255,10 @@ def bpe_vocab(root: Path, n_vocab: int | None, family: str = "gpt2") -> tuple[li
             tokens.append(f"[PAD{i}]")
             types.append(int(TokenType.UNUSED))
             continue
-        token = by_id[i]
+        token = str(by_id[i])
         if token in added_vocab:
             if not decoder[i].normalized:  # llama.cpp assumes added tokens are pre-normalized
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+                token = str(tokenizer.decode(tokenizer.encode(token, add_special_tokens=False)))
             if decoder[i].special or does_token_look_special(token):
                 types.append(int(TokenType.CONTROL))
             else:

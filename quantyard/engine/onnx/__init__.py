@@ -42,7 +42,7 @@ def preflight_onnx(source: Path, targets: Sequence[TargetSpec]) -> PreflightRepo
         tensors, dtype = {}, "unknown"
         count = (src.root / src.weights).stat().st_size // 4
     estimates = {t.key: (estimate(tensors, o.quantization) if tensors else {"size_bytes": count * 4})
-                 for t, o in zip(targets, opts)}
+                 for t, o in zip(targets, opts, strict=False)}
     return PreflightReport(architecture=src.architecture, parameter_count=count, source_dtype=dtype,
                            estimates=estimates)
 

@@ -27,7 +27,9 @@ BASE_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 def cache_shape(config) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of a decoder config (Llama-style or GPT-2-style names)."""
-    get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+    def get(*names):
+        return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+
     layers = get("num_hidden_layers", "n_layer")
     heads = get("num_attention_heads", "n_head")
     kv_heads = get("num_key_value_heads") or heads
@@ -143,9 +145,9 @@ def _check(path: Path, model, kwargs) -> tuple[float, float]:
             ref = wrapper(**feeds)
         flat = {n: feeds[n].numpy() for n in BASE_INPUTS}
         flat.update({n: t.numpy() for n, t in zip(past_names(len(feeds["past_key_values"]) // 2),
-                                                  feeds["past_key_values"])})
+                                                  feeds["past_key_values"], strict=False)})
         outs = sess.run(None, flat)
-        for o, r in zip(outs, ref):
+        for o, r in zip(outs, ref, strict=False):
             if o.shape != tuple(r.shape):
                 return float("inf"), float("inf")
             diff = float(np.abs(o - r.float().numpy()).max())

@@ -56,7 +56,7 @@ def preflight_decoder(src: EncoderSource, targets: Sequence[TargetSpec]) -> Pref
         tensors = checked_tensors(src.root, src.config)
         count = sum(t.n_elements for t in tensors.values())
         dtype = dominant_type((t.dtype, t.n_elements) for t in tensors.values())
-        estimates = {t.key: estimate_decoder(tensors, src.config, o) for t, o in zip(targets, opts)}
+        estimates = {t.key: estimate_decoder(tensors, src.config, o) for t, o in zip(targets, opts, strict=False)}
     else:
         # a pickle has no header to read: its size is all we know without loading it
         count, dtype = (src.root / src.weights).stat().st_size // 4, "unknown"

@@ -181,7 +181,8 @@ def parse_specs(raw, *, source: str) -> tuple[list[InputSpec], dict[str, tuple[i
 
 def declared_specs(src: ProgramSource, params: Mapping[str, Any]) -> tuple[list[InputSpec] | None, dict]:
     """The specs the user gave: params `inputs` win over inputs.json; axis sizes merge."""
-    specs, axes = None, {}
+    specs: list[InputSpec] | None = None
+    axes: dict = {}
     if src.inputs_json:
         raw = load_json_capped(src.root / INPUTS_FILE, name=INPUTS_FILE, max_bytes=1 << 20)
         specs, axes = parse_specs(raw, source=INPUTS_FILE)
@@ -362,12 +363,12 @@ def _check_ops(path: Path, program) -> None:
 
 @dataclass(frozen=True)
 class TorchProgram:
-    module: object  # callable on positional tensors, in `names` order
+    module: Any  # callable on positional tensors, in `names` order
     names: tuple[str, ...]
     required: tuple[str, ...]
     specs: list[InputSpec] | None  # what the program itself knows (a .pt2's example shapes)
     bounds: dict  # axis name -> (min, max or None)
-    exportable: object  # the nn.Module torch.onnx.export(dynamo=True) is given
+    exportable: Any  # the nn.Module torch.onnx.export(dynamo=True) is given
 
 
 _TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64",

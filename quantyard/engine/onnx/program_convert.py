@@ -62,7 +62,7 @@ class Prepared:
     src: ProgramSource
     specs: Specs
     reference: Callable[[dict], list]  # numpy feeds -> numpy outputs of the source
-    program: object | None  # TorchProgram for torch sources
+    program: Any  # TorchProgram for torch sources, else None
 
 
 def _tell(progress: Progress | None, fraction: float, message: str) -> None:
@@ -113,7 +113,7 @@ def preflight_program(root: Path, targets: list[TargetSpec]) -> PreflightReport:
     fp32 = _fp32_bytes(src)
     estimates = {t.key: {"size_bytes": int(fp32 * _RATIO[o.quantization]) + 100_000,
                          "peak_memory_bytes": 4 * fp32 + 200_000_000, "disk_bytes": 3 * fp32}
-                 for t, o in zip(targets, opts)}
+                 for t, o in zip(targets, opts, strict=False)}
     return PreflightReport(architecture=src.kind, parameter_count=fp32 // 4, source_dtype="unknown",
                            estimates=estimates)
 
@@ -183,7 +183,8 @@ def prepare_sandboxed(src: ProgramSource, params: Mapping[str, Any], fp32: Path,
             raise KeyError("no reference outputs were computed for these feeds")
         return found
 
-    info = value.get("info") if isinstance(value.get("info"), dict) else {}
+    raw_info = value.get("info")
+    info = raw_info if isinstance(raw_info, dict) else {}
     info = {k: v for k, v in info.items() if k in ("opset", "exporter")}
     info["sandbox"] = {**outcome.protections, "peak_rss_bytes": outcome.peak_rss_bytes,
                        "cpu_seconds": round(outcome.cpu_seconds, 2), "seconds": round(outcome.seconds, 2)}
@@ -238,6 +239,8 @@ def export_program(prep: Prepared, path: Path, opset: int) -> dict:
                                          external_data=True, optimize=True, verbose=False)
     except Exception as e:  # the exporter raises many types; all mean "this program won't export"
         raise ConversionError(f"torch.onnx.export failed: {type(e).__name__}: {str(e)[:500]}") from e
+    if onnx_program is None:
+        raise ConversionError("torch.onnx.export returned no program")
     data_path(path).unlink(missing_ok=True)
     onnx_program.save(str(path), external_data=True)
     consolidate(path)
@@ -327,7 +330,7 @@ def compare_outputs(outs: list, refs: list) -> dict:
     if len(outs) != len(refs):
         raise ValidationFailed(f"the ONNX model has {len(outs)} outputs, the source {len(refs)}")
     diff, cos = 0.0, 1.0
-    for i, (out, ref) in enumerate(zip(outs, refs)):
+    for i, (out, ref) in enumerate(zip(outs, refs, strict=False)):
         if out.shape != ref.shape:
             raise ValidationFailed(f"output {i} has shape {out.shape}, the source's {ref.shape}")
         if not np.isfinite(np.asarray(out, dtype=np.float64)).all():
@@ -351,7 +354,7 @@ def validate(prep: Prepared, path: Path, opts: OnnxOptions) -> dict:
         raise
     except Exception as e:  # onnxruntime's own exception types: all mean "doesn't load"; its text names our path
         raise ValidationFailed(f"onnxruntime cannot load {path.name}: {ort_reason(e)}") from e
-    worst = {"max_abs_diff": 0.0, "cosine_min": 1.0}
+    worst: dict[str, Any] = {"max_abs_diff": 0.0, "cosine_min": 1.0}
     for index in range(SETS):
         feeds = sample_inputs(prep.specs, index, seed=7)
         try:

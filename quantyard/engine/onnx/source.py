@@ -123,4 +123,5 @@ def parameter_count(src: EncoderSource) -> int:
     return sum(t.numel() for t in load_pickled_state_dict(src.root / src.weights).values())
 
 
-__all__ = ["EncoderSource", "describe", "encoder_dims", "load_model", "load_pickled_state_dict", "load_tokenizer", "parameter_count"]
+__all__ = ["EncoderSource", "describe", "encoder_dims", "load_model", "load_pickled_state_dict", "load_tokenizer",
+           "parameter_count"]
