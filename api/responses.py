@@ -9,21 +9,14 @@ listing because one artifact's metrics hold a NaN. Every response of the API is 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 
+from quantyard.catalog.artifacts import json_safe
 
-def finite(value: Any) -> Any:
-    """``value`` with every non-finite float (at any depth) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
+# One walk for both: the catalog stores metrics through it, responses are rendered through it.
+finite = json_safe
 
 
 def dumps(value: Any, **kwargs) -> str:
