@@ -328,7 +328,7 @@ def _open_zip_member(zf: zipfile.ZipFile, zi: zipfile.ZipInfo):
         return zf.open(zi)
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
         # e.g. a local header offset before the start of the file (seek: EINVAL)
-        raise InvalidArchive(f"corrupt zip archive at member {zi.filename!r}: {exc}") from None
+        raise InvalidArchive(f"corrupt zip archive at member {zi.filename!r} ({type(exc).__name__})") from None
 
 
 def _iter_zip(path: str | os.PathLike, budget: _Budget):
@@ -339,7 +339,10 @@ def _iter_zip(path: str | os.PathLike, budget: _Budget):
         raise InvalidArchive("corrupt zip archive: a member name is flagged UTF-8 but is not valid "
                              "UTF-8") from None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise InvalidArchive(f"corrupt zip archive: {exc}") from exc
+        # the library's own text is not shown (it can name server paths); its kind is
+        what = ("an unsupported zip version or compression method" if isinstance(exc, NotImplementedError)
+                else type(exc).__name__)
+        raise InvalidArchive(f"corrupt zip archive ({what})") from exc
     with zf:
         for zi in zf.infolist():
             raw = zi.filename
@@ -367,7 +370,7 @@ def _iter_checked(path: str | os.PathLike, budget: _Budget):
     try:
         tf = tarfile.open(path, _tar_mode(kind), tarinfo=_CappedTarInfo)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidArchive(f"corrupt {kind} archive: {exc}") from exc
+        raise InvalidArchive(f"corrupt {kind} archive ({type(exc).__name__})") from exc
     with tf:
         try:
             for ti in tf:
@@ -385,7 +388,7 @@ def _iter_checked(path: str | os.PathLike, budget: _Budget):
                 budget.add_bytes(size, raw)
                 yield MemberInfo(name, size, ti.isdir()), (lambda ti=ti: tf.extractfile(ti))
         except (tarfile.TarError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile, OSError) as exc:
-            raise InvalidArchive(f"corrupt {kind} archive: {exc}") from exc
+            raise InvalidArchive(f"corrupt {kind} archive ({type(exc).__name__})") from exc
 
 
 # --------------------------------------------------------------------------- public API
@@ -454,7 +457,7 @@ def extract_archive(
                         )
                     dst.write(chunk)
         except _READ_ERRORS as exc:
-            raise InvalidArchive(f"corrupt archive at member {info.name!r}: {exc}") from exc
+            raise InvalidArchive(f"corrupt archive at member {info.name!r} ({type(exc).__name__})") from exc
         os.chmod(target, 0o644)
         out.append(info)
     return out
@@ -489,7 +492,7 @@ def _reading(name: str) -> Iterator[None]:
     try:
         yield
     except _READ_ERRORS as exc:
-        raise InvalidArchive(f"corrupt archive at member {name!r}: {exc}") from None
+        raise InvalidArchive(f"corrupt archive at member {name!r} ({type(exc).__name__})") from None
 
 
 def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20) -> bytes:
