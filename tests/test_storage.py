@@ -328,8 +328,6 @@ def test_s3_outage_past_the_retry_window_is_storage_unavailable(s3_server, tmp_p
 def test_s3_cut_mid_upload_then_sweep_leaves_nothing(cut_store):
     """An upload cut off for longer than the window fails cleanly; the temporary object or
     multipart upload it may leave is removed by sweep_temp once the store is back."""
-    import threading
-
     from quantyard.storage import StorageUnavailable
 
     store, proxy = cut_store
@@ -346,8 +344,8 @@ def test_s3_cut_mid_upload_then_sweep_leaves_nothing(cut_store):
         def read(self, n=-1):
             if self.left <= 0:
                 return b""
-            if self.left < 8 * MiB and proxy.up:  # cut once the first part is out
-                threading.Thread(target=proxy.cut).start()
+            if self.left < 8 * MiB and proxy.up:  # cut before the stream is through (not in a
+                proxy.cut()                         # thread: the upload could finish first)
             n = min(self.left, 1 * MiB if n is None or n < 0 else n)
             self.left -= n
             return b"z" * n

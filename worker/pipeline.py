@@ -67,7 +67,7 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
             pending, inputs = _shared_work(rt, job, source_dir, report, work_dir, watch)
         finished = _dispatch_nothing(rt, job_id, f"{len(pending)} target(s) dispatched", inputs)
         for target_id in pending:
-            dispatch(job_id, target_id, inputs)  # one lost here is re-sent by the reconciler
+            _send(dispatch, job_id, target_id, inputs)
         return finished
     except LeaseLost as exc:
         log.warning("job %s: %s; leaving it to that worker", job_id, exc)
@@ -90,6 +90,17 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         raise
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _send(dispatch: Dispatch, job_id: str, target_id: str, inputs: dict) -> None:
+    """One target's message. The job is already dispatched (its targets and their inputs are in
+    the catalog), so a broker that refuses (e.g. Redis restarting) must not fail the job: the
+    target stays pending and the reconciler re-sends it after its grace period."""
+    try:
+        dispatch(job_id, target_id, inputs)
+    except Exception as exc:  # kombu/redis raise many types; none is the job's fault
+        log.warning("job %s: target %s not sent (%s); the reconciler will re-send it",
+                    job_id, target_id, type(exc).__name__)
 
 
 def _dispatch_nothing(rt, job_id: str, message: str, inputs: dict | None = None) -> str:

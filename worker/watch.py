@@ -91,7 +91,11 @@ class _Watch:
             raise Cancelled("the job was cancelled")
 
     def progress(self, fraction: float, message: str | None, *, force: bool = False) -> None:
-        """Record progress (rate-limited) and stop the work if a cancel came in."""
+        """Record progress (rate-limited) and stop the work if a cancel came in. A forced write
+        marks a stage boundary: the scratch quota is measured there too, so a stage that ends
+        between two of the watch thread's checks cannot slip past it."""
+        if force and self.scratch is not None and self.limit_hit is None:
+            self.limit_hit = self.scratch.check(now=True)
         self.raise_if_cancelled()
         now = time.monotonic()
         if not force and now - self._last_write < self.min_write_interval_s:

@@ -131,6 +131,8 @@ def _check_name(path: Path, name: str) -> None:
 
 def read_member(path: Path, zf, info: zipfile.ZipInfo) -> bytes:
     """A member's bytes; a corrupt entry (bad CRC, truncated, bad compression) names itself."""
+    if info.flag_bits & 0x1:  # zipfile would raise RuntimeError asking for a password
+        raise refuse(path, f"{info.filename!r} is encrypted", "bad_archive", member=info.filename)
     try:
         return zf.read(info)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError):
