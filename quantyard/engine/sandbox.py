@@ -65,7 +65,7 @@ class Outcome:
     value: object  # what the function returned (JSON)
     protections: dict = field(default_factory=dict)  # name -> True/False (or a reason string)
     seconds: float = 0.0
-    peak_rss_bytes: int = 0  # the child's own peak resident memory (wait4's ru_maxrss)
+    peak_rss_bytes: int = 0  # the child's own peak resident memory (its VmHWM)
     cpu_seconds: float = 0.0
 
 
@@ -95,7 +95,9 @@ def run(target: str, kwargs: Mapping, *, scratch: Path, limits: Limits, label: s
         finally:
             usage = _kill_and_reap(proc)
     outcome = _outcome(scratch, proc.returncode, label, limits, time.monotonic() - start)
-    return replace(outcome, peak_rss_bytes=usage.ru_maxrss * 1024, cpu_seconds=usage.ru_utime + usage.ru_stime)
+    # the child's own VmHWM when it reported one; else wait4's figure (an upper bound: see _child_main)
+    peak = outcome.peak_rss_bytes or usage.ru_maxrss * 1024
+    return replace(outcome, peak_rss_bytes=peak, cpu_seconds=usage.ru_utime + usage.ru_stime)
 
 
 def _child_env(scratch: Path) -> dict:
@@ -143,7 +145,9 @@ def _outcome(scratch: Path, returncode: int, label: str, limits: Limits, seconds
         protections = {}
     if "error" in result:
         raise _error(result["error"], label)
-    return Outcome(result.get("value"), protections, seconds)
+    own_peak = result.get("peak_rss_bytes")
+    return Outcome(result.get("value"), protections, seconds,
+                   peak_rss_bytes=own_peak if isinstance(own_peak, int) else 0)
 
 
 def _read_result(path: Path) -> dict | None:
@@ -191,10 +195,26 @@ def _error(raw, label: str) -> ConversionError:
 # ---------------------------------------------------------------- the child side
 
 
+def _own_peak_rss(status) -> int | None:
+    """VmHWM of /proc/self/status (an fd opened earlier), in bytes; None if unreadable."""
+    try:
+        status.seek(0)
+        for line in status.read().decode().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _child_main() -> None:
     request = json.loads(Path(sys.argv[1]).read_text())
     scratch = Path(request["scratch"])
     protections: dict = {}
+    # Opened before confinement (Landlock may hide /proc later): read at the end for this
+    # process's own peak RSS. wait4's ru_maxrss is not that: Linux carries the parent's peak
+    # across exec, so it reports the (large) worker that spawned us.
+    status = open("/proc/self/status", "rb", buffering=0)  # read at exit, closed with the process
     try:
         protections = confine(scratch, [Path(w) for w in request["writable"]], Limits(**request["limits"]),
                               readable=[Path(r) for r in request["readable"]])
@@ -202,6 +222,7 @@ def _child_main() -> None:
         result = {"value": value, "protections": protections}
     except BaseException as e:  # every failure becomes a result; the parent types it
         result = {"error": _describe(e), "protections": protections}
+    result["peak_rss_bytes"] = _own_peak_rss(status)
     (scratch / RESULT_FILE).write_text(json.dumps(result, default=str))
     os._exit(0)  # no atexit handlers, no interpreter teardown of half-built native objects
 

@@ -44,6 +44,18 @@ def test_a_result_comes_back_as_json_with_the_protections(tmp_path):
         assert outcome.protections["read_only_filesystem"] is True
 
 
+def test_the_peak_memory_is_the_childs_own_not_the_parents(tmp_path):
+    """Linux keeps a process's peak RSS across exec, so wait4 would report the worker that
+    spawned the child; the sandbox reports the child's own high-water mark."""
+    ballast = bytearray(1536 << 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touched: resident in this process
+    small = run(tmp_path, "spin", seconds=0.01)
+    assert 0 < small.peak_rss_bytes < 512 << 20, small.peak_rss_bytes
+    big = run(tmp_path, "allocate", gib=0.75)
+    assert big.peak_rss_bytes > small.peak_rss_bytes + (512 << 20), (small.peak_rss_bytes, big.peak_rss_bytes)
+    del ballast
+
+
 def _landlock() -> bool:
     """landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION): the ABI, or -1."""
     import ctypes
