@@ -317,6 +317,20 @@ def _zip_precheck(path: str | os.PathLike, max_members: int) -> None:
             seen += _CD_ENTRY.size + name_len + extra_len + comment_len
 
 
+def _why(exc: BaseException) -> str:
+    """What went wrong reading an archive, in our words: the zip/tar/zlib libraries' own text
+    and type names are not shown to tenants (they can name server paths and say nothing useful)."""
+    if isinstance(exc, NotImplementedError):
+        return "an unsupported zip version or compression method"
+    if isinstance(exc, zlib.error | gzip.BadGzipFile):
+        return "data that does not decompress"
+    if isinstance(exc, EOFError):
+        return "truncated data"
+    if isinstance(exc, tarfile.TarError):
+        return "a damaged tar header"
+    return "damaged or truncated data (bad checksum, header or offset)"
+
+
 def _check_name_length(raw: str) -> None:
     if len(raw.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         raise UnsafeArchive(f"member {raw[:64]!r}... has a name longer than {MAX_NAME_BYTES} bytes",
@@ -328,7 +342,7 @@ def _open_zip_member(zf: zipfile.ZipFile, zi: zipfile.ZipInfo):
         return zf.open(zi)
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
         # e.g. a local header offset before the start of the file (seek: EINVAL)
-        raise InvalidArchive(f"corrupt zip archive at member {zi.filename!r} ({type(exc).__name__})") from None
+        raise InvalidArchive(f"corrupt zip archive at member {zi.filename!r}: {_why(exc)}") from None
 
 
 def _iter_zip(path: str | os.PathLike, budget: _Budget):
@@ -339,10 +353,7 @@ def _iter_zip(path: str | os.PathLike, budget: _Budget):
         raise InvalidArchive("corrupt zip archive: a member name is flagged UTF-8 but is not valid "
                              "UTF-8") from None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        # the library's own text is not shown (it can name server paths); its kind is
-        what = ("an unsupported zip version or compression method" if isinstance(exc, NotImplementedError)
-                else type(exc).__name__)
-        raise InvalidArchive(f"corrupt zip archive ({what})") from exc
+        raise InvalidArchive(f"corrupt zip archive: {_why(exc)}") from exc
     with zf:
         for zi in zf.infolist():
             raw = zi.filename
@@ -370,7 +381,7 @@ def _iter_checked(path: str | os.PathLike, budget: _Budget):
     try:
         tf = tarfile.open(path, _tar_mode(kind), tarinfo=_CappedTarInfo)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidArchive(f"corrupt {kind} archive ({type(exc).__name__})") from exc
+        raise InvalidArchive(f"corrupt {kind} archive: {_why(exc)}") from exc
     with tf:
         try:
             for ti in tf:
@@ -388,7 +399,7 @@ def _iter_checked(path: str | os.PathLike, budget: _Budget):
                 budget.add_bytes(size, raw)
                 yield MemberInfo(name, size, ti.isdir()), (lambda ti=ti: tf.extractfile(ti))
         except (tarfile.TarError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile, OSError) as exc:
-            raise InvalidArchive(f"corrupt {kind} archive ({type(exc).__name__})") from exc
+            raise InvalidArchive(f"corrupt {kind} archive: {_why(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- public API
@@ -457,7 +468,7 @@ def extract_archive(
                         )
                     dst.write(chunk)
         except _READ_ERRORS as exc:
-            raise InvalidArchive(f"corrupt archive at member {info.name!r} ({type(exc).__name__})") from exc
+            raise InvalidArchive(f"corrupt archive at member {info.name!r}: {_why(exc)}") from exc
         os.chmod(target, 0o644)
         out.append(info)
     return out
@@ -492,7 +503,7 @@ def _reading(name: str) -> Iterator[None]:
     try:
         yield
     except _READ_ERRORS as exc:
-        raise InvalidArchive(f"corrupt archive at member {name!r} ({type(exc).__name__})") from None
+        raise InvalidArchive(f"corrupt archive at member {name!r}: {_why(exc)}") from None
 
 
 def read_member(path: str | os.PathLike, name: str, *, max_bytes: int = 16 << 20) -> bytes:

@@ -55,7 +55,8 @@ def classify(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as zf:
                 return _zip_kind(zf.namelist(), lambda n: zf.read(n) if zf.getinfo(n).file_size < 64 else b"")
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError):
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
+                RuntimeError):  # RuntimeError: zipfile's "is encrypted, password required"
             return "unknown"  # corrupt: describe() refuses it as no known kind
     if head[:1] == b"\x80":  # pickle protocol 2+ opcode: torch.save's legacy format, pickle.dump
         return "pickle"
