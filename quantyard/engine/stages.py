@@ -91,7 +91,7 @@ def preflight_gguf(path: Path, targets: Sequence[TargetSpec], *,
         largest = max((t.n_elements for t in gguf_in.tensors.values()), default=0)
         dominant = dominant_type((t.type_name, t.n_elements) for t in gguf_in.tensors.values())
     # requantizing: a float32 copy, a transformed copy and the encoded bytes of one tensor
-    estimates = {t.key: {"size_bytes": estimate_size(Path(path), t.quantization),
+    estimates = {t.key: {"size_bytes": estimate_size(Path(path), t.quantization, has_imatrix=wants_imatrix(t)),
                          "peak_memory_bytes": 3 * 4 * largest} for t in targets}
     require_memory(estimates, memory_limit_bytes)
     return PreflightReport(architecture=str(fields.get("general.architecture")),

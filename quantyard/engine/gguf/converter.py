@@ -2,6 +2,15 @@
 
 The file is written under a hidden temporary name in out_dir, validated there, and only renamed
 to its final name once every check passed; any exception (Cancelled included) removes it.
+
+Metadata: every key convert_hf_to_gguf.py (llama.cpp's tree, with its own gguf-py) writes, with
+the same value and type (tests/engine/test_metadata_parity.py compares them), plus our provenance:
+- always `general.quantized_by` = "Quantyard" and `quantyard.engine_version`;
+- `quantyard.<key>` for each provenance entry not listed below (source_sha256, recipe_hash, ...);
+- the provenance entries name, source_url, source_repo_url and base_model(+_url) set
+  general.name, general.source.url, general.source.repo_url and general.base_model.0.* instead
+  of what llama.cpp derives from the folder (name: as its --model-name does).
+is_provenance_key() is that list in code.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from ..manifest import ENGINE_VERSION
 from ..results import ConversionResult
 from ..spec import TargetSpec
 from . import archs, policy
+from . import estimate as est
 from .archs import Architecture, tensor_order_key
 from .ggml_types import ALIGNMENT, FILE_TYPES, QUANTIZATION_VERSION
 from .validate import validate_gguf
@@ -111,6 +121,14 @@ def output_filename(name: str, quantization: str) -> str:
 
 # provenance keys that become general.* keys (the rest become quantyard.<key>)
 _GENERAL_PROVENANCE = ("name", "source_url", "source_repo_url", "base_model", "base_model_url")
+# keys we write that convert_hf_to_gguf.py never does (see the module docstring)
+QUANTYARD_KEYS = ("general.quantized_by", "quantyard.engine_version")
+QUANTYARD_PREFIX = "quantyard."
+
+
+def is_provenance_key(key: str) -> bool:
+    """A key Quantyard adds to what llama.cpp's converter writes: its own, never one of llama.cpp's."""
+    return key in QUANTYARD_KEYS or key.startswith(QUANTYARD_PREFIX)
 
 
 def _base_model_entry(ref: str, url: str | None) -> dict:
@@ -124,9 +142,11 @@ def _base_model_entry(ref: str, url: str | None) -> dict:
 
 def general_metadata(source: HFModelSource, provenance: Mapping[str, str], total_params: int) -> gguf.Metadata:
     """general.* as convert_hf_to_gguf derives it (model card, config, generation config, folder
-    name heuristics; gguf-py's Metadata), then our name and the provenance we were given."""
-    meta = gguf.Metadata.load(None, source.root, None, total_params)
-    meta.name = model_name(source, provenance)
+    name heuristics; gguf-py's Metadata; the folder's name when nothing names the model), the
+    provenance name standing for its --model-name, then the provenance we were given."""
+    meta = gguf.Metadata.load(None, source.root, str(provenance.get("name") or "") or None, total_params)
+    if meta.name is None:
+        meta.name = source.root.name
     meta.quantized_by = "Quantyard"
     if meta.size_label is None and total_params > 0:
         meta.size_label = gguf.size_label(total_params, 0, 0, 0)
@@ -140,7 +160,10 @@ def general_metadata(source: HFModelSource, provenance: Mapping[str, str], total
 
 
 def _metadata_writer(source: HFModelSource, arch: Architecture, quantization: str,
-                     provenance: Mapping[str, str], total_params: int, vocab_out: list):
+                     provenance: Mapping[str, str], total_params: int, vocab_out: list,
+                     vocab: Callable[..., VocabInfo] = write_vocab):
+    """`vocab` writes tokenizer.ggml.* (estimate.estimate_vocab when only measuring)."""
+
     def add(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         general_metadata(source, provenance, total_params).set_gguf_meta_model(w)
@@ -148,23 +171,66 @@ def _metadata_writer(source: HFModelSource, arch: Architecture, quantization: st
         w.add_file_type(FILE_TYPES[quantization].llama_ftype)
         w.add_quantization_version(QUANTIZATION_VERSION)
         n_vocab = arch.config.get("vocab_size")
-        vocab_out.append(write_vocab(w, source.root, n_vocab, arch.vocab_style))
+        vocab_out.append(vocab(w, source.root, n_vocab, arch.vocab_style))
         w.add_string("quantyard.engine_version", ENGINE_VERSION)
         for key, value in sorted(provenance.items()):
             if key not in _GENERAL_PROVENANCE:
-                w.add_string(f"quantyard.{re.sub(r'[^a-z0-9_]', '_', key.lower())}", str(value))
+                w.add_string(f"{QUANTYARD_PREFIX}{re.sub(r'[^a-z0-9_]', '_', key.lower())}", str(value))
 
     return add
 
 
+# Measured metadata (KV bytes, KV values) per source folder state: the same for every target of a
+# source (general.file_type is a u32 whatever its value), so a job's targets parse the tokenizer once.
+_MEASURED: dict[tuple, tuple[int, dict[str, object]]] = {}
+
+
+def _measured_metadata(source: HFModelSource, arch: Architecture, total_params: int) -> tuple[int, dict]:
+    """The KV our writer gives `source`'s GGUFs, written to an in-memory GGUFWriter and sized."""
+    weights = set(source.weight_files)
+    files = sorted(f for f in source.root.iterdir() if f.is_file() and f not in weights)
+    key = (str(source.root.resolve()), total_params,
+           tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    if key not in _MEASURED:
+        w = gguf.GGUFWriter(None, arch.name)
+        _metadata_writer(source, arch, "F32", {}, total_params, [], vocab=est.estimate_vocab)(w)
+        while len(_MEASURED) >= 8:
+            _MEASURED.pop(next(iter(_MEASURED)))
+        _MEASURED[key] = (est.kv_bytes(w), est.kv_fields(w))
+    return _MEASURED[key]
+
+
+def estimate_file_size(source: HFModelSource, target: TargetSpec, arch: Architecture | None = None) -> int:
+    """Bytes of the file `target` comes out as, from headers only (estimate.py). Float types
+    are written straight from the source; the rest are llama-quantize's mixture applied to the
+    lossless intermediate, whose metadata they keep. Unknown here, so left out: provenance
+    keys and an imatrix the caller gives (tens of bytes)."""
+    from ..stages import wants_imatrix
+
+    arch = arch or architecture(source)
+    quantization = target.quantization
+    direct = quantization in FLOAT_OUTTYPES
+    dtype = source.source_dtype.upper()
+    plans = plan_tensors(source, quantization if direct else (dtype if dtype in FLOAT_OUTTYPES else "F32"), arch)
+    kv, fields = _measured_metadata(source, arch, sum(math.prod(p.shape) for p in plans))
+    infos = [policy.TensorInfo(p.name, tuple(reversed(p.shape)), p.type_name) for p in plans]
+    if direct:
+        tensors = [est.PlannedTensor(t.name, len(t.ne), t.type_name, est.tensor_nbytes(t.type_name, t.ne))
+                   for t in infos]
+    else:
+        imatrix = wants_imatrix(target)
+        tensors = est.quantized_tensors(infos, policy.ModelInfo.from_fields(fields), quantization,
+                                        has_imatrix=imatrix)
+        kv += est.imatrix_kv_bytes() if imatrix else 0
+    return est.file_bytes(kv, tensors, ALIGNMENT)
+
+
 def estimate(source: HFModelSource, target: TargetSpec) -> dict[str, int]:
-    """Output size and peak memory, from shapes only."""
-    plans = plan_tensors(source, target.quantization)
-    tensor_bytes = sum(p.nbytes + ALIGNMENT for p in plans)
-    # the vocab lands in the metadata about as large as the biggest tokenizer file
+    """Output size (estimate_file_size) and peak memory, from shapes only."""
+    arch = architecture(source)
+    size = estimate_file_size(source, target, arch)
     vocab_bytes = max((f.stat().st_size for f in source.root.glob("tokenizer*") if f.is_file()), default=0)
-    size = tensor_bytes + vocab_bytes + 4096
-    largest = max(math.prod(p.shape) for p in plans) * 4
+    largest = max(t.n_elements for t in source.tensors.values()) * 4
     # writing: float32 copy + transformed copy + encoded bytes of the largest tensor;
     # validation: transformers in float32 plus llama.cpp's copy of the artifact, side by side.
     writing = 3 * largest + vocab_bytes
@@ -293,4 +359,5 @@ class GGUFConverter:
 
 
 __all__ = ["GGUFConverter", "plan_tensors", "estimate", "convert", "output_filename", "write_float_gguf",
-           "architecture", "general_metadata", "FLOAT_OUTTYPES"]
+           "architecture", "general_metadata", "FLOAT_OUTTYPES", "estimate_file_size",
+           "is_provenance_key", "QUANTYARD_KEYS"]

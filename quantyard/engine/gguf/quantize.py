@@ -16,7 +16,6 @@ only when every shard is complete; any exception (Cancelled included) removes th
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import uuid
@@ -28,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidModel, ResourceExhausted, UnsupportedTarget
+from . import estimate as est
 from . import ggml_quants
 from . import gguf_output as go
 from .ggml_types import FILE_TYPES, GGML_TYPES, QUANTIZATION_VERSION
 from .gguf_input import SPLIT_KEYS, GGUFInput, InputTensor, release_pages
 from .imatrix import ImatrixData, load_imatrix
-from .policy import ModelInfo, TensorChoice, TensorInfo, layer_of, n_dims, plan_types
+from .policy import ModelInfo, TensorChoice, TensorInfo, n_dims, plan_types
 
 Progress = Callable[[float, str], None]
 # values converted per slab: bounds the float32 buffer (64 MiB) on big tensors
@@ -310,24 +310,28 @@ def _report(quantization: str, ftype: int, paths: list[Path], items: list[_Item]
         imatrix=imat.provenance() if imat is not None else None, seconds=seconds)
 
 
-def planned_data_bytes(tensors: list[TensorInfo], info: ModelInfo, quantization: str, alignment: int = 32) -> int:
+def planned_data_bytes(tensors: list[TensorInfo], info: ModelInfo, quantization: str, alignment: int = 32, *,
+                       has_imatrix: bool = True) -> int:
     """Tensor-data bytes of the `quantization` output for a model described by GGUF tensor infos
     (names, ggml shapes, input types) and hparams: sizes before anything is converted."""
-    total = 0
-    for c, t in zip(plan_types(tensors, info, quantization, has_imatrix=True),
-                    sorted(tensors, key=lambda t: (layer_of(t.name), t.name)), strict=False):
-        n_rows = math.prod(t.ne) // t.ne[0]
-        total += go.pad(ggml_quants.row_size(GGML_TYPES[c.type_name].id, t.ne[0]) * n_rows, alignment)
-    return total
+    return sum(go.pad(t.nbytes, alignment)
+               for t in est.quantized_tensors(tensors, info, quantization, has_imatrix=has_imatrix))
 
 
-def estimate_size(input_path: Path, quantization: str) -> int:
-    """Bytes the output of quantize_gguf(input_path, ..., quantization) will take."""
+def estimate_size(input_path: Path, quantization: str, *, has_imatrix: bool | None = None) -> int:
+    """Bytes the output of quantize_gguf(input_path, ..., quantization) will take, from the
+    headers: llama-quantize's type for every tensor, the input's KV as _metadata rewrites it,
+    alignment padding. `has_imatrix` (default: whether the type needs one) changes a few types
+    and adds the quantize.imatrix.* keys. Extra metadata the caller adds is not counted."""
+    ft = _file_type(quantization)
+    has_imatrix = ft.needs_imatrix if has_imatrix is None else has_imatrix
     with GGUFInput(Path(input_path)) as src:
         info = ModelInfo.from_fields(src.small_fields())
         tensors = [TensorInfo(t.name, t.ne, t.type_name) for t in src.tensors.values()]
-        kv = sum(len(src.raw_kv(k)) for k in src.keys()) + 512
-        return planned_data_bytes(tensors, info, quantization, src.alignment) + kv + 80 * (len(tensors) + 1)
+        kv = sum(len(b) for b in _metadata(src, quantization, None, None))
+        kv += est.imatrix_kv_bytes() if has_imatrix else 0
+        planned = est.quantized_tensors(tensors, info, quantization, has_imatrix=has_imatrix)
+        return est.file_bytes(kv, planned, src.alignment)
 
 
 __all__ = ["quantize_gguf", "QuantizeReport", "shard_paths", "estimate_size", "planned_data_bytes"]
