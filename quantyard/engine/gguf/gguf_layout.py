@@ -229,6 +229,23 @@ def _check_tensors(cur: _Cursor, tensors: list[TensorInfo], data_offset: int,
             raise cur.fail(f"tensor {t.name} runs past the end of the file")
 
 
+def array_values(pair: KeyValue, path: Path, max_items: int = MAX_ARRAY_ITEMS) -> list:
+    """Every item of an array key (the vocabulary's tokens, say), decoded from the pair's raw
+    bytes (`read_layout(..., keep_raw=True)`): the long arrays the layout skips, read on demand.
+    The same caps as the header apply (items, string lengths, decoded bytes)."""
+    if not pair.raw:
+        raise ValueError(f"{pair.key}: the layout was read without raw bytes")
+    cur = _Cursor(pair.raw, Path(path))
+    cur.skip_string("a key name")
+    if cur.unpack("<I", 4) != _ARRAY:
+        raise cur.fail(f"{pair.key} is not an array")
+    item_type = cur.unpack("<I", 4)
+    count = cur.count(f"the item count of {pair.key}", max_items, _SIZES.get(item_type, 8))
+    if item_type == _STRING:  # the common long case (tokens): one tight loop
+        return [cur.string(f"a string in {pair.key}") for _ in range(count)]
+    return [cur.value(item_type, pair.key, True, 1) for _ in range(count)]
+
+
 def read_layout(path: Path, *, keep_raw: bool = True) -> Layout:
     """The file's key/values and tensor infos, checked. `keep_raw=False` drops each pair's raw
     bytes (the API only wants the values)."""
@@ -260,6 +277,6 @@ def read_layout(path: Path, *, keep_raw: bool = True) -> Layout:
     return Layout(version, kv, tensors, data_offset)
 
 
-__all__ = ["read_layout", "Layout", "KeyValue", "TensorInfo", "MAX_DECODED_ARRAY", "MAX_KV",
+__all__ = ["read_layout", "array_values", "Layout", "KeyValue", "TensorInfo", "MAX_DECODED_ARRAY", "MAX_KV",
            "MAX_TENSORS", "MAX_ARRAY_ITEMS", "MAX_STRING_BYTES", "MAX_DIMS", "MAX_HEADER_BYTES",
            "MAX_DECODED_BYTES"]
