@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InvalidModel
 from . import gguf_output as go
+from .gguf_layout import array_values, read_layout
 from .policy import n_dims
 
 if TYPE_CHECKING:  # torch is imported only when an imatrix is computed
@@ -144,30 +145,40 @@ def load_imatrix(path: Path) -> ImatrixData:
 
 
 def _load_gguf(path: Path) -> ImatrixData:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    fields = {f.name: f for f in reader.fields.values()}
-    missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in fields]
+    """Through the strict header reader (gguf_layout: counts capped, tensors inside the file),
+    then each F32 tensor read straight from its offset."""
+    layout = read_layout(path)
+    kv = layout.kv
+    missing = [k for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size") if k not in kv]
     if missing:  # llama-quantize refuses such files ("missing imatrix metadata")
         raise InvalidModel(f"imatrix file {path.name} lacks {', '.join(missing)}")
+    datasets = array_values(kv["imatrix.datasets"], path) if kv["imatrix.datasets"].array_length is not None else None
+    chunk_count, chunk_size = kv["imatrix.chunk_count"].value, kv["imatrix.chunk_size"].value
+    if (not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets)
+            or type(chunk_count) is not int or type(chunk_size) is not int):
+        raise InvalidModel(f"imatrix file {path.name}: imatrix.datasets must be strings and "
+                           "imatrix.chunk_count/chunk_size integers")
     parts: dict[str, dict[str, np.ndarray]] = {}
-    for t in reader.tensors:
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for t in layout.tensors:
         for suffix in (".in_sum2", ".counts"):
             if t.name.endswith(suffix):
-                if int(t.tensor_type) != 0:
+                if t.type_id != 0:
                     raise InvalidModel(f"imatrix tensor {t.name} is not F32")
-                parts.setdefault(t.name[: -len(suffix)], {})[suffix] = np.array(t.data, dtype=np.float32).reshape(-1)
+                start = layout.data_offset + t.offset  # read_layout checked it lies in the file
+                raw = np.array(data[start:start + t.nbytes])  # a copy: the map is dropped below
+                parts.setdefault(t.name[: -len(suffix)], {})[suffix] = raw.view("<f4").astype(np.float32)
+    del data
     sums, counts = {}, {}
     for name, p in parts.items():
         if set(p) != {".in_sum2", ".counts"}:
             raise InvalidModel(f"imatrix entry {name} has sums without counts or the reverse")
         n_mat = p[".counts"].size
+        if n_mat == 0 or p[".in_sum2"].size % n_mat:
+            raise InvalidModel(f"imatrix entry {name}: its sums do not split into {n_mat} matrices")
         sums[name] = p[".in_sum2"].reshape(n_mat, -1)
         counts[name] = np.rint(p[".counts"]).astype(np.int64)  # std::lround
-    return ImatrixData(sums, counts, datasets=list(fields["imatrix.datasets"].contents()),
-                       chunk_count=int(fields["imatrix.chunk_count"].contents()),
-                       chunk_size=int(fields["imatrix.chunk_size"].contents()))
+    return ImatrixData(sums, counts, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
 
 
 def _load_legacy(path: Path) -> ImatrixData:
