@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, not_found
 from quantyard import catalog
@@ -96,39 +97,62 @@ def _principal_cache(request: Request) -> PrincipalCache:
     return cache
 
 
-def _lookup(request: Request, secret: str) -> Principal | None:
+def _remembered(request: Request, secret: str) -> Principal | None:
+    """The principal this process checked the key for in the last QUANTYARD_AUTH_CACHE_S (memory only)."""
     cache = _principal_cache(request)
     if request.method == "DELETE" and request.url.path.startswith("/v1/keys/"):
         cache.clear()  # a revocation: no key may be served from memory past it (in this process)
-    digest = hash_secret(secret)
-    found = cache.get(digest)
-    if found is not None:
-        return found
+        return None
+    return cache.get(hash_secret(secret))
+
+
+def _lookup(request: Request, secret: str) -> Principal | None:
+    """The key's principal from the catalog (and remembered for the next requests)."""
     with request.app.state.session_factory() as s:
         found = catalog.authenticate(s, secret=secret)
         expires_at = s.get(ApiKey, found.key_id).expires_at if found is not None else None
         s.commit()  # last_used_at
     if found is not None:
-        cache.put(digest, found, expires_at)
+        _principal_cache(request).put(hash_secret(secret), found, expires_at)
     return found
 
 
-def authenticated(request: Request) -> Principal:
-    """The caller; also kept in ``request.state`` (``principal``, ``actor``) for audit records."""
-    cached = getattr(request.state, "principal", None)
-    if cached is not None:
-        return cached
-    if request.app.state.settings.auth == "disabled":
-        principal = ANONYMOUS_ADMIN
-    else:
-        principal = _lookup(request, _bearer(request))
-        if principal is None:
-            raise unauthorized("the API key is unknown, expired or revoked")
+def _admit(request: Request, principal: Principal | None) -> Principal:
+    if principal is None:
+        raise unauthorized("the API key is unknown, expired or revoked")
     request.state.principal = principal
     request.state.actor = principal.name
     # Read by the download route: only maintainers may override a withdrawal.
     request.state.may_use_withdrawn = principal.has_role("maintainer")
     return principal
+
+
+async def authenticated(request: Request) -> Principal:
+    """The caller; also kept in ``request.state`` (``principal``, ``actor``) for audit records.
+
+    Async, so a key this process checked recently costs no trip to the threadpool; only a key
+    looked up in the catalog goes there (the lookup blocks)."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    if request.app.state.settings.auth == "disabled":
+        return _admit(request, ANONYMOUS_ADMIN)
+    secret = _bearer(request)
+    found = _remembered(request, secret)
+    if found is None:
+        found = await run_in_threadpool(_lookup, request, secret)
+    return _admit(request, found)
+
+
+def authenticated_sync(request: Request) -> Principal:
+    """:func:`authenticated` for code already off the event loop (e.g. a sync dependency)."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
+    if request.app.state.settings.auth == "disabled":
+        return _admit(request, ANONYMOUS_ADMIN)
+    secret = _bearer(request)
+    return _admit(request, _remembered(request, secret) or _lookup(request, secret))
 
 
 # Path parameters that name a tenant's resource, and how to look it up within an organisation.
@@ -174,9 +198,13 @@ class Requires:
             raise ValueError(f"unknown role {role!r}")
         self.role = role
 
-    def __call__(self, request: Request, principal: Principal = Depends(authenticated)) -> Principal:
+    async def __call__(self, request: Request, principal: Principal = Depends(authenticated)) -> Principal:
         if principal.has_role(self.role):
             return principal
+        await run_in_threadpool(self._refuse, request, principal)  # reads and audits: blocking
+        raise AssertionError("unreachable")  # _refuse always raises
+
+    def _refuse(self, request: Request, principal: Principal) -> None:
         hidden = _hidden_resource(request, principal)
         if hidden is not None:
             raise hidden
@@ -223,7 +251,7 @@ def metrics_reader(request: Request) -> None:
     if token and hmac.compare_digest(_bearer(request).encode(), token.encode()):
         request.state.actor = "metrics-scraper"
         return
-    principal = authenticated(request)
+    principal = authenticated_sync(request)
     if principal.organization_id != DEFAULT_ORGANIZATION_ID:
         _audit_denied(request, principal, "operator")
         raise ApiError(403, "forbidden", "metrics count every organisation's jobs: they need a key of the "
@@ -237,5 +265,5 @@ def is_operator(principal: Principal) -> bool:
     return principal.role == "admin" and principal.organization_id == DEFAULT_ORGANIZATION_ID
 
 
-__all__ = ["ANONYMOUS_ADMIN", "Requires", "authenticated", "is_operator", "metrics_reader", "requires",
+__all__ = ["ANONYMOUS_ADMIN", "Requires", "authenticated", "authenticated_sync", "is_operator", "metrics_reader", "requires",
            "unauthorized"]

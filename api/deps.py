@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from quantyard import catalog
 
@@ -16,16 +17,23 @@ log = logging.getLogger("quantyard.api")
 ANONYMOUS = "anonymous"
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One catalog session per request; rolled back if the route did not commit."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One catalog session per request; rolled back if the route did not commit.
+
+    Async: making a session does no I/O, and neither does closing one that holds no connection
+    (the route committed); only a rollback or a close that returns a connection goes to the
+    threadpool, so a request does not pay two threadpool trips for its session."""
     session = request.app.state.session_factory()
     try:
         yield session
     except BaseException:
-        session.rollback()
+        await run_in_threadpool(session.rollback)
         raise
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 def actor(request: Request) -> str:
@@ -88,7 +96,7 @@ def caller_may_use_withdrawn(request: Request) -> bool:
     return found is None or found.has_role("maintainer")
 
 
-def known_query(request: Request) -> None:
+async def known_query(request: Request) -> None:
     """A router dependency: a query parameter the route does not declare is a 422 naming it (a
     typo such as ``?statsu=failed`` would otherwise list everything, unfiltered)."""
     if not request.query_params:

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -44,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from quantyard.storage import S3Store
 
 from .audit import AuditVerification, canonical_json, record_audit, verify_audit_chain
-from .audit_seal import SEAL_EVERY_S, is_deferred, seal_left_behind, seal_pending
+from .audit_seal import is_deferred, seal_pending
 from .models import AuditEvent, iso, utcnow
 
 log = logging.getLogger("quantyard.catalog.anchor")
@@ -209,29 +208,19 @@ class AnchorWatcher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> AnchorWatcher:
-        with self.sessions() as s:
-            deferred = is_deferred(s)
-        if self.interval_s > 0 or self.every_events > 0 or deferred:
+        if self.interval_s > 0 or self.every_events > 0:
             self._thread = threading.Thread(target=self._run, name="audit-anchor", daemon=True)
             self._thread.start()
         return self
 
     def _run(self) -> None:
-        with self.sessions() as s:
-            deferred, bind = is_deferred(s), s.get_bind()
-        engine = getattr(bind, "engine", bind)
-        tick = min(SEAL_EVERY_S, self.check_every_s) if deferred else self.check_every_s
-        next_check = time.monotonic() + self.check_every_s
-        while not self._stop.wait(tick):
+        # Deferred chaining seals in its own thread (audit_seal.wake_sealer); anchor_if_due seals
+        # what is pending before it looks at the head.
+        while not self._stop.wait(self.check_every_s):
             try:
-                if deferred:  # the background sealer: what a busy lock left pending after a commit
-                    seal_left_behind(engine)
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + self.check_every_s
-                    anchor_if_due(self.sessions, self.store, interval_s=self.interval_s,
-                                  every_events=self.every_events)
+                anchor_if_due(self.sessions, self.store, interval_s=self.interval_s, every_events=self.every_events)
             except Exception:  # noqa: BLE001 - the next tick retries
-                log.exception("audit seal or anchor check failed")
+                log.exception("audit anchor check failed")
 
     def stop(self, *, final_anchor: bool = True) -> dict[str, Any] | None:
         self._stop.set()

@@ -8,16 +8,16 @@ Deferred chaining (``QUANTYARD_AUDIT_CHAIN=deferred``, Postgres; ``defer_chainin
 
 - ``record_audit`` INSERTs the event into ``audit_pending`` in the change's transaction, without
   the lock. The change and its event commit together or not at all (fail closed as before).
-- Right after that commit (a session ``after_commit`` hook) the committing process tries the chain
-  lock and, when it gets it, *seals*: in one transaction it reads every committed pending event
-  (``pending_seq`` order), computes seq / prev_hash / hash from the chain head exactly as a direct
-  append would, INSERTs them into ``audit_events`` and deletes them from ``audit_pending``. One
-  seal chains everything committed meanwhile (a batch), so the lock is held once per batch, not
-  once per write. Under contention the lock is busy and the event waits for the holder's next
-  round or for the background sealer: every ``SEAL_EVERY_S`` in API processes when one of their
-  commits found the lock busy, and in every process before each anchor check (every 5 s, see
-  anchor.py) and at shutdown. So an event is chained at once, or within 0.1 s (API) / 5 s
-  (workers) while its process runs, or by any later seal (every process seals everything).
+- That commit wakes the process's *sealer* (a daemon thread per process and engine, started on
+  the first deferred commit; never the request's own thread, so a submission pays for its own
+  change only). The sealer gathers for ``SEAL_GATHER_S``, then tries the chain lock and, when it
+  gets it, *seals*: in one transaction it reads every committed pending event (``pending_seq``
+  order), computes seq / prev_hash / hash from the chain head exactly as a direct append would,
+  INSERTs them into ``audit_events`` and deletes them from ``audit_pending``. One seal chains
+  everything committed meanwhile, in every process (a batch), so the lock is held once per batch,
+  not once per write. A busy lock (another process sealing) is retried every ``SEAL_EVERY_S``;
+  every process also seals before each anchor check and at shutdown. So an event is chained
+  within about ``SEAL_GATHER_S`` while its process runs, or by any later seal.
 - Until sealed, an event is protected by the migration 0009 triggers only: nobody may UPDATE a
   pending event and one may be deleted only once an event with its id is in the chain. Once
   sealed it has every guarantee of a direct event: the hash chain, ``verify``, the anchors.
@@ -30,7 +30,9 @@ change, so it may step back slightly from one seq to the next.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 import weakref
 from typing import cast
 
@@ -79,6 +81,10 @@ EVENT_COLUMNS = tuple(c.name for c in AUDIT_PENDING.columns if c.name != "pendin
 
 SEAL_BATCH = 2000
 SEAL_EVERY_S = 0.1
+# How long a woken sealer waits for more commits before sealing them together.
+SEAL_GATHER_S = 0.05
+# The longest wait between two tries while sealing fails (the catalog is down).
+SEAL_RETRY_MAX_S = 5.0
 # The session flag record_audit sets when it wrote a pending event (sealed after the commit).
 PENDING_FLAG = "quantyard_audit_pending"
 
@@ -107,20 +113,57 @@ def pending_count(s: Session) -> int:
 # One sealer per process at a time: a thread that finds another sealing skips the database
 # round trips (the one sealing goes round again while it finds events, and takes this one's).
 _local_sealer = threading.Lock()
-# Set when a seal after a commit found the lock busy: the background sealer of this process then
-# looks on its next tick (otherwise it stays off the database).
-_left_behind = threading.Event()
 
 
-def seal_left_behind(engine: Engine) -> int | None:
-    """The background sealer's tick: seal only if a commit of this process left events pending."""
-    if not _left_behind.is_set():
-        return 0
-    _left_behind.clear()
-    sealed = seal_pending(engine)
-    if sealed is None:
-        _left_behind.set()
-    return sealed
+class _Sealer:
+    """The background sealer of one engine in one process: sleeps until a deferred commit wakes
+    it, gathers for SEAL_GATHER_S (a batch), seals; retries every SEAL_EVERY_S while a busy lock
+    or a failure leaves events behind."""
+
+    def __init__(self, engine: Engine):
+        self._engine = weakref.ref(engine)
+        self.wake = threading.Event()
+        self.behind = False
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=self._run, name="audit-sealer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        retry_s = SEAL_EVERY_S
+        while True:
+            woken = self.wake.wait(retry_s)
+            engine = self._engine()
+            if engine is None or engine not in _deferred:  # disposed of, or chaining made direct again
+                return
+            if not woken and not self.behind:
+                continue
+            time.sleep(SEAL_GATHER_S if woken else 0)
+            self.wake.clear()
+            try:
+                self.behind = seal_pending(engine) is None
+                retry_s = SEAL_EVERY_S
+            except Exception as exc:  # noqa: BLE001 - the events are committed; a later round retries
+                self.behind = True
+                retry_s = min(retry_s * 2, SEAL_RETRY_MAX_S)  # an unreachable catalog: back off
+                log.warning("sealing pending audit events failed (%s: %s); retrying in %.1f s",
+                            type(exc).__name__, exc, retry_s)
+
+
+_sealers: dict[int, _Sealer] = {}
+_sealers_lock = threading.Lock()
+
+
+def wake_sealer(engine: Engine) -> None:
+    """Have this process's sealer chain what ``engine``'s sessions committed (started on first
+    use, and again in a forked child, which inherits the dictionary but not the thread)."""
+    key = id(engine)
+    sealer = _sealers.get(key)
+    if sealer is None or sealer.pid != os.getpid() or sealer._engine() is not engine:
+        with _sealers_lock:
+            sealer = _sealers.get(key)
+            if sealer is None or sealer.pid != os.getpid() or sealer._engine() is not engine:
+                sealer = _sealers[key] = _Sealer(engine)
+    sealer.wake.set()
 
 
 def seal_pending(engine: Engine, *, wait: bool = False, rounds: int = 10) -> int | None:
@@ -146,7 +189,7 @@ def _seal_rounds(engine: Engine, *, wait: bool, rounds: int) -> int | None:
                 return total or None
             n = _seal_batch(conn)
         total += n
-        if n == 0:  # nothing left that is visible; events committed meanwhile were found this round
+        if n < SEAL_BATCH:  # everything visible is chained; a commit after this snapshot wakes the sealer again
             return total
     return total
 
@@ -181,18 +224,12 @@ def _seal_batch(conn) -> int:
 
 @event.listens_for(Session, "after_commit")
 def _seal_after_commit(session: Session) -> None:
-    """Seal right after a commit that wrote pending events (the session can't run SQL here: the
-    seal uses a connection of its own). A busy lock is not waited for: its holder goes round again
-    while it finds events, and the background sealer takes what is left."""
+    """A commit that wrote pending events wakes the sealer (the session can't run SQL here, and
+    the request should not wait for the chain: the event is already durable in audit_pending)."""
     if not session.info.pop(PENDING_FLAG, False):
         return
     bind = session.get_bind()
-    try:
-        if seal_pending(bind.engine) is None:
-            _left_behind.set()
-    except Exception:  # noqa: BLE001 - the event is committed; a later seal chains it
-        _left_behind.set()
-        log.warning("sealing audit events after a commit failed; the background sealer retries", exc_info=True)
+    wake_sealer(bind if isinstance(bind, Engine) else bind.engine)
 
 
 @event.listens_for(Session, "after_rollback")
@@ -200,5 +237,5 @@ def _forget_pending(session: Session) -> None:
     session.info.pop(PENDING_FLAG, None)
 
 
-__all__ = ["AUDIT_PENDING", "PENDING_FLAG", "SEAL_EVERY_S", "defer_chaining", "is_deferred", "pending_count",
-           "seal_left_behind", "seal_pending"]
+__all__ = ["AUDIT_PENDING", "PENDING_FLAG", "SEAL_EVERY_S", "SEAL_GATHER_S", "defer_chaining", "is_deferred",
+           "pending_count", "seal_pending", "wake_sealer"]

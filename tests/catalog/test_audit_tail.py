@@ -10,6 +10,7 @@ deleted head, so ``--anchors`` reports the truncation too.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -170,14 +171,32 @@ def deferred(engine, factory):
     defer_chaining(engine, False)
 
 
+def wait_sealed(factory, timeout_s: float = 5.0) -> float:
+    """Seconds until nothing is pending (the process's background sealer chained it); fails on timeout."""
+    from quantyard.catalog.audit_seal import pending_count
+
+    t0 = time.monotonic()
+    while True:
+        with factory() as s:
+            if pending_count(s) == 0:
+                return time.monotonic() - t0
+        assert time.monotonic() - t0 < timeout_s, "the sealer left events pending"
+        time.sleep(0.01)
+
+
 @postgres_only
-def test_deferred_events_are_chained_right_after_commit(deferred, engine, source):
+def test_deferred_events_are_chained_by_the_background_sealer(deferred, engine, source):
+    """No explicit seal: the commit wakes this process's sealer, which chains within moments
+    (SEAL_GATHER_S plus a transaction), off the committing thread."""
     from quantyard.catalog.audit_seal import pending_count
 
     for i in range(3):
         with deferred.begin() as s:
             catalog.create_job(s, source_id=source.id, targets=["gguf:Q8_0"], labels={"n": str(i)},
                                actor="key:alice", request=REQ)
+    took = wait_sealed(deferred)
+    print(f"chained {took * 1000:.0f} ms after the last commit")
+    assert took < 2.0
     rows = events(deferred)
     assert [r["action"] for r in rows] == ["source.create"] + ["job.create"] * 3
     assert [r["seq"] for r in rows] == [1, 2, 3, 4]
@@ -226,8 +245,8 @@ def test_a_pending_event_cannot_be_changed_or_dropped_and_is_chained_later(defer
     from sqlalchemy.exc import DBAPIError
 
     from quantyard.catalog.audit import AUDIT_LOCK_KEY
-    from quantyard.catalog.audit_seal import seal_pending
 
+    wait_sealed(deferred)  # the source's own event first
     with engine.connect() as holder:  # the chain lock is busy: the event stays pending
         holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": AUDIT_LOCK_KEY})
         with deferred.begin() as s:
@@ -240,7 +259,7 @@ def test_a_pending_event_cannot_be_changed_or_dropped_and_is_chained_later(defer
                 conn.execute(text(statement))
         holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": AUDIT_LOCK_KEY})
         holder.commit()
-    assert seal_pending(engine) == 1
+    wait_sealed(deferred)  # the sealer retries a busy lock every SEAL_EVERY_S
     rows = events(deferred)
     assert (rows[-1]["action"], rows[-1]["actor"], rows[-1]["seq"]) == ("note", "key:x", 2)
     with deferred() as s:
@@ -250,6 +269,7 @@ def test_a_pending_event_cannot_be_changed_or_dropped_and_is_chained_later(defer
     from tests.catalog.test_audit_tamper import tamper
 
     note(deferred, 1)
+    wait_sealed(deferred)
     tamper(engine, "DELETE FROM audit_events WHERE seq = 2")
     with deferred() as s:
         result = catalog.verify_audit_chain(s)
