@@ -10,7 +10,12 @@ Token types: SentencePiece's own (normal, unknown, control, unused, byte); added
 CONTROL when flagged special or when they look special (<|...|>, <pad>, <unusedN>, ...), else
 USER_DEFINED with "▁" pre-normalised to a space (Phi-3 uses only the special flag). Special token
 ids, add_bos/add_eos and the chat template come from gguf-py's SpecialVocab (the code
-convert_hf_to_gguf itself runs).
+convert_hf_to_gguf itself runs). The gguf-py inside llama.cpp's own tree is newer than gguf 0.19 on
+PyPI; special_vocab() adds what it reads beyond PyPI's (post-processor add_bos/add_eos, which win
+over tokenizer_config.json's add_*_token; a TemplateProcessing's leading token as BOS when
+tokenizer_config.json names none; the normalizer's lowercase/strip_accents flags), and
+LlamaModel.set_vocab's rule that a 49152-token vocabulary (SmolLM, Granite) adds no BOS.
+tests/engine/test_metadata_parity.py compares every key with convert_hf_to_gguf.py's output.
 
 `tokenizer.ggml.pre` for byte-level BPE: llama.cpp keys it off a hash of the tokenizer's ids on a
 probe text (pre_hashes.py). A tokenizer no table knows (a new model, our tiny test tokenizers) is
@@ -270,32 +275,104 @@ def bpe_vocab(root: Path, n_vocab: int | None, family: str = "gpt2") -> tuple[li
     return tokens, types, pre, how
 
 
-# ---- writing ---------------------------------------------------------------------------------
-
 def _is_spm_style_json(tok_json: dict) -> bool:
     model = tok_json.get("model", {})
     return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
-def _write_spm(w: gguf.GGUFWriter, root: Path, tokens, scores, types) -> VocabInfo:
+# ---- special tokens: llama.cpp's gguf-py where it differs from PyPI's gguf 0.19 ---------------
+
+def _template_special(entry) -> str | None:
+    special = entry.get("SpecialToken") if isinstance(entry, dict) else None
+    return special.get("id") if isinstance(special, dict) else None
+
+
+def _post_processor_rules(tok_json: dict, cfg: dict) -> tuple[dict[str, bool], dict[str, str]]:
+    """(add_* flags, {"bos"/"cls": token content}) that llama.cpp's gguf-py (SpecialVocab.
+    _try_load_from_tokenizer_json) reads from tokenizer.json's post-processor: a ByteLevel
+    processor adds neither BOS nor EOS unless a later processor says so; a TemplateProcessing
+    whose single-sequence template starts with a token tokenizer_config.json does not name makes
+    that token the BOS (and CLS) where those are unnamed. A pair template's sep flag is left to PyPI's."""
+    bos, cls, eos, sep = (cfg.get(k) for k in ("bos_token", "cls_token", "eos_token", "sep_token"))
+    if not bos and cls and cfg:
+        bos = cls
+    if not eos and sep and cfg:
+        eos = sep
+    flags: dict[str, bool] = {}
+    named: dict[str, str] = {}
+    processor = tok_json.get("post_processor")
+    processors = processor.get("processors", [processor]) if isinstance(processor, dict) else []
+    for p in processors if isinstance(processors, list) else []:
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "ByteLevel":
+            flags.setdefault("bos", False)
+            flags.setdefault("eos", False)
+        elif kind == "RobertaProcessing":
+            flags.update(bos=True, eos=True, sep=True)
+        elif kind == "TemplateProcessing" and isinstance(single := p.get("single"), list) and len(single) > 1:
+            if first := _template_special(single[0]):
+                if cfg and first not in (bos, cls):
+                    if not bos:
+                        bos = named["bos"] = first
+                    if not cls:
+                        cls = named["cls"] = first
+                flags["bos"] = first in (bos, cls) if cfg else True
+            if _template_special(single[-1]):
+                flags["eos"] = True  # the template's last token becomes the EOS if it was not
+    return flags, named
+
+
+def _normalizer_flags(normalizer: dict | None) -> dict[str, bool]:
+    """tokenizer.ggml.normalizer.* from tokenizer.json's normalizer (gguf-py's _parse_normalizer)."""
+    normalizer = normalizer if isinstance(normalizer, dict) else {}
+    kind, flags = normalizer.get("type"), {}
+    if kind == "Lowercase":
+        flags["lowercase"] = True
+    elif kind == "StripAccents":
+        flags["strip_accents"] = True
+    elif kind == "BertNormalizer":
+        flags = {k: v for k in ("lowercase", "strip_accents") if (v := normalizer.get(k)) is not None}
+    elif kind == "Sequence":
+        for n in normalizer.get("normalizers") or []:
+            flags.update(_normalizer_flags(n))
+    return flags
+
+
+def _add_special_vocab(w: gguf.GGUFWriter, root: Path, *, n_vocab: int | None = None, load_merges: bool = False,
+                       no_bos: bool = False) -> None:
+    """gguf-py's SpecialVocab written as llama.cpp's converter writes it (see the module docstring);
+    `no_bos` forces add_bos_token = false."""
+    special = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    tok_json, cfg = _read_json(root / "tokenizer.json"), tokenizer_config(root)
+    if tok_json:
+        flags, named = _post_processor_rules(tok_json, cfg)
+        special.add_special_token.update(flags)  # the post-processor wins over tokenizer_config.json
+        for typ, content in named.items():
+            token_id = next((t.get("id") for t in tok_json.get("added_tokens") or [] if isinstance(t, dict)
+                             and t.get("content") == content), None)
+            if isinstance(token_id, int):  # else config.json's <typ>_token_id stays, as there
+                special.special_token_ids.pop(typ, None)
+                special._set_special_token(typ, token_id)
+    if no_bos:
+        special.add_special_token["bos"] = False
+    special.add_to_gguf(w, quiet=True)
+    for name, value in _normalizer_flags(tok_json.get("normalizer")).items():
+        w.add_bool(f"tokenizer.ggml.normalizer.{name}", value)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _write_spm(w: gguf.GGUFWriter, root: Path, tokens, scores, types, no_bos: bool = False) -> VocabInfo:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    gguf.SpecialVocab(root, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    _add_special_vocab(w, root, n_vocab=len(tokens), no_bos=no_bos)
     return VocabInfo("llama", "default", len(tokens), "fixed")
 
 
-def _byte_level_post_processor(tok_json: dict) -> bool:
-    processor = tok_json.get("post_processor") or {}
-    processors = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
-    kinds = {p.get("type") for p in processors if isinstance(p, dict)}
-    return "ByteLevel" in kinds and not kinds & {"TemplateProcessing", "RobertaProcessing",
-                                                  "BertProcessing"}
-
-
-def _write_gpt2(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, family: str) -> VocabInfo:
+def _write_gpt2(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, family: str, no_bos: bool = False) -> VocabInfo:
     tok_json = _read_json(root / "tokenizer.json")
     if tok_json.get("model", {}).get("type") != "BPE":
         raise InvalidModel(f"tokenizer model {tok_json.get('model', {}).get('type')!r} is not supported "
@@ -305,13 +382,7 @@ def _write_gpt2(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, family: str
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(root, load_merges=True)
-    if _byte_level_post_processor(tok_json):
-        # A ByteLevel post-processor adds no BOS/EOS: llama.cpp's own converter (its newer
-        # gguf-py) records that as add_bos/add_eos = false; gguf 0.19 on PyPI leaves it out.
-        special.add_special_token.setdefault("bos", False)
-        special.add_special_token.setdefault("eos", False)
-    special.add_to_gguf(w, quiet=True)
+    _add_special_vocab(w, root, load_merges=True, no_bos=no_bos)
     return VocabInfo("gpt2", pre, len(tokens), how)
 
 
@@ -319,13 +390,16 @@ def _write_llama_family(w: gguf.GGUFWriter, root: Path, n_vocab: int | None) -> 
     """LlamaModel.set_vocab: SentencePiece, else SPM-style tokenizer.json, else byte-level BPE."""
     if (add_prefix := tokenizer_config(root).get("add_prefix_space")) is not None:
         w.add_add_space_prefix(add_prefix)
+    # "Apply to granite small models only": its vocab_size test (config.json's, 32000 if absent)
+    # catches SmolLM/SmolLM2 too, which llama.cpp then marks as adding no BOS.
+    no_bos = (32000 if n_vocab is None else n_vocab) == 49152
     if (root / "tokenizer.model").is_file():
-        return _write_spm(w, root, *sentencepiece_vocab(root, n_vocab))
+        return _write_spm(w, root, *sentencepiece_vocab(root, n_vocab), no_bos)
     if _is_spm_style_json(_read_json(root / "tokenizer.json")):
         vocab = gguf.LlamaHfVocab(root)
         tokens, scores, types = (list(x) for x in zip(*vocab.all_tokens(), strict=False))
-        return _write_spm(w, root, tokens, scores, types)
-    return _write_gpt2(w, root, n_vocab, "llama")
+        return _write_spm(w, root, tokens, scores, types, no_bos)
+    return _write_gpt2(w, root, n_vocab, "llama", no_bos)
 
 
 def write_vocab(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, style: str = "llama") -> VocabInfo:
