@@ -205,14 +205,17 @@ def db_upgrade() -> None:
 @click.option("--split-max-size", default=None,
               help="Split quantized outputs into shards of at most this size (e.g. 2G, 500M), "
                    "named like llama.cpp's gguf-split (-00001-of-0000N.gguf).")
+@click.option("--name", default=None,
+              help="The model's name in the files (GGUF general.name) and their file names "
+                   "(default: general.name as llama.cpp's converter derives it, files named after SOURCE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def convert(source, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
+def convert(source, targets, out_dir, imatrix, calibration, split_max_size, name, as_json) -> None:
     """Convert SOURCE (a model folder, or one .pt2 / TorchScript / .onnx file) on this machine,
     without the service; same validation."""
     with tempfile.TemporaryDirectory(prefix="quantyard-program-") as tmp:
         folder = program_folder(source, Path(tmp)) if source.is_file() else source
-        _convert(folder, source.name.split(".")[0] if source.is_file() else source.name, targets, out_dir,
-                 imatrix, calibration, split_max_size, as_json)
+        _convert(folder, name, name or (source.name.split(".")[0] if source.is_file() else source.name),
+                 targets, out_dir, imatrix, calibration, split_max_size, as_json)
 
 
 def program_folder(path: Path, tmp: Path) -> Path:
@@ -233,7 +236,7 @@ def program_folder(path: Path, tmp: Path) -> Path:
     return folder
 
 
-def _convert(source, name, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
+def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
     from quantyard import engine
     from quantyard.engine.stages import convert_many
 
@@ -249,7 +252,7 @@ def _convert(source, name, targets, out_dir, imatrix, calibration, split_max_siz
         try:
             results = convert_many(
                 source, specs, out_dir, progress_for=bars.for_target,
-                provenance={"name": name}, imatrix=imatrix,
+                provenance={"name": name} if name else {}, stem=stem, imatrix=imatrix,
                 calibration_text=calibration.read_text() if calibration else None,
                 split_max_bytes=_parse_size(split_max_size) if split_max_size else None)
         except engine.ConversionError as exc:

@@ -103,14 +103,6 @@ def output_filename(name: str, quantization: str) -> str:
     return f"{safe}-{quantization}.gguf"
 
 
-def _provenance_kv(provenance: Mapping[str, str]) -> dict[str, str]:
-    kv = {"general.quantized_by": "Quantyard", "quantyard.engine_version": ENGINE_VERSION}
-    for key, value in provenance.items():
-        if key != "name" and value:
-            kv[f"quantyard.{re.sub(r'[^a-z0-9_]', '_', key.lower())}"] = str(value)
-    return kv
-
-
 def _gguf_name(path: Path) -> str:
     from .gguf.gguf_input import GGUFInput
 
@@ -127,19 +119,22 @@ def _scaled(progress: Progress | None, start: float, span: float) -> Progress | 
 def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: Path,
              imatrix: Path | None = None, progress: Progress | None = None,
              provenance: Mapping[str, str] | None = None,
-             split_max_bytes: int | None = None) -> ConversionResult:
+             split_max_bytes: int | None = None, stem: str | None = None) -> ConversionResult:
     """One target from a GGUF, validated against `reference`: the Hugging Face source folder
-    (logits vs transformers) or, for a GGUF source, that GGUF (logits vs llama.cpp on it)."""
+    (logits vs transformers) or, for a GGUF source, that GGUF (logits vs llama.cpp on it).
+    general.name is the input's; the file is `stem`-QUANT.gguf (default: the provenance name,
+    else that general.name)."""
+    from .gguf.converter import provenance_kv
     from .gguf.quantize import quantize_gguf
 
     provenance = dict(provenance or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = provenance.get("name") or _gguf_name(Path(input_gguf))
+    name = stem or provenance.get("name") or _gguf_name(Path(input_gguf))
     report = quantize_gguf(Path(input_gguf), out_dir / output_filename(name, target.quantization),
                            target.quantization, imatrix=imatrix,
                            progress=_scaled(progress, 0.0, _WRITE_SHARE),
-                           extra_metadata=_provenance_kv(provenance),
+                           extra_metadata=provenance_kv(provenance),
                            split_max_bytes=split_max_bytes)
     try:
         if progress is not None:
@@ -187,38 +182,45 @@ def _validate_against_gguf(path: Path, reference: Path, quantization: str) -> di
     return {**metrics, "reference": "input-gguf", "probe_tokens": len(ids)}
 
 
-def _with_name(source, provenance: Mapping[str, str] | None) -> dict:
-    """Name outputs after the model, as the direct converter does."""
-    from .gguf.converter import model_name
-
-    provenance = dict(provenance or {})
-    provenance["name"] = model_name(source, provenance)
-    return provenance
-
-
 def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path, *,
                  progress_for: Callable[[TargetSpec], Progress | None] = lambda t: None,
                  provenance: Mapping[str, str] | None = None,
                  imatrix: Path | None = None,
                  calibration_text: str | None = None,
-                 split_max_bytes: int | None = None) -> list[ConversionResult]:
+                 split_max_bytes: int | None = None,
+                 stem: str | None = None) -> list[ConversionResult]:
     """Several targets from one Hugging Face source, reading and converting it once: float
     targets straight from the source, the rest from one shared intermediate (and one shared
-    importance matrix when any target wants it). Every artifact is validated."""
+    importance matrix when any target wants it). Every artifact is validated.
+
+    general.name is provenance["name"] when the caller gives one (convert_hf_to_gguf.py's
+    --model-name), else what llama.cpp derives; files are named `stem`-QUANT (default:
+    converter.model_name) either way."""
     import tempfile
 
-    from . import _load, convert, parse_target
-    from .gguf.converter import write_float_gguf
+    from . import _load, _program_targets, convert, parse_target
+    from .gguf.converter import convert as convert_float
+    from .gguf.converter import model_name, write_float_gguf
 
     targets = [parse_target(t) for t in targets]
+    provenance = dict(provenance or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    gguf = [t for t in targets if t.format == "gguf"]
+    if gguf:
+        _program_targets(Path(source_dir), gguf)  # refuses GGUF targets of a program source
+        source, _ = _load(Path(source_dir), gguf)
+        gguf_stem = stem or model_name(source, provenance)
+    # ONNX files keep their name in their own metadata (quantyard.name), as they always have
+    named = {**provenance, "name": stem} if stem else provenance
+    results = []
+    for t in (t for t in targets if is_direct(t)):
+        if t.format == "gguf":
+            results.append(convert_float(source, t, out_dir, progress=progress_for(t), provenance=provenance,
+                                         stem=gguf_stem))
+        else:
+            results.append(convert(source_dir, t, out_dir, progress=progress_for(t), provenance=named))
     quantized = [t for t in targets if not is_direct(t)]
-    if quantized:
-        source, _ = _load(Path(source_dir), quantized)
-        provenance = _with_name(source, provenance)
-    results = [convert(source_dir, t, out_dir, progress=progress_for(t), provenance=provenance)
-               for t in targets if is_direct(t)]
     if not quantized:
         return results
     dtype = source.source_dtype.upper()
@@ -237,7 +239,7 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
             use = given if given is not None else (imatrix if wants_imatrix(t) else None)
             results.append(quantize(intermediate, t, out_dir, reference=source.root, imatrix=use,
                                     progress=progress_for(t), provenance=provenance,
-                                    split_max_bytes=split_max_bytes))
+                                    split_max_bytes=split_max_bytes, stem=gguf_stem))
     return results
 
 
@@ -250,11 +252,11 @@ def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
     `quantize` (validated against the source)."""
     import tempfile
 
-    from .gguf.converter import write_float_gguf
+    from .gguf.converter import model_name, write_float_gguf
 
     dtype = source.source_dtype.upper()
     outtype = dtype if dtype in LOSSLESS_TYPES else "F32"
-    provenance = _with_name(source, provenance)
+    provenance = dict(provenance or {})  # general.name: the caller's, else llama.cpp's derivation
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qy-intermediate-", dir=out_dir) as tmp:
         intermediate = Path(tmp) / f"intermediate-{outtype}.gguf"
@@ -265,4 +267,5 @@ def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
             compute_imatrix(source.root, intermediate, imatrix,
                             progress=_scaled(progress, 0.3, 0.2))
         return quantize(intermediate, target, out_dir, reference=source.root, imatrix=imatrix,
-                        progress=_scaled(progress, 0.5, 0.5), provenance=provenance)
+                        progress=_scaled(progress, 0.5, 0.5), provenance=provenance,
+                        stem=model_name(source, provenance))

@@ -182,6 +182,75 @@ def test_template_bos_when_tokenizer_config_names_none(arch_models, convert_scri
     assert kv["tokenizer.ggml.add_bos_token"].value is True
 
 
+CLI_TARGETS = ("F16", "Q8_0", "Q4_K_M")
+
+
+@pytest.fixture(scope="module")
+def cli_run(arch_models, convert_script, tmp_path_factory):
+    """`quantyard convert` of a byte-level BPE source (the vocabulary path that needs
+    transformers) to F16 + Q8_0 + Q4_K_M, without --name, as a user runs it; every
+    AutoTokenizer.from_pretrained counted. Also llama.cpp's reference of the same folder."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from quantyard.cli import main
+    from quantyard.engine.hf.tokenizer_cache import clear_tokenizers
+
+    tmp = tmp_path_factory.mktemp("cli-name")
+    theirs, ours = _inputs(arch_models["llama3"], tmp)
+    ref = reference_gguf(convert_script, theirs, tmp / "llama-cpp.gguf", pre="llama-bpe")
+    loads: list[str] = []
+    real = AutoTokenizer.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(str(args[0] if args else kwargs))
+        return real(*args, **kwargs)
+
+    clear_tokenizers()  # a cold process: nothing loaded before the command
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoTokenizer, "from_pretrained", staticmethod(counting))
+        args = ["convert", str(ours), "-o", str(tmp / "out"), "--json",
+                *[a for q in CLI_TARGETS for a in ("--target", f"gguf:{q}")]]
+        r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return {"ref": ref, "ours": ours, "rows": json.loads(r.stdout), "loads": loads}
+
+
+def test_cli_loads_the_tokenizer_once(cli_run):
+    """Vocabulary, validation of every target (and the imatrix, below) share one tokenizer."""
+    assert len(cli_run["rows"]) == len(CLI_TARGETS)
+    assert len(cli_run["loads"]) == 1, cli_run["loads"]
+
+
+def test_cli_without_name_writes_llama_cpp_general_name(cli_run):
+    """No --name: general.name is what convert_hf_to_gguf.py derives, in the float target and in
+    the quantized ones (which inherit the intermediate's); files are still named after SOURCE."""
+    want = read_layout(cli_run["ref"]).kv["general.name"]
+    assert want.value != cli_run["ours"].name  # llama.cpp's derivation, not the folder name
+    for row, q in zip(cli_run["rows"], CLI_TARGETS, strict=True):
+        path = Path(row["path"])
+        assert path.name == f"{cli_run['ours'].name}-{q}.gguf"
+        assert read_layout(path).kv["general.name"].raw == want.raw, q
+
+
+def test_imatrix_shares_the_tokenizer(arch_models, tmp_path, monkeypatch):
+    """A target that wants an importance matrix adds no tokenizer load of its own."""
+    from transformers import AutoTokenizer
+
+    from quantyard.engine import parse_target
+    from quantyard.engine.hf.tokenizer_cache import clear_tokenizers
+    from quantyard.engine.stages import convert_many
+
+    loads: list[object] = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        staticmethod(lambda *a, **k: loads.append(a) or real(*a, **k)))
+    clear_tokenizers()
+    target = parse_target({"format": "gguf", "quantization": "Q4_K_M", "params": {"imatrix": True}})
+    (result,) = convert_many(_copy(arch_models["llama3"], tmp_path), [target], tmp_path / "out")
+    assert result.metadata["imatrix"] and len(loads) == 1, loads
+
+
 def test_provenance_keys_are_ours_only():
     """No key llama.cpp writes may pass for provenance (else the comparison above could not fail)."""
     assert is_provenance_key("general.quantized_by") and is_provenance_key("quantyard.recipe_hash")

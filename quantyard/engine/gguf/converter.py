@@ -6,11 +6,13 @@ to its final name once every check passed; any exception (Cancelled included) re
 Metadata: every key convert_hf_to_gguf.py (llama.cpp's tree, with its own gguf-py) writes, with
 the same value and type (tests/engine/test_metadata_parity.py compares them), plus our provenance:
 - always `general.quantized_by` = "Quantyard" and `quantyard.engine_version`;
-- `quantyard.<key>` for each provenance entry not listed below (source_sha256, recipe_hash, ...);
+- `quantyard.<key>` for each non-empty provenance entry not listed below (source_sha256, recipe_hash, ...);
 - the provenance entries name, source_url, source_repo_url and base_model(+_url) set
   general.name, general.source.url, general.source.repo_url and general.base_model.0.* instead
-  of what llama.cpp derives from the folder (name: as its --model-name does).
-is_provenance_key() is that list in code.
+  of what llama.cpp derives from the folder (name: as its --model-name does; without one,
+  general.name is llama.cpp's own derivation, and only the file name falls back to model_name()).
+QUANTYARD_KV / provenance_kv() are that list in code (stages.quantize writes the same keys),
+is_provenance_key() recognises it.
 """
 
 from __future__ import annotations
@@ -121,14 +123,25 @@ def output_filename(name: str, quantization: str) -> str:
 
 # provenance keys that become general.* keys (the rest become quantyard.<key>)
 _GENERAL_PROVENANCE = ("name", "source_url", "source_repo_url", "base_model", "base_model_url")
-# keys we write that convert_hf_to_gguf.py never does (see the module docstring)
-QUANTYARD_KEYS = ("general.quantized_by", "quantyard.engine_version")
+# keys we write that convert_hf_to_gguf.py never does, with their values (see the module docstring)
+QUANTYARD_KV = {"general.quantized_by": "Quantyard", "quantyard.engine_version": ENGINE_VERSION}
+QUANTYARD_KEYS = tuple(QUANTYARD_KV)
 QUANTYARD_PREFIX = "quantyard."
 
 
 def is_provenance_key(key: str) -> bool:
     """A key Quantyard adds to what llama.cpp's converter writes: its own, never one of llama.cpp's."""
     return key in QUANTYARD_KEYS or key.startswith(QUANTYARD_PREFIX)
+
+
+def provenance_kv(provenance: Mapping[str, str]) -> dict[str, str]:
+    """Every key we add to llama.cpp's: QUANTYARD_KV, then quantyard.<key> for each provenance
+    entry that is neither empty nor one of those that set general.* keys."""
+    kv = dict(QUANTYARD_KV)
+    for key, value in sorted(provenance.items()):
+        if key not in _GENERAL_PROVENANCE and value:
+            kv[f"{QUANTYARD_PREFIX}{re.sub(r'[^a-z0-9_]', '_', key.lower())}"] = str(value)
+    return kv
 
 
 def _base_model_entry(ref: str, url: str | None) -> dict:
@@ -147,7 +160,7 @@ def general_metadata(source: HFModelSource, provenance: Mapping[str, str], total
     meta = gguf.Metadata.load(None, source.root, str(provenance.get("name") or "") or None, total_params)
     if meta.name is None:
         meta.name = source.root.name
-    meta.quantized_by = "Quantyard"
+    meta.quantized_by = QUANTYARD_KV["general.quantized_by"]
     if meta.size_label is None and total_params > 0:
         meta.size_label = gguf.size_label(total_params, 0, 0, 0)
     if provenance.get("source_url"):
@@ -172,10 +185,9 @@ def _metadata_writer(source: HFModelSource, arch: Architecture, quantization: st
         w.add_quantization_version(QUANTIZATION_VERSION)
         n_vocab = arch.config.get("vocab_size")
         vocab_out.append(vocab(w, source.root, n_vocab, arch.vocab_style))
-        w.add_string("quantyard.engine_version", ENGINE_VERSION)
-        for key, value in sorted(provenance.items()):
-            if key not in _GENERAL_PROVENANCE:
-                w.add_string(f"{QUANTYARD_PREFIX}{re.sub(r'[^a-z0-9_]', '_', key.lower())}", str(value))
+        for key, value in provenance_kv(provenance).items():
+            if key.startswith(QUANTYARD_PREFIX):  # general.quantized_by went in with general.* above
+                w.add_string(key, value)
 
     return add
 
@@ -296,11 +308,12 @@ def _report(progress: Progress | None, frac: float, message: str) -> None:
 
 
 def convert(source: HFModelSource, target: TargetSpec, out_dir: Path, *, progress: Progress | None = None,
-            provenance: Mapping[str, str] | None = None) -> ConversionResult:
+            provenance: Mapping[str, str] | None = None, stem: str | None = None) -> ConversionResult:
+    """One validated float GGUF; named `stem`-QUANT.gguf (default: model_name)."""
     provenance = dict(provenance or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / output_filename(model_name(source, provenance), target.quantization)
+    final = out_dir / output_filename(stem or model_name(source, provenance), target.quantization)
     tmp = out_dir / f".{final.name}.{uuid.uuid4().hex}.partial"
     arch = architecture(source)
     plans = plan_tensors(source, target.quantization, arch)
@@ -360,4 +373,5 @@ class GGUFConverter:
 
 __all__ = ["GGUFConverter", "plan_tensors", "estimate", "convert", "output_filename", "write_float_gguf",
            "architecture", "general_metadata", "FLOAT_OUTTYPES", "estimate_file_size",
-           "is_provenance_key", "QUANTYARD_KEYS"]
+           "is_provenance_key", "provenance_kv", "model_name", "QUANTYARD_KEYS", "QUANTYARD_KV",
+           "QUANTYARD_PREFIX"]

@@ -316,12 +316,14 @@ def compute_imatrix(
     `gguf_tensors` ({name: ggml ne}) of the model's GGUF, when given, drops entries whose name or
     row length the GGUF does not have, so a mapping mistake can't reach the quantizer."""
     torch = _torch()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..hf.tokenizer_cache import shared_tokenizer
 
     dataset = dataset or (DEFAULT_DATASET if text is None else "user-calibration-text")
     text = default_calibration_text() if text is None else text
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids, bos = _tokens(tokenizer, text)
+    with shared_tokenizer(Path(model_dir)) as tokenizer:  # the one the vocab and validation use
+        ids, bos = _tokens(tokenizer, text)
     n_chunks = len(ids) // n_ctx if n_ctx > 0 else 0
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)

@@ -37,6 +37,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import InvalidModel
+from ..hf.tokenizer_cache import shared_tokenizer
 from ..jsonsafe import load_json_object
 from .pre_hashes import PRE_TOKENIZER_HASHES
 
@@ -240,11 +241,14 @@ def pre_tokenizer_name(tokenizer, tok_json: dict, family: str) -> tuple[str, str
 
 def bpe_vocab(root: Path, n_vocab: int | None, family: str = "gpt2") -> tuple[list[str], list[int], str, str]:
     """Tokens, types, pre-tokenizer name and how it was found (TextModel.get_vocab_base)."""
-    from transformers import AutoTokenizer
-
     tok_json = _read_json(Path(root) / "tokenizer.json")
     check_token_ids(tok_json, n_vocab)  # before the (slow) build
-    tokenizer = AutoTokenizer.from_pretrained(root)
+    # the source's one tokenizer, which validation and the imatrix use too (loaded once per source)
+    with shared_tokenizer(Path(root)) as tokenizer:
+        return _bpe_tokens(tokenizer, tok_json, n_vocab, family)
+
+
+def _bpe_tokens(tokenizer, tok_json: dict, n_vocab: int | None, family: str) -> tuple[list[str], list[int], str, str]:
     vocab = tokenizer.get_vocab()
     n_vocab = n_vocab or len(vocab)
     if max(vocab.values()) >= n_vocab:  # ids the JSON did not show (tokenizer_config.json's added tokens)
