@@ -26,7 +26,7 @@ from quantyard import catalog
 from quantyard.catalog.anchor import AnchorWatcher
 from quantyard.catalog.audit_seal import defer_chaining
 from quantyard.catalog.db import engine_options
-from quantyard.queue import make_celery
+from quantyard.queue import JobDispatcher, make_celery
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import open_store
 
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     owns_celery = celery_app is None
     if celery_app is None:
         celery_app = make_celery(settings, name="quantyard-api")
+    dispatcher = JobDispatcher(celery_app)  # submissions' messages, batched (quantyard/queue.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
         try:
             yield
         finally:
+            await asyncio.to_thread(dispatcher.close)
             await asyncio.to_thread(watcher.stop)
             if owns_celery:
                 try:
@@ -90,6 +92,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     app.state.session_factory = session_factory
     app.state.store = store
     app.state.celery = celery_app
+    app.state.dispatcher = dispatcher
     app.state.metrics_registry = make_registry(session_factory, settings)
 
     install_error_handlers(app)

@@ -91,11 +91,12 @@ class Settings(BaseSettings):
     # seconds by workers and API processes off the request path; every API and worker process
     # also anchors when it shuts down. Together they bound what can be cut off the chain's tail.
     audit_anchor_every_events: int = Field(default=1000, ge=0)
-    # How audited changes join the hash chain (Postgres; SQLite is always direct): direct, each in
-    # its own transaction under the chain lock (one audited write at a time, service-wide), or
-    # deferred, written beside the change and chained in batches right after the commit
-    # (quantyard/catalog/audit_seal.py; for throughput: the chain lock is held once per batch).
-    audit_chain: Literal["direct", "deferred"] = "direct"
+    # How audited changes join the hash chain (Postgres; SQLite is always direct): deferred,
+    # written beside the change in its transaction and chained in batches by each process's
+    # background sealer moments after the commit (quantyard/catalog/audit_seal.py: the chain lock
+    # is held once per batch), or direct, each appended under the chain lock in the change's own
+    # transaction (one audited write at a time, service-wide).
+    audit_chain: Literal["direct", "deferred"] = "deferred"
     # The database role the API and workers connect as (`quantyard db grant-app-role ROLE`):
     # `quantyard audit verify` checks it cannot UPDATE, DELETE or TRUNCATE audit_events.
     db_app_role: str | None = None

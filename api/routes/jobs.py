@@ -22,7 +22,6 @@ from quantyard import catalog
 from quantyard.engine.errors import UnsupportedTarget
 from quantyard.engine.manifest import MANIFEST
 from quantyard.engine.spec import parse_target
-from quantyard.queue import enqueue_job
 
 log = logging.getLogger("quantyard.api")
 
@@ -130,7 +129,7 @@ def parse_targets(raw: list) -> list[dict]:
 def check_targets_fit_source(source, targets: list[dict]) -> None:
     """A program source (torch.export, TorchScript, .onnx) has no config.json: ONNX targets only.
     A GGUF file is requantized: GGUF targets only (an ONNX export needs the Hugging Face folder)."""
-    meta = (source.meta or {}) if source is not None else {}
+    meta = (source.meta or {}) if source is not None else {}  # a Source or catalog.SourceFacts
     if meta.get("format") == "gguf":
         for i, t in enumerate(targets):
             if t["format"] != "gguf":
@@ -253,24 +252,54 @@ def resolve_source(request: Request, s: Session, ref: str):
     return source
 
 
+SOURCE_FACTS_MAX = 4096
+
+
+def submission_source(request: Request, s: Session, ref: str, *, remembered: bool = True) -> catalog.SourceFacts:
+    """The facts of the source a submission names. A source id this process resolved before is
+    answered from memory (they never change; that it still exists and is not withdrawn is
+    checked by the job's INSERT, see catalog.create_job); otherwise it is read, and must exist in
+    the caller's organisation (404) and not be withdrawn (422)."""
+    cache = getattr(request.app.state, "source_facts", None)
+    if cache is None:
+        cache = request.app.state.source_facts = {}
+    key = (org_id(request), ref)
+    if remembered and "://" not in ref and key in cache:
+        return cache[key]
+    source = resolve_source(request, s, ref)
+    check_source_not_withdrawn(s, source.id)
+    facts = catalog.SourceFacts.of(source)
+    if "://" not in ref:
+        if len(cache) >= SOURCE_FACTS_MAX:  # many sources: start over rather than grow
+            cache.clear()
+        cache[key] = facts
+    return facts
+
+
 @router.post("", status_code=202, summary="Submit a conversion job", dependencies=[requires("submitter")])
 def create_job(body: JobCreate, request: Request, s: Session = Depends(get_session)):
     mark_audit(request, "job.create", "job")
     hardware_class = check_hardware_class(body.hardware_class)
     targets = parse_targets(body.targets)
     check_labels(body.labels)
-    # Held for the whole request: the session's identity map is weak, and every check below (and
-    # catalog.create_job) finds the source in it instead of reading it again.
-    source = resolve_source(request, s, body.source)
-    source_id = source.id
+    source = submission_source(request, s, body.source)
     check_targets_fit_source(source, targets)
-    check_source_not_withdrawn(s, source_id)
-    job = catalog.create_job(s, source_id=source_id, targets=targets, hardware_class=hardware_class,
-                             labels=dict(body.labels), actor=actor(request), request=request_info(request))
+
+    def create(facts: catalog.SourceFacts):
+        return catalog.create_job(s, source_id=facts.id, targets=targets, hardware_class=hardware_class,
+                                  labels=dict(body.labels), actor=actor(request), request=request_info(request),
+                                  source=facts)
+
+    try:
+        job = create(source)
+    except catalog.SourceChanged:  # deleted or withdrawn since this process remembered it: read it again
+        s.rollback()
+        request.app.state.source_facts.pop((org_id(request), body.source), None)
+        job = create(submission_source(request, s, body.source, remembered=False))
     s.commit()
     job_id = job.id
     try:
-        enqueue_job(request.app.state.celery, job_id=job_id, hardware_class=hardware_class)
+        request.app.state.dispatcher.send(job_id=job_id, hardware_class=hardware_class)
     except Exception as exc:
         # The exception names the broker's host (and maybe credentials): the log gets it, not the tenant.
         log.error("could not enqueue job %s: %s: %s", job_id, type(exc).__name__, exc)

@@ -53,6 +53,8 @@ from .identity import (
 )
 from .jobs import (
     ClaimOutcome,
+    SourceChanged,
+    SourceFacts,
     claim_job,
     create_job,
     finish_job,
@@ -121,7 +123,7 @@ __all__ = [
     "JOB_STATUSES", "TARGET_STATUSES", "TERMINAL_JOB_STATUSES",
     "Artifact", "AuditEvent", "AuditVerification", "Base", "CatalogError", "ClaimOutcome",
     "InvalidArgument", "InvalidCursor", "InvalidState", "Job", "JobTarget", "LineageEdge", "NotFound",
-    "RequestInfo", "Source", "Worker",
+    "RequestInfo", "Source", "SourceChanged", "SourceFacts", "Worker",
     "add_lineage_edge", "audit_events", "canonical_json", "claim_job", "create_job", "create_source",
     "find_artifact_by_recipe", "finish_job", "get_artifact", "get_job", "get_source", "get_source_by_sha256",
     "lineage", "list_artifacts", "search_artifacts", "list_jobs", "live_workers", "make_engine", "make_session_factory",

@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from .audit_guard import Protection, check_protection
-from .audit_seal import AUDIT_PENDING, PENDING_FLAG, is_deferred, pending_count
+from .audit_seal import AUDIT_PENDING, PENDING_FLAG, is_deferred, pending_count, seal_before_read
 from .errors import CatalogError
 from .models import (
     GENESIS_HASH,
@@ -167,27 +167,39 @@ def record_audit(
         s.add(event)
         s.flush()
     except DBAPIError as exc:
-        log.error("audit append refused for %s %s/%s: %s", action, resource_type, resource_id, exc.orig)
-        raise AuditUnavailable(f"the audit record for {action} could not be written, so the change was not "
-                               "made; try again later") from exc
+        raise audit_refused(action, resource_type, resource_id, exc) from exc
     return event
+
+
+def pending_event(*, actor: str, action: str, resource_type: str, resource_id: str | None, outcome: str = "success",
+                  request: RequestInfo | None = None, details: dict[str, Any] | None = None,
+                  organization_id: str | None = None) -> dict[str, Any]:
+    """The audit_pending row of one event (deferred chaining): what ``record_audit`` inserts, for
+    a caller that writes it in the same statement as its change (``catalog.create_job``)."""
+    request = request or RequestInfo()
+    return dict(id=new_id("aud"), at=utcnow(), actor=actor, action=action, resource_type=resource_type,
+                resource_id=resource_id, outcome=outcome, request_id=request.request_id,
+                source_ip=request.source_ip, user_agent=request.user_agent, details=_jsonable(details),
+                organization_id=organization_id if organization_id is not None else request.organization_id)
+
+
+def audit_refused(action: str, resource_type: str, resource_id: str | None, exc: DBAPIError) -> AuditUnavailable:
+    log.error("audit append refused for %s %s/%s: %s", action, resource_type, resource_id, exc.orig)
+    return AuditUnavailable(f"the audit record for {action} could not be written, so the change was not "
+                            "made; try again later")
 
 
 def _record_pending(s: Session, *, actor, action, resource_type, resource_id, outcome, request: RequestInfo,
                     details, organization_id) -> AuditEvent:
     """Deferred chaining (audit_seal.py): the event goes to audit_pending in the caller's
-    transaction, no chain lock; it is chained right after the commit. Returns the event unchained
-    (no seq or hashes yet; not part of the session)."""
-    fields = dict(id=new_id("aud"), at=utcnow(), actor=actor, action=action, resource_type=resource_type,
-                  resource_id=resource_id, outcome=outcome, request_id=request.request_id,
-                  source_ip=request.source_ip, user_agent=request.user_agent, details=_jsonable(details),
-                  organization_id=organization_id if organization_id is not None else request.organization_id)
+    transaction, no chain lock; the process's sealer chains it after the commit. Returns the event
+    unchained (no seq or hashes yet; not part of the session)."""
+    fields = pending_event(actor=actor, action=action, resource_type=resource_type, resource_id=resource_id,
+                           outcome=outcome, request=request, details=details, organization_id=organization_id)
     try:
         s.execute(AUDIT_PENDING.insert().values(**fields))
     except DBAPIError as exc:
-        log.error("audit append refused for %s %s/%s: %s", action, resource_type, resource_id, exc.orig)
-        raise AuditUnavailable(f"the audit record for {action} could not be written, so the change was not "
-                               "made; try again later") from exc
+        raise audit_refused(action, resource_type, resource_id, exc) from exc
     s.info[PENDING_FLAG] = True
     return AuditEvent(**fields)
 
@@ -379,7 +391,8 @@ def audit_events(
     s: Session, *, resource_type: str | None = None, resource_id: str | None = None, limit: int = 100,
     before_seq: int | None = None,
 ) -> list[AuditEvent]:
-    """Newest first; filter by resource."""
+    """Newest first; filter by resource. Deferred chaining: what is pending is chained first."""
+    seal_before_read(s)
     q = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(max(1, min(limit, 1000)))
     if resource_type:
         q = q.where(AuditEvent.resource_type == resource_type)
@@ -419,6 +432,7 @@ def iter_export(s: Session, *, since: datetime | None = None, until: datetime | 
     ``organization_id``: only that organisation's events. Each line still carries its own hash and
     prev_hash (so every event can be checked against its hash), but the lines no longer link up:
     the chain runs through all organisations' events."""
+    seal_before_read(s)
     bounds = seq_range(s, since=since, until=until)
     if bounds is None:
         return
@@ -445,7 +459,7 @@ def verify_export(lines: Iterable[str | bytes], *, start_hash: str | None = None
 
 
 __all__ = [
-    "AUDIT_LOCK_KEY", "AuditUnavailable", "AuditVerification", "RequestInfo", "audit_events", "canonical_json",
-    "event_hash", "event_line", "iter_chain_rows", "iter_export", "lock_audit_chain", "record_audit",
-    "seq_range", "verify_audit_chain", "verify_events", "verify_export", "with_protection",
+    "AUDIT_LOCK_KEY", "AuditUnavailable", "AuditVerification", "RequestInfo", "audit_events", "audit_refused",
+    "canonical_json", "event_hash", "event_line", "iter_chain_rows", "iter_export", "lock_audit_chain", "pending_event",
+    "record_audit", "seq_range", "verify_audit_chain", "verify_events", "verify_export", "with_protection",
 ]

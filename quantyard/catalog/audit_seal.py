@@ -39,6 +39,7 @@ from typing import cast
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Engine,
     Integer,
     PrimaryKeyConstraint,
@@ -118,35 +119,86 @@ _local_sealer = threading.Lock()
 class _Sealer:
     """The background sealer of one engine in one process: sleeps until a deferred commit wakes
     it, gathers for SEAL_GATHER_S (a batch), seals; retries every SEAL_EVERY_S while a busy lock
-    or a failure leaves events behind."""
+    or a failure leaves events behind.
+
+    It seals on a connection of its own, held while it runs (a pooled one checked out per round
+    could come back into a pool that ``engine.dispose()`` had already emptied). ``dispose()``
+    stops it (the ``engine_disposed`` event): the thread finishes its round, closes that
+    connection and exits, so no connection outlives a dispose (a database copied as a template
+    next must have none)."""
 
     def __init__(self, engine: Engine):
         self._engine = weakref.ref(engine)
         self.wake = threading.Event()
+        self.stopping = threading.Event()
         self.behind = False
         self.pid = os.getpid()
+        self._conn: Connection | None = None
+        event.listen(engine, "engine_disposed", self._on_dispose)
         self.thread = threading.Thread(target=self._run, name="audit-sealer", daemon=True)
         self.thread.start()
 
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.pid != os.getpid():  # a forked child's copy: the thread and connection are the parent's
+            return
+        self.stopping.set()
+        self.wake.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout_s)
+
+    def _on_dispose(self, engine: Engine) -> None:
+        with _sealers_lock:
+            if _sealers.get(id(engine)) is self:
+                del _sealers[id(engine)]
+        self.stop()
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
         retry_s = SEAL_EVERY_S
-        while True:
+        while not self.stopping.is_set():
             woken = self.wake.wait(retry_s)
             engine = self._engine()
-            if engine is None or engine not in _deferred:  # disposed of, or chaining made direct again
-                return
+            if self.stopping.is_set() or engine is None or engine not in _deferred:
+                return  # disposed of, or chaining made direct again
             if not woken and not self.behind:
                 continue
-            time.sleep(SEAL_GATHER_S if woken else 0)
+            if woken and self.stopping.wait(SEAL_GATHER_S):
+                return
             self.wake.clear()
             try:
-                self.behind = seal_pending(engine) is None
+                self.behind = self._seal(engine) is None
                 retry_s = SEAL_EVERY_S
             except Exception as exc:  # noqa: BLE001 - the events are committed; a later round retries
+                self._close()
                 self.behind = True
                 retry_s = min(retry_s * 2, SEAL_RETRY_MAX_S)  # an unreachable catalog: back off
                 log.warning("sealing pending audit events failed (%s: %s); retrying in %.1f s",
                             type(exc).__name__, exc, retry_s)
+
+    def _seal(self, engine: Engine) -> int | None:
+        if not _local_sealer.acquire(blocking=False):
+            return None  # another thread of this process is sealing (it takes these events too)
+        try:
+            if self._conn is None:
+                self._conn = engine.connect()
+            return _seal_rounds(self._conn, wait=False, rounds=10)
+        finally:
+            _local_sealer.release()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.invalidate()  # closes the DBAPI connection itself, not back into a pool
+            conn.close()
+        except Exception:  # noqa: BLE001 - it is being thrown away
+            log.debug("closing the sealer's connection failed", exc_info=True)
 
 
 _sealers: dict[int, _Sealer] = {}
@@ -172,17 +224,36 @@ def seal_pending(engine: Engine, *, wait: bool = False, rounds: int = 10) -> int
     if not _local_sealer.acquire(blocking=wait):
         return None
     try:
-        return _seal_rounds(engine, wait=wait, rounds=rounds)
+        with engine.connect() as conn:
+            return _seal_rounds(conn, wait=wait, rounds=rounds)
     finally:
         _local_sealer.release()
 
 
-def _seal_rounds(engine: Engine, *, wait: bool, rounds: int) -> int | None:
+def seal_before_read(s: Session, *, timeout_s: float = 2.0) -> None:
+    """Readers of the chain (audit listings, exports) see what was committed before they asked:
+    chain what is pending first. Bounded: a lock held past ``timeout_s`` (a long seal elsewhere)
+    leaves the read to show what is chained so far. Any Postgres reader does it, whatever its own
+    chaining mode: other processes may have left events pending. Best effort: a reader that may
+    not append to the chain still reads it."""
+    bind = s.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    if engine.dialect.name != "postgresql":
+        return
+    deadline = time.monotonic() + timeout_s
+    try:
+        while seal_pending(engine) is None and time.monotonic() < deadline:
+            time.sleep(SEAL_GATHER_S / 5)
+    except Exception as exc:  # noqa: BLE001 - reading must not fail because sealing did
+        log.warning("could not chain pending audit events before a read: %s: %s", type(exc).__name__, exc)
+
+
+def _seal_rounds(conn: Connection, *, wait: bool, rounds: int) -> int | None:
     from .audit import AUDIT_LOCK_KEY  # audit.py imports this module
 
     total = 0
     for _ in range(rounds):
-        with engine.begin() as conn:
+        with conn.begin():
             if wait:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY})
             elif not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY}).scalar():
@@ -238,4 +309,4 @@ def _forget_pending(session: Session) -> None:
 
 
 __all__ = ["AUDIT_PENDING", "PENDING_FLAG", "SEAL_EVERY_S", "SEAL_GATHER_S", "defer_chaining", "is_deferred",
-           "pending_count", "seal_pending", "wake_sealer"]
+           "pending_count", "seal_before_read", "seal_pending", "wake_sealer"]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import CursorResult, String, Table, TextClause, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
-from .audit import RequestInfo, record_audit
+from .audit import RequestInfo, audit_refused, pending_event, record_audit
+from .audit_seal import AUDIT_PENDING, PENDING_FLAG, is_deferred
 from .errors import InvalidArgument, NotFound
 from .models import (
     JOB_STATUSES,
@@ -74,6 +78,26 @@ def _target_dict(t: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- create
 
 
+@dataclass(frozen=True)
+class SourceFacts:
+    """What a submission needs of its source that never changes once it is uploaded: its id, its
+    organisation and its metadata (the kind of source). Whether it still exists and is not
+    withdrawn is checked by the job's INSERT itself (see :func:`create_job`), so an API process
+    may remember these between requests."""
+
+    id: str
+    organization_id: str | None
+    meta: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, source: Source) -> SourceFacts:
+        return cls(id=source.id, organization_id=source.organization_id, meta=dict(source.meta or {}))
+
+
+class SourceChanged(NotFound):
+    """The source given as :class:`SourceFacts` is gone or withdrawn now: nothing was written."""
+
+
 def create_job(
     s: Session,
     *,
@@ -86,56 +110,129 @@ def create_job(
     max_attempts: int = 3,
     warnings: list[Any] | None = None,
     organization_id: str | None = None,
+    source: SourceFacts | None = None,
 ) -> Job:
     """A queued job with one pending JobTarget per entry of ``targets`` (dicts as
     ``TargetSpec.to_dict()`` gives, TargetSpec objects, or "format:quantization" strings).
 
     ``organization_id``: the caller's tenant (default: from ``request``, else the source's); a
-    source of another organisation is NotFound."""
-    source = s.get(Source, source_id)
+    source of another organisation is NotFound.
+
+    ``source``: the source's facts as the caller already knows them (it did not check them
+    again): the job is made only if the source still exists in that organisation and is not
+    withdrawn, else :class:`SourceChanged` (nothing written). With deferred chaining the source
+    is then not read at all: the INSERT checks it."""
     if organization_id is None and request is not None:
         organization_id = request.organization_id
+    guarded = source is not None and source.id == source_id and is_deferred(s)
+    if not guarded:
+        found = s.get(Source, source_id)
+        if source is not None and (found is None or found.withdrawn_at is not None or (
+                organization_id is not None and found.organization_id != organization_id)):
+            raise SourceChanged(f"source {source_id} not found or withdrawn")  # as the guarded INSERT would
+        source = SourceFacts.of(found) if found is not None else None
     if source is None or (organization_id is not None and source.organization_id != organization_id):
         raise NotFound(f"source {source_id} not found")
     specs = [_target_dict(t) for t in targets]
     if not specs:
         raise InvalidArgument("a job needs at least one target")
-    job = Job(
-        id=new_id("job"),
-        organization_id=organization_id if organization_id is not None else source.organization_id,
-        source_id=source_id,
-        status="queued",
-        progress=0.0,
-        hardware_class=hardware_class,
-        labels={str(k): str(v) for k, v in (labels or {}).items()},
-        attempts=0,
-        max_attempts=max_attempts,
-        cancel_requested=False,
-        warnings=list(warnings or []),
-        created_by=actor,
-        created_at=utcnow(),
-    )
-    job.targets = [
-        JobTarget(id=new_id("tgt"), position=i, status="pending", progress=0.0, **spec) for i, spec in enumerate(specs)
-    ]
-    s.add(job)
-    s.flush()
-    set_committed_value(job, "artifacts", [])  # a new job has none: no read-back to show it
-    record_audit(
-        s,
-        actor=actor,
-        action="job.create",
-        resource_type="job",
-        resource_id=job.id, organization_id=job.organization_id,
-        request=request,
-        details={
-            "source_id": source_id,
-            "targets": [t.key for t in job.targets],
-            "hardware_class": hardware_class,
-            "labels": job.labels,
-        },
-    )
+    job = Job(**_new_job_row(source_id=source_id, hardware_class=hardware_class, labels=labels,
+                             max_attempts=max_attempts, warnings=warnings, actor=actor,
+                             organization_id=organization_id if organization_id is not None else source.organization_id))
+    job_targets = [JobTarget(**_new_target_row(job.id, i, spec)) for i, spec in enumerate(specs)]
+    audit = dict(actor=actor, action="job.create", resource_type="job", resource_id=job.id,
+                 organization_id=job.organization_id, request=request,
+                 details={"source_id": source_id, "targets": [t.key for t in job_targets],
+                          "hardware_class": hardware_class, "labels": job.labels})
+    _insert_job(s, job, job_targets, audit, guarded=guarded)
     return job
+
+
+def _new_job_row(*, source_id: str, hardware_class: str, labels: Mapping[str, Any] | None, max_attempts: int,
+                 warnings: list[Any] | None, actor: str, organization_id: str | None) -> dict[str, Any]:
+    """Every column of a new job (none left to defaults: the object is not read back)."""
+    return dict(id=new_id("job"), organization_id=organization_id, source_id=source_id, status="queued", progress=0.0,
+                progress_message=None, hardware_class=hardware_class,
+                labels={str(k): str(v) for k, v in (labels or {}).items()}, attempts=0, max_attempts=max_attempts,
+                lease_expires_at=None, worker_id=None, cancel_requested=False, error_code=None, error_message=None,
+                warnings=list(warnings or []), created_by=actor, created_at=utcnow(), started_at=None,
+                finished_at=None, dispatched_at=None)
+
+
+def _new_target_row(job_id: str, position: int, spec: dict[str, Any]) -> dict[str, Any]:
+    return dict(id=new_id("tgt"), job_id=job_id, position=position, status="pending", progress=0.0, estimate=None,
+                error_code=None, error_message=None, artifact_id=None, attempts=0, lease_expires_at=None,
+                worker_id=None, started_at=None, finished_at=None, reused=False, reused_from_job=None, **spec)
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for ``jsonb_populate_record``: times as ISO 8601 (microseconds and offset kept)."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def _insert_job(s: Session, job: Job, targets: list[JobTarget], audit: dict[str, Any], *, guarded: bool) -> None:
+    """INSERT the job, its targets and its audit event, then make the objects persistent as they
+    are (no flush, no read-back): a submission is the API's hottest write.
+
+    Deferred chaining (Postgres): one statement (:func:`_create_statement`), one round trip, all or
+    nothing. Otherwise the rows, then ``record_audit``."""
+    s.flush()  # whatever the session holds goes first, as an ORM flush would order it
+    if is_deferred(s):
+        params: dict[str, Any] = {"job": _json_row(_row(job)), "targets": [_json_row(_row(t)) for t in targets],
+                                  "event": _json_row(pending_event(**audit))}
+        if guarded:
+            params.update(source_id=job.source_id, organization_id=job.organization_id)
+        try:
+            inserted = s.execute(_create_statement(guarded), params).first()
+        except (IntegrityError, OperationalError):
+            raise  # the job's own rows (or the connection): not the audit record's fault
+        except DBAPIError as exc:  # the audit record was refused: fail closed, nothing was written
+            raise audit_refused("job.create", "job", job.id, exc) from exc
+        if inserted is None:
+            raise SourceChanged(f"source {job.source_id} not found or withdrawn")
+        s.info[PENDING_FLAG] = True
+    else:
+        s.execute(insert(cast(Table, Job.__table__)), [_row(job)])
+        s.execute(insert(cast(Table, JobTarget.__table__)), [_row(t) for t in targets])
+        record_audit(s, **audit)
+    for obj in (job, *targets):
+        make_transient_to_detached(obj)
+    set_committed_value(job, "targets", targets)
+    set_committed_value(job, "artifacts", [])  # a new job has none
+    for t in targets:
+        set_committed_value(t, "job", job)
+    s.add(job)  # cascades to the targets: persistent, nothing pending
+
+
+@functools.cache
+def _create_statement(guarded: bool) -> TextClause:
+    """The job, its targets and its pending audit event in one Postgres statement: the job and the
+    targets are data-modifying CTEs of the audit_pending INSERT (the targets' foreign key is
+    checked at the end of the statement, when the job exists). Rows travel as JSONB and are typed
+    by their tables (``jsonb_populate_record[set]``), so the statement is the same for any number
+    of targets and compiled once. ``guarded``: the job is inserted only if its source exists in
+    its organisation and is not withdrawn; the targets and the event only with the job, and the
+    statement returns a row only when it inserted."""
+    def cols(table: Table, prefix: str = "") -> str:
+        return ", ".join(prefix + c.name for c in table.columns if c.name != "pending_seq")
+
+    jobs, targets = cast(Table, Job.__table__), cast(Table, JobTarget.__table__)
+    guard = ("WHERE EXISTS (SELECT 1 FROM sources WHERE sources.id = :source_id AND sources.withdrawn_at IS NULL "
+             "AND sources.organization_id IS NOT DISTINCT FROM :organization_id) " if guarded else "")
+    sql = (f"WITH new_job AS (INSERT INTO jobs ({cols(jobs)}) SELECT {cols(jobs, 'j.')} "
+           f"FROM jsonb_populate_record(NULL::jobs, :job) AS j {guard}RETURNING id), "
+           f"new_targets AS (INSERT INTO job_targets ({cols(targets)}) SELECT {cols(targets, 't.')} "
+           f"FROM new_job, jsonb_populate_recordset(NULL::job_targets, :targets) AS t) "
+           f"INSERT INTO audit_pending ({cols(AUDIT_PENDING)}) SELECT {cols(AUDIT_PENDING, 'e.')} "
+           f"FROM new_job, jsonb_populate_record(NULL::audit_pending, :event) AS e RETURNING pending_seq")
+    binds = [bindparam(name, type_=postgresql.JSONB()) for name in ("job", "targets", "event")]
+    if guarded:
+        binds += [bindparam("source_id", type_=String()), bindparam("organization_id", type_=String())]
+    return text(sql).bindparams(*binds)
 
 
 # ------------------------------------------------------------------------------------------ read

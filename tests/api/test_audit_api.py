@@ -18,6 +18,7 @@ from sqlalchemy import func, select, text
 from quantyard import catalog
 from quantyard.catalog import AuditEvent, Job, Source
 from quantyard.catalog.audit import verify_export
+from quantyard.catalog.audit_seal import pending_count
 from quantyard.catalog.models import GENESIS_HASH
 from tests.api import archives
 from tests.api.conftest import broker_messages, build_client, make_settings, upload
@@ -28,11 +29,12 @@ REFUSE = {
         ("CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_events WHEN NEW.action = '{action}' "
          "BEGIN SELECT RAISE(ABORT, 'audit store refused'); END"),
     ],
+    # Both tables: direct chaining appends to audit_events, deferred writes audit_pending first.
     "postgresql": [
         ("CREATE FUNCTION test_refuse_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
          "RAISE EXCEPTION 'audit store refused'; END $$"),
-        ("CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_events FOR EACH ROW "
-         "WHEN (NEW.action = '{action}') EXECUTE FUNCTION test_refuse_audit()"),
+        *(f"CREATE TRIGGER test_refuse_audit BEFORE INSERT ON {table} FOR EACH ROW "
+          "WHEN (NEW.action = '{action}') EXECUTE FUNCTION test_refuse_audit()" for table in ("audit_events", "audit_pending")),
     ],
 }
 
@@ -50,14 +52,21 @@ def refuse_audit(app, action: str) -> None:
 
 def allow_audit(app) -> None:
     with app.state.db_engine.begin() as conn:
-        conn.execute(text("DROP TRIGGER test_refuse_audit" + (" ON audit_events" if conn.dialect.name != "sqlite"
-                                                              else "")))
+        if conn.dialect.name == "sqlite":
+            conn.execute(text("DROP TRIGGER test_refuse_audit"))
+            return
+        for table in ("audit_events", "audit_pending"):
+            conn.execute(text(f"DROP TRIGGER test_refuse_audit ON {table}"))
 
 
 def counts(app) -> dict:
+    """Rows per table; ``audit_events`` counts every recorded event, chained or still pending
+    (deferred chaining: the sealer chains it moments after the commit)."""
     with app.state.session_factory() as s:
-        return {m.__tablename__: s.execute(select(func.count()).select_from(m)).scalar_one()
-                for m in (Source, Job, AuditEvent)}
+        found = {m.__tablename__: s.execute(select(func.count()).select_from(m)).scalar_one()
+                 for m in (Source, Job, AuditEvent)}
+        found["audit_events"] += pending_count(s)
+    return found
 
 
 def submit(client, source_id):
@@ -114,7 +123,8 @@ def test_app_role_without_audit_insert_cannot_change_anything(catalog_url, tmp_p
         admin = catalog.make_engine(catalog_url)
         try:
             with admin.begin() as conn:
-                conn.execute(text(f'REVOKE INSERT ON audit_events FROM "{role}"'))
+                # both: deferred chaining writes audit_pending, and its sealer audit_events
+                conn.execute(text(f'REVOKE INSERT ON audit_events, audit_pending FROM "{role}"'))
             assert_refused(submit(client, source["id"]))
             assert_refused(upload(client, other_model(), name="x"))
             with admin.connect() as conn:

@@ -226,3 +226,39 @@ def test_uri_outside_the_store(client):
     r = submit(client, "s3://someone-else/model.tar.gz")
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_source"
+
+
+def test_a_remembered_source_withdrawn_or_deleted_since_is_refused(any_db_client):
+    """The API remembers a source's facts after its first job (api/routes/jobs.py
+    submission_source); on Postgres the job's INSERT itself then checks that the source still
+    exists and is not withdrawn. Withdrawn since: 422 naming the withdrawal; gone: 404; nothing
+    written either way."""
+    from sqlalchemy import func, select, text
+
+    from tests.api import archives
+    from tests.api.conftest import upload
+
+    client, app = any_db_client, any_db_client.app
+    source_id = upload(client, archives.model_tar_gz()).json()["id"]
+    assert submit(client, source_id).status_code == 202  # the facts are remembered from here on
+    assert submit(client, source_id).status_code == 202
+    assert client.post(f"/v1/sources/{source_id}/withdraw", json={"reason": "leaked weights"}).status_code == 200
+
+    def jobs() -> int:
+        with app.state.session_factory() as s:
+            return s.execute(select(func.count()).select_from(catalog.Job)).scalar_one()
+
+    before = jobs()
+    r = submit(client, source_id)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "source_withdrawn", r.text
+    assert "leaked weights" in r.json()["error"]["message"]
+    assert jobs() == before
+    # Gone altogether (as if removed behind the API's back): 404, and still nothing written.
+    with app.state.db_engine.begin() as conn:
+        conn.execute(text("UPDATE sources SET withdrawn_at = NULL"))
+    assert submit(client, source_id).status_code == 202  # re-read: allowed again, remembered again
+    with app.state.db_engine.begin() as conn:
+        conn.execute(text("UPDATE sources SET organization_id = 'org_elsewhere'"))
+    r = submit(client, source_id)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "source_not_found", r.text
+    assert jobs() == before + 1
