@@ -8,7 +8,7 @@ own, an object store (SeaweedFS's S3 from tests/fixtures/services.py, or a local
    same recipe is answered by reuse (the worker finishes it in its prepare task: claim, recipe
    lookup, HEAD on the store, reuse, settle; no conversion);
 2. submits ``--jobs`` distinct jobs (each its own job, labelled with the run and its number) from
-   ``--clients`` threads, each with its own httpx client (keep-alive), and times every POST;
+   ``--clients`` processes, each with its own keep-alive connection, and times every POST;
 3. polls every job (GET /v1/jobs/{id}, timed) until it is final;
 4. accounts: the label listing holds exactly the submitted jobs, once each (0 lost, 0 duplicates),
    every one final (succeeded), every target answered once; then stops the stack (SIGTERM: the
@@ -128,11 +128,12 @@ class Stack:
         return subprocess.run([sys.executable, "-m", "quantyard.cli", *args], env=self.env, capture_output=True,
                               text=True, cwd=self.env.get("BENCH_CWD"))
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, nice: int = 0) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
         self.processes.append(subprocess.Popen([sys.executable, "-m", "quantyard.cli", *args], env=self.env,
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                               cwd=self.env.get("BENCH_CWD")))
+                                               cwd=self.env.get("BENCH_CWD"),
+                                               preexec_fn=(lambda: os.nice(nice)) if nice else None))
 
     def stop(self) -> None:
         """SIGTERM (warm shutdown: the API and workers anchor the audit chain), then wait."""
@@ -254,46 +255,69 @@ class Submissions:
     create_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    client_cpu_s: float = 0.0  # the load generator's own CPU (all its clients)
+
+
+def _client_process(url: str, key: str, source_id: str, run: str, counter, jobs: int, gate, out) -> None:
+    """One client: its own process and keep-alive connection (http.client: the load generator
+    should cost the machine little, and its clients should not share one GIL, which would add
+    their waits for it to the latencies measured)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    done, errors = [], []
+    gate.wait()
+    while True:
+        with counter.get_lock():
+            n = counter.value
+            counter.value += 1
+        if n >= jobs:
+            break
+        body = json.dumps({"source": source_id, "targets": [TARGET], "labels": {"bench": run, "n": str(n)}})
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/jobs", body=body, headers=headers)
+            r = conn.getresponse()
+            payload = r.read()
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"job {n}: {exc!r}")
+            conn.close()
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            continue
+        ms = (time.perf_counter() - t0) * 1000
+        if r.status == 202:
+            done.append((n, json.loads(payload)["id"], ms))
+        else:
+            errors.append(f"job {n}: {r.status} {payload[:200]!r}")
+    out.put((done, errors, time.process_time()))
 
 
 def submit_all(url: str, key: str, *, source_id: str, run: str, jobs: int, clients: int) -> Submissions:
-    """``jobs`` POSTs shared out over ``clients`` threads; a refused POST is an error, not retried."""
-    out, lock = Submissions(), threading.Lock()
-    numbers = iter(range(jobs))
-    start_gate = threading.Barrier(clients + 1)
+    """``jobs`` POSTs shared out over ``clients`` processes; a refused POST is an error, not retried."""
+    import multiprocessing as mp
 
-    def client_loop() -> None:
-        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
-            start_gate.wait()
-            while True:
-                with lock:
-                    n = next(numbers, None)
-                if n is None:
-                    return
-                body = {"source": source_id, "targets": [TARGET], "labels": {"bench": run, "n": str(n)}}
-                t0 = time.perf_counter()
-                try:
-                    r = c.post("/v1/jobs", json=body)
-                except httpx.HTTPError as exc:
-                    with lock:
-                        out.errors.append(f"job {n}: {exc!r}")
-                    continue
-                ms = (time.perf_counter() - t0) * 1000
-                with lock:
-                    if r.status_code == 202:
-                        out.ids[n] = r.json()["id"]
-                        out.create_ms.append(ms)
-                    else:
-                        out.errors.append(f"job {n}: {r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    start_gate.wait()
+    ctx = mp.get_context("fork")
+    counter, gate, results = ctx.Value("i", 0), ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(url, key, source_id, run, counter, jobs, gate, results),
+                         daemon=True) for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    gate.wait()
     t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    out = Submissions()
+    for _ in procs:  # each client reports once, when it has no job left
+        done, errors, cpu_s = results.get()
+        out.client_cpu_s += cpu_s
+        for n, job_id, ms in done:
+            out.ids[n] = job_id
+            out.create_ms.append(ms)
+        out.errors += errors
     out.wall_s = time.perf_counter() - t0
+    for proc in procs:
+        proc.join()
     return out
 
 
@@ -461,6 +485,7 @@ ROWS = [
     ("API CPU ms / submission", "cpu_ms_per_submission_api", "{:.2f}"),
     ("Postgres CPU ms / subm.", "cpu_ms_per_submission_postgres", "{:.2f}"),
     ("workers CPU ms / subm.", "cpu_ms_per_submission_workers", "{:.2f}"),
+    ("clients CPU ms / subm.", "cpu_ms_per_submission_clients", "{:.2f}"),
     ("load average (1 min)", "load_avg_1m", "{:.1f}"),
     ("all final after (s)", "drain_s", "{:.1f}"),
     ("lost", "lost", "{}"),
@@ -524,7 +549,7 @@ def run(args) -> dict:
         api_args = ["api"] + (["--workers", str(args.api_workers)] if args.api_workers != 1 else [])
         s.start("api", *api_args)
         for i in range(args.workers):
-            s.start(f"worker{i}", "worker", "--hardware-class", "cpu", "--loglevel", "warning")
+            s.start(f"worker{i}", "worker", "--hardware-class", "cpu", "--loglevel", "warning", nice=args.worker_nice)
         stack.callback(s.stop)
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=s.url, timeout=120, headers=headers) as c:
@@ -559,6 +584,7 @@ def run(args) -> dict:
         result = {
             "commit": git_commit() if not args.code_dir else args.code_label or str(args.code_dir),
             "jobs": args.jobs, "clients": args.clients, "api_workers": args.api_workers, "workers": args.workers,
+            "worker_nice": args.worker_nice,
             "audit_chain": args.audit_chain if not args.code_dir else None,
             "store": args.store, "cpus": os.cpu_count(),
             "submit_wall_s": round(subs.wall_s, 3),
@@ -570,6 +596,7 @@ def run(args) -> dict:
             "load_avg_1m": round(load, 1),
             **{f"cpu_ms_per_submission_{k}": round(1000 * (cpu1[k] - cpu0[k]) / max(len(subs.ids), 1), 2)
                for k in cpu0},
+            "cpu_ms_per_submission_clients": round(1000 * subs.client_cpu_s / max(len(subs.ids), 1), 2),
             **counts,
             "audit": "ok" if audit.get("ok") else f"BROKEN: {audit.get('problem')}: {audit.get('reason')}",
             "audit_events": audit.get("checked"), "anchors_checked": audit.get("anchors_checked"),
@@ -594,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes of `quantyard api`")
     p.add_argument("--workers", type=int, default=2, help="`quantyard worker` processes")
+    p.add_argument("--worker-nice", type=int, default=0,
+                   help="run the conversion workers at this nice level (on one small machine they otherwise "
+                        "take CPU from the API while it is measured; in production they run on other nodes)")
     p.add_argument("--audit-chain", choices=("direct", "deferred"), default="deferred",
                    help="QUANTYARD_AUDIT_CHAIN of the stack (older code ignores it)")
     p.add_argument("--store", choices=("s3", "local"), default="s3")

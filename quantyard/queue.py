@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
 
 from quantyard.settings import Settings
 
@@ -107,6 +108,7 @@ class JobDispatcher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._declared: set[str] = set()
+        self._origin = anon_nodename()
 
     def send(self, *, job_id: str, hardware_class: str, timeout_s: float = 30.0) -> None:
         """Queue one job's message; returns once the broker has it (raises what publishing raised)."""
@@ -174,8 +176,10 @@ class JobDispatcher:
         with self.app.producer_or_acquire() as producer, producer.batch():
             for job_id, hardware_class, _ in batch:
                 qname = queue_name(hardware_class)
+                # origin and the argument reprs given: Celery would work them out for every message
                 headers, properties, body, _sent = amqp.create_task_message(
-                    uuid.uuid4().hex, CONVERT_TASK, args=[job_id], ignore_result=conf.task_ignore_result)
+                    uuid.uuid4().hex, CONVERT_TASK, args=[job_id], ignore_result=conf.task_ignore_result,
+                    origin=self._origin, argsrepr=repr([job_id]), kwargsrepr="{}")
                 declare = None if qname in self._declared else [amqp.queues[qname]]
                 producer.publish(body, exchange="", routing_key=qname, serializer=conf.task_serializer,
                                  delivery_mode=conf.task_default_delivery_mode, headers=headers, declare=declare,

@@ -83,7 +83,7 @@ EVENT_COLUMNS = tuple(c.name for c in AUDIT_PENDING.columns if c.name != "pendin
 SEAL_BATCH = 2000
 SEAL_EVERY_S = 0.1
 # How long a woken sealer waits for more commits before sealing them together.
-SEAL_GATHER_S = 0.05
+SEAL_GATHER_S = 0.1
 # The longest wait between two tries while sealing fails (the catalog is down).
 SEAL_RETRY_MAX_S = 5.0
 # The session flag record_audit sets when it wrote a pending event (sealed after the commit).
