@@ -127,32 +127,34 @@ def _admit(request: Request, principal: Principal | None) -> Principal:
     return principal
 
 
+def _without_lookup(request: Request) -> tuple[Principal | None, str | None]:
+    """(the caller, None) when known without the catalog (this request already, auth disabled, a
+    key this process checked recently); else (None, the key to look up)."""
+    cached = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached, None
+    if request.app.state.settings.auth == "disabled":
+        return _admit(request, ANONYMOUS_ADMIN), None
+    secret = _bearer(request)
+    found = _remembered(request, secret)
+    return (_admit(request, found), None) if found is not None else (None, secret)
+
+
 async def authenticated(request: Request) -> Principal:
     """The caller; also kept in ``request.state`` (``principal``, ``actor``) for audit records.
 
     Async, so a key this process checked recently costs no trip to the threadpool; only a key
     looked up in the catalog goes there (the lookup blocks)."""
-    cached = getattr(request.state, "principal", None)
-    if cached is not None:
-        return cached
-    if request.app.state.settings.auth == "disabled":
-        return _admit(request, ANONYMOUS_ADMIN)
-    secret = _bearer(request)
-    found = _remembered(request, secret)
-    if found is None:
-        found = await run_in_threadpool(_lookup, request, secret)
-    return _admit(request, found)
+    found, secret = _without_lookup(request)
+    if found is not None:
+        return found
+    return _admit(request, await run_in_threadpool(_lookup, request, secret))
 
 
 def authenticated_sync(request: Request) -> Principal:
     """:func:`authenticated` for code already off the event loop (e.g. a sync dependency)."""
-    cached = getattr(request.state, "principal", None)
-    if cached is not None:
-        return cached
-    if request.app.state.settings.auth == "disabled":
-        return _admit(request, ANONYMOUS_ADMIN)
-    secret = _bearer(request)
-    return _admit(request, _remembered(request, secret) or _lookup(request, secret))
+    found, secret = _without_lookup(request)
+    return found if found is not None else _admit(request, _lookup(request, secret))
 
 
 # Path parameters that name a tenant's resource, and how to look it up within an organisation.

@@ -13,25 +13,12 @@ from pathlib import Path
 import pytest
 
 from quantyard.engine.gguf.llama_runtime import open_llama
-from quantyard.engine.hf.source import open_source
 from tests.fixtures.models import ARCH_FIXTURES
 
 PROBES = json.loads((Path(__file__).parents[1] / "data" / "probe_strings.json").read_text(encoding="utf-8"))["strings"]
 EXPECTED_PRE = {"llama": ("llama", "default"), "llama3": ("gpt2", "llama-bpe"), "mistral": ("llama", "default"),
                 "qwen2": ("gpt2", "qwen2"), "qwen3": ("gpt2", "qwen2"), "gemma2": ("llama", "default"),
                 "gemma3": ("llama", "default"), "phi3": ("llama", "default"), "gpt2": ("gpt2", "gpt-2")}
-
-
-@pytest.fixture(scope="module")
-def vocab_files(arch_models, tmp_path_factory) -> dict[str, Path]:
-    from quantyard.engine.gguf.converter import write_float_gguf
-
-    out = tmp_path_factory.mktemp("vocab")
-    files = {}
-    for family, src in arch_models.items():
-        files[family] = out / f"{family}.gguf"
-        write_float_gguf(open_source(src), files[family], "F32")
-    return files
 
 
 def fields(path: Path) -> dict:
@@ -47,13 +34,13 @@ def test_probe_corpus_is_broad():
 
 
 @pytest.mark.parametrize("family", ARCH_FIXTURES)
-def test_llama_cpp_tokenizes_like_transformers(family, arch_models, vocab_files):
+def test_llama_cpp_tokenizes_like_transformers(family, arch_models, arch_f32_files):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(arch_models[family])
     specials = sorted({t.content for t in tok.added_tokens_decoder.values()})
     texts = PROBES + specials + [f"a{s}b {s} c" for s in specials] + ["".join(specials)]
-    llm = open_llama(model_path=str(vocab_files[family]), vocab_only=True, verbose=False)
+    llm = open_llama(model_path=str(arch_f32_files[family]), vocab_only=True, verbose=False)
     try:
         mismatches = []
         for text in texts:
@@ -73,13 +60,13 @@ def test_llama_cpp_tokenizes_like_transformers(family, arch_models, vocab_files)
 
 
 @pytest.mark.parametrize("family", ARCH_FIXTURES)
-def test_vocab_metadata_matches_hf_tokenizer(family, arch_models, vocab_files):
+def test_vocab_metadata_matches_hf_tokenizer(family, arch_models, arch_f32_files):
     import gguf
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(arch_models[family])
     config = json.loads((arch_models[family] / "config.json").read_text())
-    f = fields(vocab_files[family])
+    f = fields(arch_f32_files[family])
     model, pre = EXPECTED_PRE[family]
     assert f["tokenizer.ggml.model"] == model and f["tokenizer.ggml.pre"] == pre
     tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
@@ -122,12 +109,12 @@ def test_vocab_metadata_matches_hf_tokenizer(family, arch_models, vocab_files):
         assert len(f["tokenizer.ggml.merges"]) > 0
 
 
-def test_qwen3_think_tokens_are_user_defined(vocab_files, arch_models):
+def test_qwen3_think_tokens_are_user_defined(arch_f32_files, arch_models):
     import gguf
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(arch_models["qwen3"])
-    f = fields(vocab_files["qwen3"])
+    f = fields(arch_f32_files["qwen3"])
     assert f["tokenizer.ggml.token_type"][tok.convert_tokens_to_ids("<think>")] == gguf.TokenType.USER_DEFINED
     assert f["tokenizer.ggml.token_type"][tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
 

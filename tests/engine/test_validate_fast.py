@@ -177,29 +177,16 @@ def test_tokenizer_cache_loads_once_across_threads_and_reloads_on_change(tmp_pat
     assert len(cache._entries) == 2
 
 
-@pytest.fixture(scope="module")
-def family_files(arch_models, tmp_path_factory) -> dict[str, Path]:
-    from quantyard.engine.gguf.converter import write_float_gguf
-    from quantyard.engine.hf.source import open_source
-
-    out = tmp_path_factory.mktemp("families")
-    files = {}
-    for family, src in arch_models.items():
-        files[family] = out / f"{family}.gguf"
-        write_float_gguf(open_source(src), files[family], "F32")
-    return files
-
-
 @pytest.mark.parametrize("family", ARCH_FIXTURES)
-def test_vocab_and_template_checks_pass_every_family(family, arch_models, family_files):
+def test_vocab_and_template_checks_pass_every_family(family, arch_models, arch_f32_files):
     """The new checks must not fail a correct conversion of any supported tokenizer kind
     (SentencePiece, byte-level BPE, legacy added_tokens_decoder, padded vocabularies)."""
     from quantyard.engine.gguf.validate import check_chat_template, check_vocab, reopen
 
-    layout = reopen(family_files[family])
-    n = check_vocab(layout, family_files[family], arch_models[family])
-    assert n == len(array_values(layout.kv["tokenizer.ggml.tokens"], family_files[family]))
-    check_chat_template(layout, family_files[family], arch_models[family])
+    layout = reopen(arch_f32_files[family])
+    n = check_vocab(layout, arch_f32_files[family], arch_models[family])
+    assert n == len(array_values(layout.kv["tokenizer.ggml.tokens"], arch_f32_files[family]))
+    check_chat_template(layout, arch_f32_files[family], arch_models[family])
 
 
 def test_imatrix_load_uses_the_fast_reader_and_agrees_with_gguf_py(tmp_path, monkeypatch):
