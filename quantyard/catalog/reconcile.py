@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Mapped, Session, lazyload, mapped_column
 
 from .audit import record_audit
+from .audit_seal import AUDIT_PENDING, EVENT_COLUMNS
 from .models import AuditEvent, Base, Job, JobTarget, UTCDateTime, utcnow
 from .workers import live_workers
 
@@ -174,11 +175,20 @@ def slots(s: Session, *, hardware_class: str, stale_after_s: float, now: datetim
 
 
 def _last_events(s: Session, job_ids: set[str], action: str) -> list[AuditEvent]:
+    """The jobs' events of ``action``, oldest first: the chained ones, then those still pending
+    (deferred chaining: committed but not sealed yet, and newer than every chained one)."""
     if not job_ids:
         return []
-    q = (select(AuditEvent).where(AuditEvent.resource_type == "job", AuditEvent.resource_id.in_(sorted(job_ids)),
+    ids = sorted(job_ids)
+    q = (select(AuditEvent).where(AuditEvent.resource_type == "job", AuditEvent.resource_id.in_(ids),
                                   AuditEvent.action == action).order_by(AuditEvent.seq))
-    return list(s.execute(q).scalars())
+    events = list(s.execute(q).scalars())
+    if s.get_bind().dialect.name == "postgresql":
+        pending = (select(AUDIT_PENDING).where(AUDIT_PENDING.c.resource_type == "job",
+                                               AUDIT_PENDING.c.resource_id.in_(ids), AUDIT_PENDING.c.action == action)
+                   .order_by(AUDIT_PENDING.c.pending_seq))
+        events += [AuditEvent(**{c: row[c] for c in EVENT_COLUMNS}) for row in s.execute(pending).mappings()]
+    return events
 
 
 def last_resends(s: Session, *, job_ids: set[str]) -> dict[tuple[str, str | None], datetime]:

@@ -428,3 +428,27 @@ def test_a_dead_pool_process_releases_its_lease(rt, source_id):
     again = _claim(rt, job_id, worker_id="host:1:cpu")  # the requeued message: no lease to wait out
     assert (again.kind, again.attempt) == ("claimed", 2)
     assert _get(rt, job_id)["error"] is None  # being redone
+
+
+def test_dispatch_inputs_are_found_while_their_event_is_still_pending(rt, source_id):
+    """Deferred chaining: the job.dispatch event that records a job's target inputs may not be
+    sealed yet when the reconciler looks (it was, once, in a clean-clone run); it reads pending
+    events too. The chain lock is held so that nothing is sealed meanwhile."""
+    from sqlalchemy import text
+
+    from quantyard.catalog.audit import AUDIT_LOCK_KEY
+
+    job_id = _job(rt, source_id, targets=("gguf:Q8_0",))
+    inputs = {"intermediate_artifact_id": "art_pending", "imatrix_artifact_ids": {}}
+    engine = rt.sessions.kw["bind"]
+    with engine.connect() as holder:
+        if engine.dialect.name == "postgresql":
+            holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": AUDIT_LOCK_KEY})
+        with rt.session() as s:
+            catalog.mark_dispatched(s, job_id=job_id, message="dispatched", inputs=inputs)
+            s.commit()
+        with rt.session() as s:
+            assert reconcile.dispatch_inputs(s, job_ids={job_id}) == {job_id: inputs}
+        if engine.dialect.name == "postgresql":
+            holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": AUDIT_LOCK_KEY})
+            holder.commit()
