@@ -100,9 +100,14 @@ def defer_chaining(engine: Engine, enabled: bool = True) -> None:
         _deferred.discard(engine)
 
 
-def is_deferred(s: Session) -> bool:
+def _engine_of(s: Session) -> Engine:
+    """The engine behind a session (bound to an engine or to one of its connections)."""
     bind = s.get_bind()
-    return getattr(bind, "engine", bind) in _deferred
+    return bind if isinstance(bind, Engine) else bind.engine
+
+
+def is_deferred(s: Session) -> bool:
+    return _engine_of(s) in _deferred
 
 
 def pending_count(s: Session) -> int:
@@ -236,8 +241,7 @@ def seal_before_read(s: Session, *, timeout_s: float = 2.0) -> None:
     leaves the read to show what is chained so far. Any Postgres reader does it, whatever its own
     chaining mode: other processes may have left events pending. Best effort: a reader that may
     not append to the chain still reads it."""
-    bind = s.get_bind()
-    engine = bind if isinstance(bind, Engine) else bind.engine
+    engine = _engine_of(s)
     if engine.dialect.name != "postgresql":
         return
     deadline = time.monotonic() + timeout_s
@@ -299,8 +303,7 @@ def _seal_after_commit(session: Session) -> None:
     the request should not wait for the chain: the event is already durable in audit_pending)."""
     if not session.info.pop(PENDING_FLAG, False):
         return
-    bind = session.get_bind()
-    wake_sealer(bind if isinstance(bind, Engine) else bind.engine)
+    wake_sealer(_engine_of(session))
 
 
 @event.listens_for(Session, "after_rollback")
