@@ -25,11 +25,7 @@ import numpy as np
 from ..errors import InvalidModel, ValidationFailed
 from ..hf.tokenizer_cache import shared_tokenizer
 from .gguf_layout import Layout, array_values, read_layout
-
-PROBE_TEXT = (
-    "The quick brown fox jumps over the lazy dog. A llama lives in high mountains, "
-    "eats grass and weighs 130 kg; quantization maps weights to small integers: 3.14 + 42 = 45.14!"
-)
+from .reference import PROBE_TEXT, ReferenceOutputs, compute_reference
 
 
 @dataclass(frozen=True)
@@ -118,22 +114,23 @@ def check_chat_template(layout: Layout, path: Path, source_dir: Path) -> bool:
     return bool(named)
 
 
-_REFERENCE_CACHE: dict[tuple, tuple[list[int], np.ndarray]] = {}
+_REFERENCE_CACHE: dict[tuple, ReferenceOutputs] = {}
 
 
-def hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
-    """Token ids and float32 logits from transformers on the source folder.
-
-    Eager attention: the reference implementation (soft-capping, sliding windows and scaling
-    exactly as the model defines them; SDPA kernels skip some of it for some families).
-    Remembered for the last source folder (keyed by its files' sizes and times), so validating
-    several targets of one source loads the model once."""
+def source_reference(source_dir: Path, text: str = PROBE_TEXT) -> ReferenceOutputs:
+    """compute_reference, remembered for the last source folder (keyed by its files' sizes and
+    times), so validating several targets of one source in one process runs the model once."""
     key = (str(Path(source_dir).resolve()), text, _folder_stamp(Path(source_dir)))
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE.clear()
-        _REFERENCE_CACHE[key] = _hf_reference(source_dir, text)
-    ids, logits = _REFERENCE_CACHE[key]
-    return list(ids), logits.copy()
+        _REFERENCE_CACHE[key] = compute_reference(Path(source_dir), text=text)
+    return _REFERENCE_CACHE[key]
+
+
+def hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """Token ids and (a writable copy of the) float32 logits of source_reference."""
+    ref = source_reference(source_dir, text)
+    return list(ref.token_ids), ref.logits.copy()
 
 
 def _folder_stamp(folder: Path) -> tuple:
@@ -141,22 +138,15 @@ def _folder_stamp(folder: Path) -> tuple:
                         for p in folder.iterdir() if p.is_file()))
 
 
-def _hf_reference(source_dir: Path, text: str) -> tuple[list[int], np.ndarray]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..hf.strict_load import load_pretrained
-
+def check_reference_tokens(reference: ReferenceOutputs, source_dir: Path) -> None:
+    """A stored reference belongs to this source: its tokenizer gives the same ids for the text
+    (a reference of another model, or of an edited tokenizer, would validate the wrong thing)."""
     with shared_tokenizer(source_dir) as tok:
-        ids = tok(text).input_ids
-    # proven to be the upload's weights: a reference with random parameters would validate anything
-    model = load_pretrained(AutoModelForCausalLM, Path(source_dir), attn_implementation="eager")
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float().numpy()
-    finally:
-        del model
-    return list(ids), logits
+        ids = list(tok(reference.text).input_ids)
+    if ids != list(reference.token_ids):
+        raise ValidationFailed("the reference outputs were not computed with this source's tokenizer",
+                               details={"reference_ids": list(reference.token_ids)[:64],
+                                        "transformers_ids": ids[:64]})
 
 
 @contextlib.contextmanager
@@ -276,14 +266,19 @@ def check_metrics(metrics: dict[str, float], quantization: str, thresholds: Thre
 def validate_gguf(path: Path, source_dir: Path, quantization: str | None = None,
                   expected_tensors: int | None = None, *, max_mean_kl: float | None = None,
                   min_top1: float | None = None, max_abs_logit_diff: float | None = None,
-                  thresholds: Thresholds | None = None, text: str = PROBE_TEXT) -> dict:
+                  thresholds: Thresholds | None = None, text: str = PROBE_TEXT,
+                  reference: ReferenceOutputs | None = None) -> dict:
     """Run every check on the GGUF at `path` against the HF folder `source_dir`; return the
     metrics recorded with the artifact. Works for every supported architecture.
 
     Bounds: pass max_mean_kl / min_top1 / max_abs_logit_diff (None = not checked for the last)
     or a Thresholds; otherwise the defaults for `quantization` (F32, F16, BF16, Q8_0) apply.
     `quantization` is only a label in messages when bounds are given. `expected_tensors` None
-    skips the tensor count check (the file must still parse)."""
+    skips the tensor count check (the file must still parse).
+
+    `reference`: the source's stored outputs (compute_reference); then no model is run in
+    transformers here and its text is the probe (`text` is ignored). The source folder still
+    provides the tokenizer the vocabulary, template and tokenization checks compare against."""
     limits = resolve_thresholds(quantization, max_mean_kl=max_mean_kl, min_top1=min_top1,
                                 max_abs_logit_diff=max_abs_logit_diff, thresholds=thresholds)
     layout = reopen(path)
@@ -292,7 +287,11 @@ def validate_gguf(path: Path, source_dir: Path, quantization: str | None = None,
     vocab_size = check_vocab(layout, path, source_dir)
     has_template = check_chat_template(layout, path, source_dir)
     del layout  # the raw header (a 262k vocabulary is ~30 MB) is not needed past this point
-    hf_ids, hf_logits = hf_reference(source_dir, text)
+    if reference is None:
+        reference = source_reference(source_dir, text)
+    else:
+        check_reference_tokens(reference, source_dir)
+    text, hf_ids, hf_logits = reference.text, list(reference.token_ids), reference.logits
     specials = added_tokens(source_dir)
     with llama_model(path, n_ctx=max(64, len(hf_ids) + 8)) as llm:
         ll_ids = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
@@ -313,5 +312,6 @@ def validate_gguf(path: Path, source_dir: Path, quantization: str | None = None,
 
 
 __all__ = ["validate_gguf", "compare_logits", "check_metrics", "THRESHOLDS", "Thresholds", "PROBE_TEXT",
-           "hf_reference", "llama_reference", "check_reopens", "check_tokenization", "added_tokens",
+           "hf_reference", "source_reference", "check_reference_tokens", "ReferenceOutputs",
+           "llama_reference", "check_reopens", "check_tokenization", "added_tokens",
            "resolve_thresholds", "llama_model", "reopen", "check_vocab", "check_chat_template"]

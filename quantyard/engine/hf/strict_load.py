@@ -99,13 +99,17 @@ def match_names(source: Iterable[str], model_keys: Iterable[str], prefix: str) -
 
 
 def _storage_id(t) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else ("empty", id(t))
+    """Equal for tensors that share storage. Meta tensors have no storage (every data_ptr is 0):
+    there a tie is the same Parameter object, which is how transformers ties weights."""
+    if t.is_meta or not t.numel():
+        return ("object", id(t))
+    return (t.data_ptr(), tuple(t.shape), t.dtype)
 
 
 def check_names(model, source: Iterable[str], file: str) -> dict[str, str]:
     """Every source tensor used, every parameter / persistent buffer from the source (or tied
     to one that is); returns source name -> model key. InvalidModel naming the tensors."""
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # the objects themselves: see _storage_id
     prefix = getattr(model, "base_model_prefix", "") or ""
     source = list(source)
     matched = match_names(source, state, prefix)
