@@ -22,7 +22,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -39,8 +39,8 @@ from . import estimate as est
 from .archs import Architecture, tensor_order_key
 from .ggml_types import ALIGNMENT, FILE_TYPES, QUANTIZATION_VERSION
 from .validate import validate_gguf
-from .vocab import VocabInfo, gguf_vocab_size, write_vocab
-from .writer import TensorPlan, write_gguf
+from .vocab import RecordedVocab, VocabInfo, gguf_vocab_size, record_vocab, write_vocab
+from .writer import GGUFOutput, TensorPlan, write_ggufs
 
 Progress = Callable[[float, str], None]
 # Share of the progress bar spent writing; validation (two model loads) takes the rest.
@@ -197,12 +197,17 @@ def _metadata_writer(source: HFModelSource, arch: Architecture, quantization: st
 _MEASURED: dict[tuple, tuple[int, dict[str, object]]] = {}
 
 
-def _measured_metadata(source: HFModelSource, arch: Architecture, total_params: int) -> tuple[int, dict]:
-    """The KV our writer gives `source`'s GGUFs, written to an in-memory GGUFWriter and sized."""
+def _folder_state(source: HFModelSource) -> tuple:
+    """The source folder's path and its non-weight files' names, sizes and mtimes: what the
+    metadata is made of, so a changed tokenizer or config is never served from a cache."""
     weights = set(source.weight_files)
     files = sorted(f for f in source.root.iterdir() if f.is_file() and f not in weights)
-    key = (str(source.root.resolve()), total_params,
-           tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    return (str(source.root.resolve()), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+def _measured_metadata(source: HFModelSource, arch: Architecture, total_params: int) -> tuple[int, dict]:
+    """The KV our writer gives `source`'s GGUFs, written to an in-memory GGUFWriter and sized."""
+    key = (_folder_state(source), total_params)
     if key not in _MEASURED:
         w = gguf.GGUFWriter(None, arch.name)
         _metadata_writer(source, arch, "F32", {}, total_params, [], vocab=est.estimate_vocab)(w)
@@ -250,18 +255,69 @@ def estimate(source: HFModelSource, target: TargetSpec) -> dict[str, int]:
     return {"size_bytes": size, "peak_memory_bytes": max(writing, validating), "disk_bytes": size}
 
 
-def _write(source: HFModelSource, arch: Architecture, path: Path, quantization: str, plans: list[TensorPlan],
+# The last source's recorded vocabulary: a job's float targets, intermediate and later calls for
+# the same folder build it once (one entry: a 262k vocabulary is ~100 MB of Python objects).
+_VOCAB: dict[tuple, RecordedVocab] = {}
+
+
+def _vocab_for(source: HFModelSource, arch: Architecture) -> RecordedVocab:
+    key = (_folder_state(source), arch.name, arch.config.get("vocab_size"), arch.vocab_style)
+    if key not in _VOCAB:
+        _VOCAB.clear()
+        _VOCAB[key] = record_vocab(source.root, arch.config.get("vocab_size"), arch.vocab_style)
+    return _VOCAB[key]
+
+
+def _write(source: HFModelSource, arch: Architecture, files: Sequence[tuple[Path, str, list[TensorPlan]]],
            provenance: Mapping[str, str], on_tensor) -> VocabInfo:
-    vocab: list[VocabInfo] = []
-    total_params = sum(math.prod(p.shape) for p in plans)
+    """Write every (path, outtype, plans) in one pass over the source's tensors."""
+    vocab = _vocab_for(source, arch)
+    total_params = sum(math.prod(p.shape) for p in files[0][2])
+    outputs = [GGUFOutput(path, _metadata_writer(source, arch, outtype, provenance, total_params, [],
+                                                 vocab=vocab.write), plans)
+               for path, outtype, plans in files]
     try:
-        write_gguf(path, arch.name, _metadata_writer(source, arch, quantization, provenance, total_params, vocab),
-                   plans, on_tensor)
+        write_ggufs(arch.name, outputs, on_tensor)
     except OSError as e:
         if e.errno == 28:  # ENOSPC
-            raise ResourceExhausted(f"out of disk space writing {path.name}") from e
+            raise ResourceExhausted(f"out of disk space writing {', '.join(p.name for p, _, _ in files)}") from e
         raise
-    return vocab[0]
+    return vocab.info
+
+
+def write_float_ggufs(source: HFModelSource, outputs: Sequence[tuple[Path, str]], *,
+                      provenance: Mapping[str, str] | None = None,
+                      progress: Progress | None = None) -> list[list[TensorPlan]]:
+    """Several float GGUFs of `source` in ONE pass over it: e.g. the F16 target and the BF16
+    lossless intermediate, `outputs=[(f16_path, "F16"), (inter_path, "BF16")]`. Each tensor is
+    read once, encoded once per distinct type and appended to every file; each file is
+    byte-identical to what write_float_gguf(source, path, outtype) writes alone. The vocabulary
+    is built once. No validation here: the caller validates what it publishes. Returns each
+    output's tensor plan (file order), in the order of `outputs`. On any error (Cancelled
+    raised by `progress` included) every output file is removed."""
+    files = [(Path(path), outtype) for path, outtype in outputs]
+    for _, outtype in files:
+        if outtype not in FLOAT_OUTTYPES:
+            raise ValueError(f"outtype must be one of {', '.join(FLOAT_OUTTYPES)}, not {outtype!r}")
+    if len({p.resolve() for p, _ in files}) != len(files):
+        raise ValueError("write_float_ggufs: two outputs share a path")
+    if not files:
+        return []
+    arch = architecture(source)
+    plans = [plan_tensors(source, outtype, arch) for _, outtype in files]
+    total = sum(p.nbytes for p in plans[0]) or 1
+    done = 0
+
+    def on_tensor(i: int, plan: TensorPlan) -> None:
+        nonlocal done
+        done += plan.nbytes
+        _report(progress, done / total, f"wrote {plan.name} ({i + 1}/{len(plans[0])})")
+
+    with _cleanup_on_error(*(p for p, _ in files)):
+        _report(progress, 0.0, f"writing {', '.join(p.name for p, _ in files)}")
+        _write(source, arch, [(p, t, pl) for (p, t), pl in zip(files, plans, strict=True)],
+               dict(provenance or {}), on_tensor)
+    return plans
 
 
 def write_float_gguf(source: HFModelSource, out_path: Path, outtype: str = "F32", *,
@@ -270,25 +326,9 @@ def write_float_gguf(source: HFModelSource, out_path: Path, outtype: str = "F32"
     """Write the lossless (or float-rounded) intermediate GGUF of `source` to `out_path`, exactly
     as convert_hf_to_gguf.py --outtype f32/f16/bf16 lays it out (1-D tensors and norms stay F32).
     No validation here: the caller validates what it finally publishes. Returns the tensor plan
-    (names, shapes, types, source names) in file order. On any error the file is removed."""
-    if outtype not in FLOAT_OUTTYPES:
-        raise ValueError(f"outtype must be one of {', '.join(FLOAT_OUTTYPES)}, not {outtype!r}")
-    provenance = dict(provenance or {})
-    out_path = Path(out_path)
-    arch = architecture(source)
-    plans = plan_tensors(source, outtype, arch)
-    total = sum(p.nbytes for p in plans) or 1
-    done = 0
-
-    def on_tensor(i: int, plan: TensorPlan) -> None:
-        nonlocal done
-        done += plan.nbytes
-        _report(progress, done / total, f"wrote {plan.name} ({i + 1}/{len(plans)})")
-
-    with _cleanup_on_error(out_path):
-        _report(progress, 0.0, f"writing {out_path.name}")
-        _write(source, arch, out_path, outtype, plans, provenance, on_tensor)
-    return plans
+    (names, shapes, types, source names) in file order. On any error the file is removed.
+    Several float files of one source: write_float_ggufs (one read of the source for all)."""
+    return write_float_ggufs(source, [(out_path, outtype)], provenance=provenance, progress=progress)[0]
 
 
 @contextlib.contextmanager
@@ -328,7 +368,7 @@ def convert(source: HFModelSource, target: TargetSpec, out_dir: Path, *, progres
             done += plan.nbytes
             _report(progress, _WRITE_SHARE * done / total_bytes, f"wrote {plan.name} ({i + 1}/{len(plans)})")
 
-        vocab = _write(source, arch, tmp, target.quantization, plans, provenance, on_tensor)
+        vocab = _write(source, arch, [(tmp, target.quantization, plans)], provenance, on_tensor)
         _report(progress, _WRITE_SHARE, "validating with llama.cpp and transformers")
         metrics = validate_gguf(tmp, source.root, target.quantization, expected_tensors=len(plans))
         _report(progress, 0.99, "validated")
@@ -372,6 +412,6 @@ class GGUFConverter:
 
 
 __all__ = ["GGUFConverter", "plan_tensors", "estimate", "convert", "output_filename", "write_float_gguf",
-           "architecture", "general_metadata", "FLOAT_OUTTYPES", "estimate_file_size",
+           "write_float_ggufs", "architecture", "general_metadata", "FLOAT_OUTTYPES", "estimate_file_size",
            "is_provenance_key", "provenance_kv", "model_name", "QUANTYARD_KEYS", "QUANTYARD_KV",
            "QUANTYARD_PREFIX"]

@@ -80,9 +80,10 @@ def requires_imatrix(ggml_type: int) -> bool:
     return bool(_lib().ggml_quantize_requires_imatrix(int(ggml_type)))
 
 
-def quantize(data: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(data: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None, nthread: int = 1) -> np.ndarray:
     """Quantize a float32 array (rows = last axis) to `ggml_type`; returns the raw bytes as uint8
-    with shape (*data.shape[:-1], row_bytes), the layout GGUFWriter expects for quantized data."""
+    with shape (*data.shape[:-1], row_bytes), the layout GGUFWriter expects for quantized data.
+    `nthread` > 1 splits the rows across threads (same bytes: rows are independent)."""
     src = np.ascontiguousarray(data, dtype=np.float32)
     n_per_row = src.shape[-1] if src.ndim else 1
     nrows = src.size // n_per_row if n_per_row else 0
@@ -98,13 +99,29 @@ def quantize(data: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None
     out = np.empty((*src.shape[:-1], row_size(ggml_type, n_per_row)), dtype=np.uint8)
     lib = _lib()
     lib.ggml_quantize_init(int(ggml_type))  # builds lookup tables the i-quants need; idempotent
-    written = lib.ggml_quantize_chunk(
-        int(ggml_type), src.ctypes.data, out.ctypes.data, 0, nrows, n_per_row,
-        qw.ctypes.data if qw is not None else None,
-    )
+    flat_src, flat_out = src.reshape(nrows, n_per_row), out.reshape(nrows, -1)
+    written = _run_chunks(lib, int(ggml_type), flat_src, flat_out, qw.ctypes.data if qw is not None else None,
+                          _ranges(nrows, n_per_row, nthread))
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out
+
+
+def _run_chunks(lib, ggml_type: int, src: np.ndarray, out: np.ndarray, qw, ranges: list[tuple[int, int]]) -> int:
+    """ggml_quantize_chunk over row ranges of (nrows, n) `src` into (nrows, row_bytes) `out`, one
+    thread per range (ctypes drops the GIL during the C call); returns the bytes written."""
+    n_per_row = src.shape[1]
+
+    def work(first: int, count: int) -> int:
+        return lib.ggml_quantize_chunk(ggml_type, src[first:].ctypes.data, out[first:].ctypes.data,
+                                       0, count, n_per_row, qw)
+
+    if len(ranges) == 1:
+        return int(work(*ranges[0]))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        return sum(pool.map(lambda r: work(*r), ranges))
 
 
 def _ranges(nrows: int, n_per_row: int, nthread: int) -> list[tuple[int, int]]:
@@ -128,22 +145,9 @@ def quantize_rows(src: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = 
     lib = _lib()
     lib.ggml_quantize_init(int(ggml_type))
     qw = imatrix.ctypes.data if imatrix is not None else None
-    rsize = out.shape[1]
-
-    def work(first: int, count: int) -> int:
-        return lib.ggml_quantize_chunk(int(ggml_type), src[first:].ctypes.data, out[first:].ctypes.data,
-                                       0, count, n_per_row, qw)
-
-    ranges = _ranges(nrows, n_per_row, nthread)
-    if len(ranges) == 1:
-        written = [work(*ranges[0])]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(len(ranges)) as pool:
-            written = list(pool.map(lambda r: work(*r), ranges))
-    if sum(written) != nrows * rsize:
-        raise RuntimeError(f"ggml_quantize_chunk wrote {sum(written)} bytes, expected {nrows * rsize}")
+    written = _run_chunks(lib, int(ggml_type), src, out, qw, _ranges(nrows, n_per_row, nthread))
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     if not lib.ggml_validate_row_data(int(ggml_type), out.ctypes.data, out.nbytes):
         raise RuntimeError(f"ggml rejected the {type_name(ggml_type)} data it produced (NaN/inf input?)")
     return out

@@ -432,6 +432,40 @@ def write_vocab(w: gguf.GGUFWriter, root: Path, n_vocab: int | None, style: str 
     return _write_gpt2(w, root, n_vocab, style)
 
 
+class _Recorder:
+    """Stands in for a GGUFWriter and remembers its add_* calls, so one vocabulary build (the
+    slow part of metadata on a 150k+ vocabulary) serves every file of a source."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name: str):
+        if not name.startswith("add_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+@dataclass(frozen=True)
+class RecordedVocab:
+    """What write_vocab would write for a source, as the GGUFWriter calls it makes."""
+
+    info: VocabInfo
+    calls: tuple[tuple[str, tuple, dict], ...]
+
+    def write(self, w: gguf.GGUFWriter, *_ignored) -> VocabInfo:
+        """Make the same calls on `w`; signature-compatible with write_vocab."""
+        for name, args, kwargs in self.calls:
+            getattr(w, name)(*args, **kwargs)
+        return self.info
+
+
+def record_vocab(root: Path, n_vocab: int | None, style: str = "llama") -> RecordedVocab:
+    """write_vocab once, into a recorder; `.write(w)` replays it into any number of writers."""
+    rec = _Recorder()
+    info = write_vocab(rec, root, n_vocab, style)  # type: ignore[arg-type]
+    return RecordedVocab(info, tuple(rec.calls))
+
+
 def gguf_vocab_size(root: Path, n_vocab: int | None) -> int:
     """How many tokens the GGUF vocab will hold (Gemma 3 cuts its embedding to this)."""
     root = Path(root)
@@ -446,6 +480,7 @@ def gguf_vocab_size(root: Path, n_vocab: int | None) -> int:
     return len(tok_json.get("model", {}).get("vocab", {})) + len(tok_json.get("added_tokens", []))
 
 
-__all__ = ["write_vocab", "sentencepiece_vocab", "phi3_sentencepiece_vocab", "bpe_vocab", "PRE_PROBE",
+__all__ = ["write_vocab", "record_vocab", "RecordedVocab",
+           "sentencepiece_vocab", "phi3_sentencepiece_vocab", "bpe_vocab", "PRE_PROBE",
            "KNOWN_PRE_HASHES", "VocabInfo", "pre_tokenizer_name", "pre_tokenizer_from_structure",
            "does_token_look_special", "gguf_vocab_size", "tokenizer_config", "check_token_ids"]
