@@ -117,29 +117,24 @@ def _read(ref, dtype: str) -> np.ndarray:
 
 def compute_reference(source_dir: Path, *, text: str = PROBE_TEXT,
                       progress: Progress | None = None) -> ReferenceOutputs:
-    """Tokenize `text` with the source's tokenizer and run the source model on it (float32,
-    eager attention: soft-capping, sliding windows and scaling exactly as the model defines
-    them; SDPA kernels skip some of it for some families)."""
-    import torch
+    """Tokenize `text` with the source's tokenizer and run the source model on it in float32
+    with eager attention (soft-capping, sliding windows and scaling exactly as the model defines
+    them; SDPA kernels skip some of it for some families).
+
+    In bounded memory: the weights stay in the safetensors files and each module's are read
+    just before it runs (hf.streamed), every one proven to be the upload's (a reference with
+    random parameters would validate anything)."""
     from transformers import AutoModelForCausalLM
 
-    from ..hf.strict_load import load_pretrained
+    from ..hf.streamed import streamed_model
 
     with shared_tokenizer(Path(source_dir)) as tok:
         ids = list(tok(text).input_ids)
     if not 0 < len(ids) <= MAX_TOKENS:
         raise ValueError(f"the probe text is {len(ids)} tokens (1 to {MAX_TOKENS} allowed)")
-    if progress is not None:
-        progress(0.0, "reference: loading the source model")
-    # proven to be the upload's weights: a reference with random parameters would validate anything
-    model = load_pretrained(AutoModelForCausalLM, Path(source_dir), attn_implementation="eager")
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float().numpy()
-    finally:
-        del model
-    if progress is not None:
-        progress(1.0, "reference: done")
+    with streamed_model(AutoModelForCausalLM, Path(source_dir), attn_implementation="eager",
+                        progress=progress) as model:
+        logits = model.forward(ids)
     return ReferenceOutputs(text=text, token_ids=tuple(ids), logits=logits)
 
 

@@ -19,7 +19,9 @@ def read_f32(ref: TensorRef) -> np.ndarray:
     raw = np.memmap(ref.file, dtype=_NUMPY_DTYPES[ref.dtype], mode="r", offset=ref.offset, shape=ref.shape)
     try:
         if ref.dtype == "BF16":  # bfloat16 is the top half of a float32: widen exactly
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            wide = raw.astype(np.uint32)
+            wide <<= 16  # in place: one float32-sized array at the peak, not two
+            return wide.view(np.float32)
         return np.array(raw, dtype=np.float32)
     finally:
         del raw

@@ -1,0 +1,185 @@
+"""A transformers model whose weights stay in the upload's safetensors files.
+
+The model is built with every parameter on the meta device (no memory); each module's own
+parameters are read from the files as float32 just before its forward and dropped right after
+(forward pre/post hooks). One forward of a causal LM therefore holds at most one module's weights
+(the largest: the embedding or the output head) besides the activations, whatever the model's
+size: the reference outputs of an 8B model need ~2 GB, not the ~45 GB of a float32 copy.
+
+The guarantee of strict_load holds without loading anything up front: names both ways
+(check_names: every source tensor has a place, every parameter a source tensor or a tie to one),
+shapes from the headers, tied source tensors equal (an lm_head that differs from the embedding it
+is tied to would be dropped silently), every tensor finite when it is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidModel
+from .safetensors_header import FLOAT_DTYPES, TensorRef
+from .strict_load import _file_label, _reader, _refuse, check_names, is_recomputed, source_tensors
+
+Progress = Callable[[float, str], None]
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every nn.Parameter registered inside lands on the meta device; buffers stay real (rotary
+    inv_freq, Gemma's embedding scale: computed from the config in __init__, never stored).
+    Modules create their parameters with torch.empty and initialise them after registering, so
+    the random initialisation runs on meta tensors too (nothing allocated, nothing computed)."""
+    import torch
+
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _empty_model(cls, root: Path, attn_implementation: str | None):
+    import torch
+    from transformers import AutoConfig
+
+    from .source import load_config
+
+    load_config(root)  # size fields capped before transformers sizes anything from them
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with _parameters_on_meta():
+        model = cls.from_config(config, dtype=torch.float32, **kwargs)
+    return model.eval()
+
+
+def _check_shapes(state, refs: dict[str, TensorRef], matched: dict[str, str], file: str) -> None:
+    wrong = [n for n, k in matched.items() if not is_recomputed(k) and tuple(refs[n].shape) != tuple(state[k].shape)]
+    if wrong:
+        raise _refuse(file, "tensors whose shape does not fit the model config.json describes", wrong,
+                      "mismatched_tensors")
+    odd = [n for n, k in matched.items() if state[k].is_floating_point() and refs[n].dtype not in FLOAT_DTYPES]
+    if odd:
+        raise _refuse(file, "weights of a dtype that is not F32, F16 or BF16", odd, "unsupported_dtype")
+
+
+def _read_checked(ref: TensorRef, file: str):
+    import torch
+
+    value = torch.from_numpy(np.asarray(_reader(ref)()))
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise _refuse(file, "tensor holds NaN or infinity", [ref.name], "non_finite")
+    return value
+
+
+def _check_ties(groups: dict[int, list[str]], refs: dict[str, TensorRef], file: str) -> None:
+    """Source tensors that land on one (tied) parameter must be equal; read two at a time."""
+    import torch
+
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        first = _read_checked(refs[names[0]], file)
+        for other in names[1:]:
+            if not torch.equal(first, _read_checked(refs[other], file)):
+                raise _refuse(file, "tensors tied to one parameter hold different values (one would be "
+                              "dropped)", [names[0], other], "tensor_mismatch")
+        del first
+
+
+class StreamedModel:
+    """Owns the hooks; `forward(ids)` returns float32 logits [n_tokens, n_vocab]."""
+
+    def __init__(self, model, sources: dict[int, TensorRef], file: str, progress: Progress | None) -> None:
+        self.model, self._sources, self._file, self._progress = model, sources, file, progress
+        self._held: dict[int, dict[str, object]] = {}
+        self._modules = [m for m in model.modules() if any(p is not None for p in m._parameters.values())]
+        self._done = 0
+        self.reads = 0  # tensors read from the files (tests count them)
+        self._hooks = []
+        for m in self._modules:
+            self._hooks.append(m.register_forward_pre_hook(self._materialise))
+            self._hooks.append(m.register_forward_hook(self._release))
+
+    def _materialise(self, module, _args) -> None:
+        import torch
+
+        held = {}
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            held[name] = param
+            module._parameters[name] = torch.nn.Parameter(_read_checked(self._sources[id(param)], self._file),
+                                                          requires_grad=False)
+            self.reads += 1
+        self._held[id(module)] = held
+        self._done += 1
+        if self._progress is not None:
+            self._progress(self._done / len(self._modules), "reference: running the source model")
+
+    def _release(self, module, _args, _output) -> None:
+        module._parameters.update(self._held.pop(id(module)))
+
+    def forward(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        self._done = 0
+        with torch.no_grad():
+            out = self.model(torch.tensor([ids]), use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._held.clear()
+
+
+@contextlib.contextmanager
+def streamed_model(cls, root: Path, *, attn_implementation: str | None = None,
+                   progress: Progress | None = None) -> Iterator[StreamedModel]:
+    """`cls` (a transformers class or Auto* class) over the safetensors of `root`, parameters
+    read on use (module docstring); InvalidModel naming the tensors when the files and the model
+    disagree."""
+    import torch
+
+    root = Path(root)
+    refs = source_tensors(root)
+    file = _file_label(refs.values())
+    try:
+        model = _empty_model(cls, root, attn_implementation)
+    except (OSError, ValueError, KeyError) as e:  # transformers' text can hold paths
+        raise InvalidModel(f"{file}: config.json does not describe a model transformers can build "
+                           f"({type(e).__name__})", details={"file": file, "reason": "load_error"}) from None
+    matched = check_names(model, refs, file)
+    state = model.state_dict(keep_vars=True)  # the Parameter objects: tied ones are one object
+    _check_shapes(state, refs, matched, file)
+    groups: dict[int, list[str]] = {}
+    for name, key in sorted(matched.items()):
+        if not is_recomputed(key):
+            groups.setdefault(id(state[key]), []).append(name)
+    _check_ties(groups, refs, file)
+    params = {id(p) for p in model.parameters()}
+    for ident, names in groups.items():  # stored buffers (rare): loaded now, they are small
+        if ident not in params:
+            key = matched[names[0]]
+            with torch.no_grad():
+                state[key].copy_(_read_checked(refs[names[0]], file).to(state[key].dtype))
+    runner = StreamedModel(model, {i: refs[n[0]] for i, n in groups.items()}, file, progress)
+    try:
+        yield runner
+    finally:
+        runner.close()
+        del model
+
+
+__all__ = ["StreamedModel", "streamed_model"]
