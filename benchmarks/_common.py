@@ -32,16 +32,21 @@ def ensure_repo_on_path() -> None:
 # ------------------------------------------------------------------------ peak RSS measurement
 
 
-def _vm_hwm(pid: int) -> int:
-    """A process's peak RSS in bytes (Linux VmHWM), 0 when unreadable."""
+def _status_kb(pid: int, field: str) -> int:
+    """One size field of /proc/<pid>/status ("VmHWM", "RssAnon") in bytes, 0 when unreadable."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _vm_hwm(pid: int) -> int:
+    """A process's peak RSS in bytes (Linux VmHWM), 0 when unreadable."""
+    return _status_kb(pid, "VmHWM")
 
 
 class TreePeakRSS:
@@ -56,6 +61,9 @@ class TreePeakRSS:
         self._stop = threading.Event()
         self._hwm: dict[int, int] = {}
         self.sampled_peak = 0
+        # anonymous memory (heap, arrays) summed over the tree: RSS also counts mapped file pages,
+        # which the kernel can drop; sampled only (Linux keeps no high-water mark of it)
+        self.anon_peak = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> TreePeakRSS:
@@ -72,7 +80,7 @@ class TreePeakRSS:
             procs = [self._root, *self._root.children(recursive=True)]
         except psutil.Error:
             return
-        total = 0
+        total = anon = 0
         for p in procs:
             try:
                 total += p.memory_info().rss
@@ -81,7 +89,9 @@ class TreePeakRSS:
             hwm = _vm_hwm(p.pid)
             if hwm:
                 self._hwm[p.pid] = max(self._hwm.get(p.pid, 0), hwm)
+            anon += _status_kb(p.pid, "RssAnon")
         self.sampled_peak = max(self.sampled_peak, total)
+        self.anon_peak = max(self.anon_peak, anon)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -101,6 +111,7 @@ class Measured:
     peak_rss: int
     stdout: str
     stderr: str
+    peak_anon: int = 0  # RssAnon summed over the tree, sampled
 
     @property
     def ok(self) -> bool:
@@ -123,7 +134,7 @@ def run_measured(argv: Sequence[str], *, env: Mapping[str, str] | None = None, c
             proc.kill()
             out, err = proc.communicate()
     seconds = time.perf_counter() - start
-    return Measured([str(a) for a in argv], proc.returncode, seconds, mon.peak, out, err)
+    return Measured([str(a) for a in argv], proc.returncode, seconds, mon.peak, out, err, mon.anon_peak)
 
 
 # ------------------------------------------------------------------------------ GGUF comparison
