@@ -440,7 +440,8 @@ class _Recorder:
         self.calls: list[tuple[str, tuple, dict]] = []
 
     def __getattr__(self, name: str):
-        if not name.startswith("add_"):
+        # only what a real writer has: gguf-py's SpecialVocab probes getattr(w, "add_<typ>_token_id", None)
+        if not name.startswith("add_") or not hasattr(gguf.GGUFWriter, name):
             raise AttributeError(name)
         return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
