@@ -65,6 +65,15 @@ class PrincipalCache:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[Principal, object, float]] = {}
         self._lock = threading.Lock()
+        self._lookups: dict[str, threading.Lock] = {}
+
+    def lookup_lock(self, digest: str) -> threading.Lock:
+        """One catalog lookup per key at a time: when an entry expires under load, the requests
+        that miss together wait for the first one's answer instead of each asking the catalog."""
+        with self._lock:
+            if len(self._lookups) > 10_000:
+                self._lookups.clear()
+            return self._lookups.setdefault(digest, threading.Lock())
 
     def get(self, digest: str) -> Principal | None:
         entry = self._entries.get(digest)
@@ -107,13 +116,19 @@ def _remembered(request: Request, secret: str) -> Principal | None:
 
 
 def _lookup(request: Request, secret: str) -> Principal | None:
-    """The key's principal from the catalog (and remembered for the next requests)."""
-    with request.app.state.session_factory() as s:
-        found = catalog.authenticate(s, secret=secret)
-        expires_at = s.get(ApiKey, found.key_id).expires_at if found is not None else None
-        s.commit()  # last_used_at
-    if found is not None:
-        _principal_cache(request).put(hash_secret(secret), found, expires_at)
+    """The key's principal from the catalog (and remembered for the next requests); a request
+    that waited for another one's lookup of the same key takes its answer."""
+    cache, digest = _principal_cache(request), hash_secret(secret)
+    with cache.lookup_lock(digest):
+        found = _remembered(request, secret)
+        if found is not None:
+            return found
+        with request.app.state.session_factory() as s:
+            found = catalog.authenticate(s, secret=secret)
+            expires_at = s.get(ApiKey, found.key_id).expires_at if found is not None else None
+            s.commit()  # last_used_at
+        if found is not None:
+            cache.put(digest, found, expires_at)
     return found
 
 

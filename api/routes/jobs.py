@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from typing import Annotated, Any
 
@@ -318,25 +319,46 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
 WAITING_REASON_TTL_S = 1.0
 
 
+class RecentReasons:
+    """The waiting reason per hardware class, remembered for WAITING_REASON_TTL_S. When it is due,
+    one request asks the catalog; requests meanwhile take the previous answer (it is about the
+    workers, informational, and only a moment older) instead of all asking at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: dict[str, tuple[float, str | None]] = {}
+
+    def get(self, hc: str, compute) -> str | None:
+        hit = self._values.get(hc)
+        if hit is not None and time.monotonic() - hit[0] <= WAITING_REASON_TTL_S:
+            return hit[1]
+        if hit is not None and not self._lock.acquire(blocking=False):
+            return hit[1]  # another request is asking the catalog
+        if hit is None:
+            self._lock.acquire()
+        try:
+            hit = self._values.get(hc)
+            if hit is None or time.monotonic() - hit[0] > WAITING_REASON_TTL_S:
+                hit = self._values[hc] = (time.monotonic(), compute())
+            return hit[1]
+        finally:
+            self._lock.release()
+
+
 def recent_waiting_reasons(request: Request, s: Session):
-    """WaitingReasons for a submission, remembered per hardware class for WAITING_REASON_TTL_S in
-    this process: a burst of submissions does not ask the catalog about the workers each time.
-    GET /v1/jobs/{id} always computes it afresh."""
+    """WaitingReasons for a submission, remembered per hardware class in this process
+    (RecentReasons): a burst of submissions does not ask the catalog about the workers each
+    time. GET /v1/jobs/{id} always computes it afresh."""
     state = request.app.state
-    cache = getattr(state, "submit_waiting_reasons", None)
-    if cache is None:
-        cache = state.submit_waiting_reasons = {}
+    recent = getattr(state, "submit_waiting_reasons", None)
+    if recent is None:
+        recent = state.submit_waiting_reasons = RecentReasons()
     fresh = WaitingReasons(s, state.settings.worker_stale_after_s)
 
     def reason(job: dict) -> str | None:
         if job.get("status") != "queued":
             return None
-        hc = job.get("hardware_class") or "cpu"
-        now = time.monotonic()
-        hit = cache.get(hc)
-        if hit is None or now - hit[0] > WAITING_REASON_TTL_S:
-            hit = cache[hc] = (now, fresh(job))
-        return hit[1]
+        return recent.get(job.get("hardware_class") or "cpu", lambda: fresh(job))
 
     return reason
 
