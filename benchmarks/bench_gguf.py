@@ -23,8 +23,19 @@ process's kernel high-water mark, see _common.py); output size; and for Quantyar
 its tensors (names, ggml types, shapes, bytes) are identical to llama.cpp's. Metadata may differ:
 the keys that do are listed under the table.
 
-A "ALL" block converts every supported target in one `quantyard convert` invocation (Quantyard
-reads the source once per target today) against the sum of the llama.cpp rows.
+The JOB block is what issue 11 measures: one `quantyard convert` with every supported target
+(validation included) against the llama.cpp commands a user runs for the same files:
+convert_hf_to_gguf.py once per direct outtype (f16, q8_0, ...) and llama-quantize for each K-quant
+from the F16 output when F16 is a target (else from a lossless intermediate), time summed, peaks
+the largest step's. Peak RSS and peak anonymous memory (RssAnon summed over the process tree:
+mapped file pages are reclaimable, heap is not) are reported for both, and the ratios.
+`--repeat N` runs the pair N times (alternating; numbers on a shared VM are noisy: the median is
+reported). `--job-only` skips the per-target rows.
+
+Models: --model DIR, or --models smollm2,bpe150k,llama09b (benchmarks/bench_models.py makes and
+caches them under .bench-cache/models). For a tokenizer llama.cpp's pre-tokenizer hash table does
+not know (bpe150k: trained here), convert_hf_to_gguf.py runs through a shim that answers the
+pre-tokenizer the vocabulary was trained with when the hash is unknown, and nothing else.
 
 A target Quantyard does not support yet is reported "unsupported" (its llama.cpp row still runs).
 Default model: SmolLM2-135M-Instruct as a bf16 HF folder (tests/fixtures/smollm2.py, built from
@@ -55,12 +66,35 @@ from _common import (  # noqa: E402
     table,
     tensor_type_counts,
 )
+from bench_models import LLAMA_PRE, MODELS, model_path  # noqa: E402
 from llama_tools import LlamaTools, find_llama_tools  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TARGETS = ("F16", "Q8_0", "Q4_K_M")
 # convert_hf_to_gguf.py --outtype values that produce the target directly
 DIRECT_OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
+# issue 11's bounds: Quantyard's job wall time / llama.cpp's (small models; the 0.9B one)
+TARGET_RATIO = {"llama09b": 0.8}
+DEFAULT_TARGET_RATIO = 0.5
+# convert_hf_to_gguf.py, except that an unknown pre-tokenizer hash answers $QY_FIXTURE_PRE (the
+# same shim as tests/engine/test_metadata_parity.py): a vocabulary trained here is in no table.
+_PRE_SHIM = """
+import os, runpy, sys
+script = sys.argv[1]
+sys.path.insert(0, os.path.dirname(script))
+import conversion.base as base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        if not os.environ.get("QY_FIXTURE_PRE"):
+            raise
+        return os.environ["QY_FIXTURE_PRE"]
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 @dataclass
@@ -70,6 +104,7 @@ class Row:
     status: str  # ok | unsupported | unavailable | failed | skipped
     seconds: float | None = None
     peak_rss: int | None = None
+    peak_anon: int | None = None
     size_bytes: int | None = None
     path: str | None = None
     equal: str = "-"
@@ -109,7 +144,28 @@ def intermediate_outtype(model: Path, requested: str) -> str:
 
 
 def _step(m: Measured, label: str) -> dict:
-    return {"step": label, "seconds": m.seconds, "peak_rss": m.peak_rss, "returncode": m.returncode}
+    return {"step": label, "seconds": m.seconds, "peak_rss": m.peak_rss, "peak_anon": m.peak_anon,
+            "returncode": m.returncode}
+
+
+def _sum_steps(row: Row) -> Row:
+    """A pipeline of steps run one after the other: times add up, the peak is the largest step's."""
+    row.seconds = sum(s["seconds"] for s in row.steps)
+    row.peak_rss = max(s["peak_rss"] for s in row.steps)
+    row.peak_anon = max(s["peak_anon"] for s in row.steps)
+    return row
+
+
+def convert_argv(tools: LlamaTools, model: Path, outtype: str, outfile: Path, pre: str | None) -> list[str]:
+    """convert_hf_to_gguf.py for `outtype`, through the pre-tokenizer shim when `pre` is given."""
+    args = [str(model), "--outtype", outtype, "--outfile", str(outfile)]
+    if pre:
+        return [sys.executable, "-c", _PRE_SHIM, str(tools.convert_script), *args]
+    return [sys.executable, str(tools.convert_script), *args]
+
+
+def convert_env(tools: LlamaTools, pre: str | None) -> dict[str, str]:
+    return {**tools.convert_env(), "QY_FIXTURE_PRE": pre or ""}
 
 
 def _failed(row: Row, m: Measured) -> Row:
@@ -135,7 +191,7 @@ def run_quantyard(model: Path, targets: list[str], out: Path, label: str) -> tup
         row.status, row.notes = "failed", "cannot parse `quantyard convert --json` output: " + last_line(m.stdout)
         return row, []
     paths = [Path(r["path"]) for r in results]
-    row.seconds, row.peak_rss = m.seconds, m.peak_rss
+    row.seconds, row.peak_rss, row.peak_anon = m.seconds, m.peak_rss, m.peak_anon
     row.size_bytes = sum(p.stat().st_size for p in paths)
     row.path = str(paths[0]) if len(paths) == 1 else None
     if len(results) == 1:
@@ -155,7 +211,7 @@ def run_quantyard_novalid(model: Path, target: str, out: Path) -> Row:
     if not m.ok:
         return _failed(row, m)
     doc = json.loads(report.read_text())
-    row.seconds, row.peak_rss = m.seconds, m.peak_rss
+    row.seconds, row.peak_rss, row.peak_anon = m.seconds, m.peak_rss, m.peak_anon
     row.path, row.size_bytes = doc["path"], doc["size_bytes"]
     phases = doc.get("phases", {})
     row.notes = "write phase {:.1f} s".format(phases.get("write", {}).get("seconds", float("nan")))
@@ -164,22 +220,21 @@ def run_quantyard_novalid(model: Path, target: str, out: Path) -> Row:
     return row
 
 
-def run_llama(tools: LlamaTools, model: Path, target: str, out: Path, intermediate: str) -> Row:
+def run_llama(tools: LlamaTools, model: Path, target: str, out: Path, intermediate: str,
+              pre: str | None = None) -> Row:
     row = Row(target, "llama.cpp", "ok")
     out.mkdir(parents=True, exist_ok=True)
-    env = tools.convert_env()
+    env = convert_env(tools, pre)
     final = out / f"llama-{target}.gguf"
     if target in DIRECT_OUTTYPES:
-        m = run_measured([sys.executable, str(tools.convert_script), str(model), "--outtype",
-                          DIRECT_OUTTYPES[target], "--outfile", str(final)], env=env)
+        m = run_measured(convert_argv(tools, model, DIRECT_OUTTYPES[target], final, pre), env=env)
         row.steps.append(_step(m, f"convert_hf_to_gguf --outtype {DIRECT_OUTTYPES[target]}"))
         if not m.ok:
             return _failed(row, m)
         row.notes = f"convert_hf_to_gguf --outtype {DIRECT_OUTTYPES[target]}"
     else:
         inter = out / f"llama-intermediate-{intermediate}.gguf"
-        m1 = run_measured([sys.executable, str(tools.convert_script), str(model), "--outtype", intermediate,
-                           "--outfile", str(inter)], env=env)
+        m1 = run_measured(convert_argv(tools, model, intermediate, inter, pre), env=env)
         row.steps.append(_step(m1, f"convert_hf_to_gguf --outtype {intermediate}"))
         if not m1.ok:
             return _failed(row, m1)
@@ -190,9 +245,42 @@ def run_llama(tools: LlamaTools, model: Path, target: str, out: Path, intermedia
             return _failed(row, m2)
         row.notes = (f"convert_hf_to_gguf {intermediate} {m1.seconds:.1f} s + llama-quantize "
                      f"{m2.seconds:.1f} s")
-    row.seconds = sum(s["seconds"] for s in row.steps)
-    row.peak_rss = max(s["peak_rss"] for s in row.steps)
+    _sum_steps(row)
     row.path, row.size_bytes = str(final), final.stat().st_size
+    return row
+
+
+def run_llama_job(tools: LlamaTools, model: Path, targets: list[str], out: Path, intermediate: str,
+                  pre: str | None) -> Row:
+    """The llama.cpp commands for the whole job: one convert per direct outtype, then each
+    K-quant by llama-quantize from the F16 file (issue 11's job), or from a lossless
+    intermediate when F16 is not a target."""
+    row = Row("JOB:" + "+".join(targets), "llama.cpp", "ok")
+    out.mkdir(parents=True, exist_ok=True)
+    env, files = convert_env(tools, pre), []
+    direct = [t for t in targets if t in DIRECT_OUTTYPES]
+    base = "F16" if "F16" in direct else None
+    if base is None and len(direct) < len(targets):
+        direct.append(intermediate.upper())
+    for t in direct:
+        path = out / f"llama-{t}.gguf"
+        m = run_measured(convert_argv(tools, model, DIRECT_OUTTYPES[t], path, pre), env=env)
+        row.steps.append(_step(m, f"convert_hf_to_gguf --outtype {DIRECT_OUTTYPES[t]}"))
+        if not m.ok:
+            return _failed(row, m)
+        files.append(path)
+    source = out / f"llama-{base or intermediate.upper()}.gguf"
+    for t in (t for t in targets if t not in DIRECT_OUTTYPES):
+        path = out / f"llama-{t}.gguf"
+        m = run_measured([str(tools.quantize), str(source), str(path), t])
+        row.steps.append(_step(m, f"llama-quantize {source.name} {t}"))
+        if not m.ok:
+            return _failed(row, m)
+        files.append(path)
+    _sum_steps(row)
+    row.size_bytes = sum(f.stat().st_size for f in files if f.name != f"llama-{intermediate.upper()}.gguf"
+                         or intermediate.upper() in targets)
+    row.notes = " + ".join(f"{s['step'].split(' ')[0]} {s['seconds']:.1f} s" for s in row.steps)
     return row
 
 
@@ -200,61 +288,97 @@ def run_llama(tools: LlamaTools, model: Path, target: str, out: Path, intermedia
 
 
 def benchmark(model: Path, targets: list[str], validation: str, tools: LlamaTools | None, work: Path,
-              intermediate: str, keep: bool, all_row: bool) -> dict:
+              intermediate: str, keep: bool, all_row: bool, *, pre: str | None = None, job_only: bool = False,
+              repeat: int = 1, name: str | None = None) -> dict:
     rows: list[Row] = []
     comparisons: dict[str, dict] = {}
-    supported = []
     inter = intermediate_outtype(model, intermediate)
-    for target in targets:
-        ok, why = quantyard_supports(target)
-        tdir = work / target
-        tdir.mkdir(parents=True, exist_ok=True)
-        qrow = None
-        if not ok:
-            rows.append(Row(target, "quantyard", "unsupported", notes=why.split(";")[0]))
-        else:
-            supported.append(target)
-            if validation in ("both", "with"):
-                qrow, _ = run_quantyard(model, [target], tdir / "quantyard", "quantyard")
-                rows.append(qrow)
-            if validation in ("both", "without"):
-                nrow = run_quantyard_novalid(model, target, tdir / "quantyard-novalid")
-                rows.append(nrow)
-                qrow = qrow if qrow and qrow.status == "ok" else nrow
-        if tools is None:
-            lrow = Row(target, "llama.cpp", "unavailable", notes="llama.cpp tools not built "
-                       "(bash scripts/build-llama-tools.sh, or --build-tools)")
-        else:
-            lrow = run_llama(tools, model, target, tdir / "llama", inter)
-        rows.append(lrow)
+    supported = [t for t in targets if quantyard_supports(t)[0]]
+    for target in [] if job_only else targets:
+        rows += _target_rows(model, target, validation, tools, work, inter, keep, pre, comparisons)
+    job: dict = {}
+    if all_row and supported and validation in ("both", "with"):
+        job = _job(model, supported, tools, work, inter, keep, pre, repeat, rows)
+    return {"model": str(model), "name": name or model.name, "source_dtype": source_dtype(model),
+            "llama_intermediate": inter, "llama_tools": str(tools.prefix) if tools else None,
+            "rows": [asdict(r) for r in rows], "comparisons": comparisons, "job": job,
+            "target_ratio": TARGET_RATIO.get(name or "", DEFAULT_TARGET_RATIO)}
+
+
+def _target_rows(model: Path, target: str, validation: str, tools: LlamaTools | None, work: Path, inter: str,
+                 keep: bool, pre: str | None, comparisons: dict) -> list[Row]:
+    """Quantyard (validated and not) and llama.cpp for one target, and whether their tensors agree."""
+    rows: list[Row] = []
+    ok, why = quantyard_supports(target)
+    tdir = work / target
+    tdir.mkdir(parents=True, exist_ok=True)
+    qrow = None
+    if not ok:
+        rows.append(Row(target, "quantyard", "unsupported", notes=why.split(";")[0]))
+    else:
+        if validation in ("both", "with"):
+            qrow, _ = run_quantyard(model, [target], tdir / "quantyard", "quantyard")
+            rows.append(qrow)
+        if validation in ("both", "without"):
+            nrow = run_quantyard_novalid(model, target, tdir / "quantyard-novalid")
+            rows.append(nrow)
+            qrow = qrow if qrow and qrow.status == "ok" else nrow
+    if tools is None:
+        lrow = Row(target, "llama.cpp", "unavailable", notes="llama.cpp tools not built "
+                   "(bash scripts/build-llama-tools.sh, or --build-tools)")
+    else:
+        lrow = run_llama(tools, model, target, tdir / "llama", inter, pre)
+    rows.append(lrow)
+    for r in rows:
+        if r.status == "ok" and r.path:
+            r.tensor_types = tensor_type_counts(Path(r.path))
+    if qrow is not None and qrow.status == "ok" and lrow.status == "ok":
+        cmp = compare_gguf(Path(qrow.path), Path(lrow.path))
+        comparisons[target] = cmp.to_dict() | {"summary": cmp.summary()}
         for r in rows:
-            if r.target == target and r.status == "ok" and r.path:
-                r.tensor_types = tensor_type_counts(Path(r.path))
-        if qrow is not None and qrow.status == "ok" and lrow.status == "ok":
-            cmp = compare_gguf(Path(qrow.path), Path(lrow.path))
-            comparisons[target] = cmp.to_dict() | {"summary": cmp.summary()}
-            for r in rows:
-                if r.target == target and r.pipeline.startswith("quantyard") and r.status == "ok":
-                    r.equal = cmp.summary() if r is qrow else _same_file_tensors(Path(r.path), Path(qrow.path),
-                                                                                 cmp.summary())
-        if not keep:  # outputs of this target, including what a failed run left behind
-            shutil.rmtree(tdir, ignore_errors=True)
-    if all_row and len(supported) > 1 and validation in ("both", "with"):
-        arow, paths = run_quantyard(model, supported, work / "all" / "quantyard", "quantyard")
-        arow.target = "ALL:" + "+".join(supported)
-        if arow.status == "ok":
-            arow.notes = "one `quantyard convert` with every supported target"
-        rows.append(arow)
-        lrows = [r for r in rows if r.pipeline == "llama.cpp" and r.target in supported and r.status == "ok"]
-        if len(lrows) == len(supported):
-            rows.append(Row(arow.target, "llama.cpp", "ok", seconds=sum(r.seconds for r in lrows),
-                            peak_rss=max(r.peak_rss for r in lrows),
-                            size_bytes=sum(r.size_bytes for r in lrows), notes="sum of the rows above"))
+            if r.pipeline.startswith("quantyard") and r.status == "ok":
+                r.equal = cmp.summary() if r is qrow else _same_file_tensors(Path(r.path), Path(qrow.path),
+                                                                             cmp.summary())
+    if not keep:  # outputs of this target, including what a failed run left behind
+        shutil.rmtree(tdir, ignore_errors=True)
+    return rows
+
+
+def _job(model: Path, targets: list[str], tools: LlamaTools | None, work: Path, inter: str, keep: bool,
+         pre: str | None, repeat: int, rows: list[Row]) -> dict:
+    """The whole job, `repeat` times, Quantyard and llama.cpp alternating; medians and ratios."""
+    label = "JOB:" + "+".join(targets)
+    runs: dict[str, list[Row]] = {"quantyard": [], "llama.cpp": []}
+    for i in range(repeat):
+        arow, _ = run_quantyard(model, targets, work / "job" / "quantyard", "quantyard")
+        arow.target, arow.notes = label, f"one `quantyard convert`, run {i + 1}/{repeat}"
+        runs["quantyard"].append(arow)
+        if tools is not None:
+            lrow = run_llama_job(tools, model, targets, work / "job" / "llama", inter, pre)
+            lrow.notes = f"run {i + 1}/{repeat}: {lrow.notes}"
+            runs["llama.cpp"].append(lrow)
         if not keep:
-            shutil.rmtree(work / "all", ignore_errors=True)
-    return {"model": str(model), "source_dtype": source_dtype(model), "llama_intermediate": inter,
-            "llama_tools": str(tools.prefix) if tools else None,
-            "rows": [asdict(r) for r in rows], "comparisons": comparisons}
+            shutil.rmtree(work / "job", ignore_errors=True)
+    for pipeline_rows in runs.values():
+        rows.extend(pipeline_rows)
+    med = {k: _median_row(v) for k, v in runs.items() if v and all(r.status == "ok" for r in v)}
+    out: dict = {"label": label, "median": {k: asdict(v) for k, v in med.items()}}
+    if len(med) == 2:
+        q, ll = med["quantyard"], med["llama.cpp"]
+        out["ratios"] = {"wall": q.seconds / ll.seconds, "peak_rss": q.peak_rss / ll.peak_rss,
+                         "peak_anon": q.peak_anon / ll.peak_anon if ll.peak_anon else None}
+    return out
+
+
+def _median_row(rows: list[Row]) -> Row:
+    """Median wall time and peaks over repeated runs (each figure's own median)."""
+    import statistics
+
+    first = rows[0]
+    return Row(first.target, first.pipeline, "ok", seconds=statistics.median(r.seconds for r in rows),
+               peak_rss=int(statistics.median(r.peak_rss for r in rows)),
+               peak_anon=int(statistics.median(r.peak_anon or 0 for r in rows)), size_bytes=first.size_bytes,
+               notes=f"median of {len(rows)}")
 
 
 def _same_file_tensors(a: Path, b: Path, summary: str) -> str:
@@ -262,22 +386,23 @@ def _same_file_tensors(a: Path, b: Path, summary: str) -> str:
 
 
 def render(doc: dict) -> str:
-    headers = ["target", "pipeline", "status", "wall s", "peak RSS MiB", "size MiB", "tensors vs llama.cpp",
-               "notes"]
+    headers = ["target", "pipeline", "status", "wall s", "peak RSS MiB", "peak anon MiB", "size MiB",
+               "tensors vs llama.cpp", "notes"]
     rows = [[r["target"], r["pipeline"], r["status"], fmt_s(r["seconds"]), fmt_mb(r["peak_rss"]),
-             fmt_mb(r["size_bytes"]) if r["size_bytes"] is None else f"{r['size_bytes'] / MB:,.1f}",
-             r["equal"], r["notes"]] for r in doc["rows"]]
-    lines = [f"model: {doc['model']} ({doc['source_dtype']}); llama.cpp tools: {doc['llama_tools']}; "
-             f"llama.cpp K-quant intermediate: {doc['llama_intermediate']}", "", table(headers, rows), ""]
-    # speed summary
+             fmt_mb(r.get("peak_anon")), fmt_mb(r["size_bytes"]) if r["size_bytes"] is None
+             else f"{r['size_bytes'] / MB:,.1f}", r["equal"], r["notes"]] for r in doc["rows"]]
+    lines = [f"model: {doc.get('name', '')} {doc['model']} ({doc['source_dtype']}); llama.cpp tools: "
+             f"{doc['llama_tools']}; llama.cpp K-quant intermediate: {doc['llama_intermediate']}", "",
+             table(headers, rows), ""]
     by = {(r["target"], r["pipeline"]): r for r in doc["rows"]}
     for (target, pipeline), r in by.items():
-        if pipeline != "llama.cpp" or r["status"] != "ok":
+        if pipeline != "llama.cpp" or r["status"] != "ok" or target.startswith("JOB:"):
             continue
         for qp in ("quantyard", "quantyard-novalid"):
             q = by.get((target, qp))
             if q and q["status"] == "ok" and q["seconds"]:
                 lines.append(f"{target}: llama.cpp / {qp} wall time = {r['seconds'] / q['seconds']:.2f}x")
+    lines += _render_job(doc)
     for target, c in doc["comparisons"].items():
         lines.append(f"{target} tensors: {c['summary']}")
         for label, key in (("only in ours", "only_in_a"), ("only in llama.cpp", "only_in_b"),
@@ -288,16 +413,31 @@ def render(doc: dict) -> str:
         lines.append(f"    metadata only in llama.cpp: {', '.join(c['metadata_only_in_b']) or '-'}")
         lines.append(f"    metadata values differ: {', '.join(c['metadata_differs']) or '-'}")
     lines.append("")
-    lines.append("wall s / peak RSS: whole pipeline (llama.cpp K-quants: convert + quantize, time summed, "
-                 "peak = max of the steps); peak RSS = process tree, see benchmarks/README.md. "
-                 "'quantyard' includes validation (transformers + llama.cpp load the model); "
-                 "'quantyard-novalid' is conversion alone.")
+    lines.append("wall s / peaks: whole pipeline (llama.cpp: its commands one after the other, time summed, "
+                 "peak = the largest step's); peak RSS = process tree, peak anon = RssAnon summed over the tree "
+                 "(sampled every 50 ms), see benchmarks/README.md. 'quantyard' includes validation; "
+                 "'quantyard-novalid' is conversion alone. Shared 2-core VM: numbers are noisy, repeat.")
     return "\n".join(lines)
+
+
+def _render_job(doc: dict) -> list[str]:
+    job = doc.get("job") or {}
+    if "ratios" not in job:
+        return []
+    q, ll, r = job["median"]["quantyard"], job["median"]["llama.cpp"], job["ratios"]
+    bound = doc["target_ratio"]
+    verdict = "meets" if r["wall"] <= bound else "MISSES"
+    anon = f"{r['peak_anon']:.2f}x" if r["peak_anon"] is not None else "-"
+    return [f"{job['label']} ({doc.get('name', '')}): quantyard {q['seconds']:.1f} s vs llama.cpp {ll['seconds']:.1f} s "
+            f"= {r['wall']:.2f}x wall ({verdict} <= {bound}x); peak RSS {r['peak_rss']:.2f}x, peak anon {anon} "
+            f"({fmt_mb(q['peak_anon'])} vs {fmt_mb(ll['peak_anon'])} MiB)"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Quantyard vs llama.cpp (convert_hf_to_gguf + llama-quantize)")
     ap.add_argument("--model", type=Path, help="HF model folder (default: SmolLM2-135M-Instruct, built and cached)")
+    ap.add_argument("--models", help=f"comma-separated models of bench_models.py ({', '.join(MODELS)}), "
+                    "built and cached under .bench-cache/models")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     ap.add_argument("--validation", choices=("both", "with", "without"), default="both",
                     help="time Quantyard with its validation (quantyard convert), without it, or both")
@@ -305,32 +445,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-tools", action="store_true", help="build llama.cpp's tools when missing")
     ap.add_argument("--intermediate", choices=("auto", "f32", "f16", "bf16"), default="auto",
                     help="llama.cpp's GGUF before llama-quantize (auto: lossless for the source dtype)")
-    ap.add_argument("--no-all", action="store_true", help="skip the all-targets-in-one-run block")
+    ap.add_argument("--no-all", action="store_true", help="skip the whole-job block")
+    ap.add_argument("--job-only", action="store_true", help="only the whole-job block (no per-target rows)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the whole job this many times (median)")
     ap.add_argument("--work-dir", type=Path, help="where outputs go (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the output files")
     ap.add_argument("--json-out", type=Path, help="also write the results as JSON")
     args = ap.parse_args(argv)
 
-    if args.model is None:
-        ensure_repo_on_path()
-        from tests.fixtures.smollm2 import cached_smollm2_hf
-
-        args.model = cached_smollm2_hf()
-    model = args.model.resolve()
+    if args.models:
+        models = [(n, model_path(n).resolve(), LLAMA_PRE.get(n)) for n in args.models.split(",") if n]
+    else:
+        models = [(None, (args.model or model_path("smollm2")).resolve(), None)]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     tools = find_llama_tools(args.llama_prefix, build=args.build_tools)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="quantyard-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    docs = []
     try:
-        doc = benchmark(model, targets, args.validation, tools, work, args.intermediate, args.keep,
-                        not args.no_all)
+        for name, model, pre in models:
+            doc = benchmark(model, targets, args.validation, tools, work / (name or "model"), args.intermediate,
+                            args.keep, not args.no_all, pre=pre, job_only=args.job_only,
+                            repeat=max(1, args.repeat), name=name)
+            print(render(doc), flush=True)
+            docs.append(doc)
     finally:
         if args.work_dir is None and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(render(doc))
     if args.json_out:
-        args.json_out.write_text(json.dumps(doc, indent=2, default=str))
-    return 0 if all(r["status"] in ("ok", "unsupported", "unavailable") for r in doc["rows"]) else 1
+        args.json_out.write_text(json.dumps(docs[0] if len(docs) == 1 else {"models": docs}, indent=2, default=str))
+    rows = [r for d in docs for r in d["rows"]]
+    return 0 if all(r["status"] in ("ok", "unsupported", "unavailable") for r in rows) else 1
 
 
 if __name__ == "__main__":
