@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,14 +209,19 @@ def db_upgrade() -> None:
 @click.option("--name", default=None,
               help="The model's name in the files (GGUF general.name) and their file names "
                    "(default: general.name as llama.cpp's converter derives it, files named after SOURCE).")
+@click.option("--source-sha256", default=None,
+              help="The sha256 of SOURCE's upload to the service: the files then carry it and their recipe "
+                   "hashes, byte for byte as the service makes them (same plan, same engine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def convert(source, targets, out_dir, imatrix, calibration, split_max_size, name, as_json) -> None:
+def convert(source, targets, out_dir, imatrix, calibration, split_max_size, name, source_sha256, as_json) -> None:
     """Convert SOURCE (a model folder, or one .pt2 / TorchScript / .onnx file) on this machine,
-    without the service; same validation."""
+    without the service; same conversion plan, same validation."""
+    if source_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
+        raise click.BadParameter("64 lowercase hex digits", param_hint="--source-sha256")
     with tempfile.TemporaryDirectory(prefix="quantyard-program-") as tmp:
         folder = program_folder(source, Path(tmp)) if source.is_file() else source
         _convert(folder, name, name or (source.name.split(".")[0] if source.is_file() else source.name),
-                 targets, out_dir, imatrix, calibration, split_max_size, as_json)
+                 targets, out_dir, imatrix, calibration, split_max_size, as_json, source_sha256)
 
 
 def program_folder(path: Path, tmp: Path) -> Path:
@@ -236,7 +242,8 @@ def program_folder(path: Path, tmp: Path) -> Path:
     return folder
 
 
-def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_max_size, as_json) -> None:
+def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_max_size, as_json,
+             source_sha256=None) -> None:
     from quantyard import engine
     from quantyard.engine.stages import convert_many
 
@@ -251,7 +258,8 @@ def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_m
     with _ProgressBars(disable=as_json) as bars:
         try:
             results = convert_many(
-                source, specs, out_dir, progress_for=bars.for_target,
+                source, specs, out_dir, progress_for=bars.for_target, report=report,
+                source_sha256=source_sha256,
                 provenance={"name": name} if name else {}, stem=stem, imatrix=imatrix,
                 calibration_text=calibration.read_text() if calibration else None,
                 split_max_bytes=_parse_size(split_max_size) if split_max_size else None)

@@ -75,9 +75,10 @@ def _register_task(app: Celery, worker_id: str) -> None:
         return outcome
 
     @app.task(name=CONVERT_TARGET_TASK, bind=True, max_retries=None, Request=_NotingRequest)
-    def convert_target(self, job_id: str, target_id: str, inputs: dict) -> str:
+    def convert_target(self, job_id: str, target_id: str, task: dict) -> str:
+        # task: the target's step of the job's plan (TargetTask), parsed strictly by run_target
         runtime = runtime_for_this_process(worker_id)
-        outcome = _keeping_message(self, runtime, lambda: run_target(runtime, job_id, target_id, inputs))
+        outcome = _keeping_message(self, runtime, lambda: run_target(runtime, job_id, target_id, task))
         if outcome == "leased":
             raise self.retry(countdown=runtime.settings.job_lease_s)
         return outcome
@@ -136,10 +137,12 @@ def _note_lost(task_name: str, args, cause: str) -> None:
 
 
 def _dispatcher(app: Celery, runtime):
-    def dispatch(job_id: str, target_id: str, inputs: dict) -> None:
+    from quantyard.engine.plan import TargetTask
+
+    def dispatch(job_id: str, target_id: str, task: dict) -> None:
         with runtime.session() as s:
             hardware_class = catalog.get_job(s, job_id=job_id).hardware_class
-        enqueue_target(app, job_id=job_id, target_id=target_id, inputs=inputs,
+        enqueue_target(app, job_id=job_id, target_id=target_id, task=TargetTask.from_dict(task),
                        hardware_class=hardware_class)
 
     return dispatch

@@ -7,6 +7,7 @@ state another delivery can claim; errors are recorded and no temporary objects a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -18,15 +19,16 @@ from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
 from worker.limits import ScratchQuota, memory_limit, resource_limit_of, scratch_limit
 from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
-from worker.publish import publish, target_recipe
-from worker.reuse import find_present, imatrix_spec, reuse, reuse_known_targets
+from worker.publish import publish
+from worker.reuse import find_present, reuse, reuse_known_targets
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
 from worker.watch import JobWatch, LeaseLost
 
 log = logging.getLogger(__name__)
 
-# dispatch(job_id, target_id, inputs) sends one target to its own task.
+# dispatch(job_id, target_id, task) sends one target to its own task: `task` is the target's
+# step of the plan, serialised (quantyard.engine.plan.TargetTask.to_dict).
 Dispatch = Callable[[str, str, dict], None]
 
 
@@ -67,7 +69,7 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
             pending, inputs = _shared_work(rt, job, source_dir, report, work_dir, watch)
         finished = _dispatch_nothing(rt, job_id, f"{len(pending)} target(s) dispatched", inputs)
         for target_id in pending:
-            _send(dispatch, job_id, target_id, inputs)
+            _send(dispatch, job_id, target_id, inputs["tasks"][target_id])
         return finished
     except LeaseLost as exc:
         log.warning("job %s: %s; leaving it to that worker", job_id, exc)
@@ -92,19 +94,20 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _send(dispatch: Dispatch, job_id: str, target_id: str, inputs: dict) -> None:
-    """One target's message. The job is already dispatched (its targets and their inputs are in
+def _send(dispatch: Dispatch, job_id: str, target_id: str, task: dict) -> None:
+    """One target's message. The job is already dispatched (its targets and their steps are in
     the catalog), so a broker that refuses (e.g. Redis restarting) must not fail the job: the
     target stays pending and the reconciler re-sends it after its grace period."""
     try:
-        dispatch(job_id, target_id, inputs)
+        dispatch(job_id, target_id, task)
     except Exception as exc:  # kombu/redis raise many types; none is the job's fault
         log.warning("job %s: target %s not sent (%s); the reconciler will re-send it",
                     job_id, target_id, type(exc).__name__)
 
 
 def _dispatch_nothing(rt, job_id: str, message: str, inputs: dict | None = None) -> str:
-    """End the prepare stage; the job settles here when no target is left to run."""
+    """End the prepare stage; the job settles here when no target is left to run. `inputs`, the
+    dispatch record ({"tasks": {target id: TargetTask}}), is what the reconciler re-sends from."""
     with rt.session() as s:
         catalog.mark_dispatched(s, job_id=job_id, message=message, inputs=inputs)
         finished = catalog.settle_job(s, job_id=job_id)
@@ -128,80 +131,180 @@ def _load_job(rt: WorkerRuntime, job_id: str) -> dict:
 
 def _shared_work(rt, job: dict, source_dir: Path, report, work_dir: Path,
                  watch: JobWatch) -> tuple[list[str], dict]:
-    """GGUF targets share a lossless intermediate (and imatrices); ONNX targets share one fp32
-    export (_onnx_fp32). Returns the target ids still to make and the inputs for their tasks."""
-    pending = [t for t, _, status in job["targets"] if status != "succeeded"]
-    inputs: dict = {}
-    if any(spec.format == "gguf" for _, spec, _ in job["targets"]):
-        intermediate = _intermediate(rt, job, source_dir, report, work_dir, watch)
-        pending = _reuse_for_targets(rt, job, intermediate)
-        inputs["intermediate_artifact_id"] = intermediate["id"]
-        inputs["imatrix_artifact_ids"] = _imatrices(rt, job, pending, source_dir, intermediate,
-                                                    work_dir, watch)
-    export, users = _onnx_fp32_users(job, pending, source_dir)
-    if len(users) >= 2:  # one target alone gains nothing from a separate export
-        start = 0.9 if inputs else 0.1  # after the GGUF work, when the job has both
-        fp32 = _onnx_fp32(rt, job, export, source_dir, work_dir, watch, start)
-        given = {t for t, quantized in users.items() if not quantized and _give(rt, job, t, fp32)}
-        pending = [t for t in pending if t not in given]
-        # per target: the others (another opset, an fp32 with params of its own) convert alone
-        inputs["onnx_fp32_artifact_ids"] = {t: fp32["id"] for t, quantized in users.items() if quantized}
-    return pending, inputs
+    """The job's conversion plan (the one `quantyard convert` runs): its shared steps here, each
+    made once or an earlier job's artifact reused by recipe hash; the float GGUF targets in the
+    same read of the source as the intermediate. Returns the target ids still to make and the
+    dispatch record ({"tasks": {target id: TargetTask}}) their messages are made of."""
+    from quantyard.engine.stages import plan_for_source, source_format
+
+    plan = plan_for_source(source_dir, [spec for _, spec, _ in job["targets"]], report=report,
+                           source_sha256=job["source"]["sha256"], source_format=source_format(source_dir))
+    return _PlanRun(rt, job, plan, source_dir, work_dir, watch).prepare()
 
 
-def _onnx_fp32_users(job: dict, pending: list[str], source_dir: Path) -> tuple[object, dict[str, bool]]:
-    """The onnx:fp32 export spec to share and the pending ONNX targets it serves, {target id:
-    quantized?}: those whose export spec (opset) equals the first ONNX target's; an fp32 target only when that export is
-    all it asks for (other params, e.g. external_data, make it convert on its own). Empty for a
-    program source: it converts whole, per target."""
-    from quantyard import engine
+class _PlanRun:
+    """The prepare task's share of one plan: {step id: artifact} for every shared step made."""
 
-    specs = {t: (spec, engine.onnx_fp32_spec(source_dir, spec))
-             for t, spec, _ in job["targets"] if t in pending and spec.format == "onnx"}
-    shared = next((export for _, export in specs.values() if export is not None), None)
-    users = {}
-    for target_id, (spec, export) in specs.items():
-        if export is None or export != shared:
-            continue
-        if spec.quantization != "fp32":
-            users[target_id] = True
-        elif set(spec.params) <= {"opset"}:
-            users[target_id] = False
-    return shared, users
+    def __init__(self, rt, job: dict, plan, source_dir: Path, work_dir: Path, watch: JobWatch):
+        self.rt, self.job, self.plan, self.source_dir, self.work_dir, self.watch = rt, job, plan, source_dir, work_dir, watch
+        self.artifacts: dict[str, dict] = {}
+        self.outputs = None  # the reference outputs, once made or fetched
+        self.reference_path: Path | None = None  # ... and their file
+        self.pending = {tid: step for (tid, _, status), step in zip(job["targets"], plan.targets, strict=True)
+                        if status != "succeeded"}
+
+    def prepare(self) -> tuple[list[str], dict]:
+        needed = self._needed()
+        for step in self.plan.shared():  # reuse first: a present artifact is never made again
+            if step.id in needed and step.kind != "reference" and (
+                    art := find_present(self.rt, step.recipe_hash, self.job.get("organization_id"))):
+                self.artifacts[step.id] = art
+        if "reference" in needed:
+            self._reference(needed)
+        self._source_pass(needed)
+        if self.reference_path is not None and "intermediate" in self.artifacts:
+            if _companion(self.artifacts["intermediate"], self.reference_path.name):
+                self.artifacts["reference"] = self.artifacts["intermediate"]  # stored with it
+        for step in self.plan.shared():
+            if step.id in needed and step.id not in self.artifacts and step.kind in ("imatrix", "onnx_fp32"):
+                self.artifacts[step.id] = (self._imatrix(step) if step.kind == "imatrix" else self._onnx_fp32(step))
+        given = {tid for tid, step_id in self.pending.items()
+                 if step_id in self.artifacts and _give(self.rt, self.job, tid, self.artifacts[step_id])}
+        tasks = {tid: self._task(step_id) for tid, step_id in self.pending.items() if tid not in given}
+        return list(tasks), {"tasks": {tid: task.to_dict() for tid, task in tasks.items()}}
+
+    def _task(self, step_id: str):
+        from quantyard.engine.plan import TargetTask
+
+        step = self.plan.step(step_id)
+        if "reference" in step.inputs and "reference" not in self.artifacts:
+            # an intermediate made before references were stored with it: the task computes its own
+            step = dataclasses.replace(step, inputs=tuple(i for i in step.inputs if i != "reference"))
+        return TargetTask(step=step, source_sha256=self.plan.source_sha256, engine_version=self.plan.engine_version,
+                          source_format=self.plan.source_format,
+                          artifacts={i: self.artifacts[i]["id"] for i in step.inputs})
+
+    def _needed(self) -> set[str]:
+        """The pending targets' steps and every step they read, transitively."""
+        needed, todo = set(), list(self.pending.values())
+        while todo:
+            step = self.plan.step(todo.pop())
+            if step.id not in needed:
+                needed.add(step.id)
+                todo.extend(step.inputs)
+        return needed
+
+    def _provenance(self, digest: str | None) -> dict:
+        from quantyard.engine.stages import step_provenance
+
+        return step_provenance(source_sha256=self.plan.source_sha256, name=self.job["source"]["name"],
+                               stamp=True, digest=digest)
+
+    def _publish(self, result, key: str, step, target_id: str | None = None) -> dict:
+        recipe, digest = step.artifact_recipe({})
+        return publish(self.rt, job_id=self.job["id"], target_id=target_id, source_id=self.job["source"]["id"],
+                       result=result, key=f"artifacts/{self.job['id']}/{key}/{result.path.name}", recipe=recipe,
+                       digest=digest, before_record=self.watch.raise_if_cancelled)
+
+    def _reference(self, needed: set[str]) -> None:
+        """The source's reference outputs, stored with the intermediate (a companion file, like
+        llama.cpp's --kl-divergence-base file beside a model): a reused intermediate's are
+        downloaded (a few MB); else they are computed once here, for this task's validations
+        and, uploaded with the new intermediate, for every target task's."""
+        from quantyard.engine.gguf.reference import ReferenceOutputs
+        from quantyard.engine.stages import REFERENCE_FILE, make_reference
+
+        path = self.work_dir / REFERENCE_FILE
+        stored = _companion(self.artifacts.get("intermediate"), REFERENCE_FILE)
+        if stored is not None:
+            self.rt.store.download_file(stored["key"], path)
+            self.outputs, self.reference_path = ReferenceOutputs.load(path), path
+        elif any(s.id in needed and s.id not in self.artifacts for s in self.plan.source_pass()):
+            self.watch.progress(0.12, "reference outputs of the source", force=True)
+            self.outputs, self.reference_path = make_reference(self.source_dir, path), path
+
+    def _source_pass(self, needed: set[str]) -> None:
+        """One read of the source writes the intermediate (unless reused) and every pending float
+        target; each is validated against the reference outputs, then published."""
+        from quantyard.engine.stages import run_source_pass
+
+        steps = [s for s in self.plan.source_pass() if s.id in needed and s.id not in self.artifacts]
+        if not steps:
+            return
+
+        def on_progress(fraction: float, message: str) -> None:
+            self.watch.progress(0.15 + 0.7 * fraction, f"source pass: {message}")
+
+        made = run_source_pass(self.source_dir, self.plan, steps, self.work_dir / "pass",
+                               provenance=self._provenance(None), validate=[s.id for s in steps],
+                               stem=None, outputs=self.outputs, progress=on_progress)
+        if "intermediate" in made and self.reference_path is not None:
+            made["intermediate"] = _with_companion(made["intermediate"], self.reference_path)
+        self.watch.progress(0.86, "source pass: uploading", force=True)
+        keys = {step_id: tid for tid, step_id in reversed(self.pending.items())}
+        for step in steps:  # a target's file under its target id, as target tasks store theirs
+            self.artifacts[step.id] = self._publish(made[step.id], keys.get(step.id, step.id), step)
+
+    def _intermediate_file(self) -> Path:
+        local = self.work_dir / "pass" / self.artifacts["intermediate"]["filename"]
+        return local if local.exists() else fetch_artifact(self.rt, self.artifacts["intermediate"], self.work_dir)
+
+    def _imatrix(self, step) -> dict:
+        """An importance matrix (format "imatrix") from its calibration text, made once."""
+        from quantyard import engine
+        from quantyard.engine.results import ConversionResult
+        from quantyard.engine.stages import calibration_for, compute_imatrix
+
+        path = self.work_dir / f"{self.job['source']['name'] or 'model'}-imatrix.gguf"
+
+        def on_progress(fraction: float, message: str) -> None:
+            self.watch.progress(0.9 + 0.08 * fraction, message)
+
+        info = compute_imatrix(self.source_dir, self._intermediate_file(), path,
+                               text=calibration_for(self.plan, step), progress=on_progress)
+        result = ConversionResult(path=path, format="imatrix", quantization="imatrix",
+                                  size_bytes=path.stat().st_size, metadata={"imatrix": info},
+                                  metrics={}, engine_version=engine.ENGINE_VERSION)
+        return self._publish(result, f"imatrix/{step.spec.params['calibration'][:16]}", step)
+
+    def _onnx_fp32(self, step) -> dict:
+        """The fp32 ONNX export the job's ONNX targets are quantized from, made once."""
+        from quantyard import engine
+
+        start = 0.9 if "intermediate" in self.artifacts else 0.1  # after the GGUF work, when both
+
+        def on_progress(fraction: float, message: str) -> None:
+            self.watch.progress(start + (0.98 - start) * fraction, f"onnx fp32 export: {message}")
+
+        result = engine.convert(self.source_dir, step.spec, self.work_dir / "onnx-fp32", progress=on_progress,
+                                provenance=self._provenance(step.recipe_hash))
+        self.watch.progress(0.98, "onnx fp32 export: uploading", force=True)
+        return self._publish(result, "onnx-fp32", step)
 
 
-def _onnx_fp32(rt, job: dict, spec, source_dir: Path, work_dir: Path, watch: JobWatch,
-               start: float) -> dict:
-    """The fp32 ONNX export the job's ONNX targets are quantized from, made once and published
-    as an artifact (recipe: source + onnx:fp32 spec + engine), or an earlier job's, reused."""
-    from quantyard import engine
+def _companion(art: dict | None, name: str) -> dict | None:
+    """The companion file `name` stored with an artifact, if it has one."""
+    files = ((art or {}).get("metadata") or {}).get("companion_files") or []
+    return next((c for c in files if c.get("name") == name), None)
 
-    recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
-                                   engine_version=engine.ENGINE_VERSION, inputs={})
-    existing = find_present(rt, digest, job.get("organization_id"))
-    if existing is not None:
-        watch.progress(0.98, f"reusing onnx fp32 export {existing['id']}", force=True)
-        return existing
 
-    def on_progress(fraction: float, message: str) -> None:
-        watch.progress(start + (0.98 - start) * fraction, f"onnx fp32 export: {message}")
-
-    result = engine.convert(source_dir, spec, work_dir / "onnx-fp32", progress=on_progress,
-                            provenance={"source_sha256": job["source"]["sha256"],
-                                        "recipe_hash": digest, "name": job["source"]["name"] or ""})
-    watch.progress(0.98, "onnx fp32 export: uploading", force=True)
-    return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
-                   result=result, key=f"artifacts/{job['id']}/onnx-fp32/{result.path.name}",
-                   recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
+def _with_companion(result, path: Path):
+    """The result with `path` uploaded beside its file (publish stores metadata["files"])."""
+    beside = result.path.parent / path.name
+    if beside != path:
+        shutil.copyfile(path, beside)
+    files = list(result.metadata.get("files") or [result.path.name])
+    return dataclasses.replace(result, metadata={**result.metadata, "files": [*files, path.name]})
 
 
 def _prepare_gguf_source(rt, job: dict, work_dir: Path, watch: JobWatch) -> tuple[list, dict]:
     """A GGUF source is its own intermediate: check it, warn when it is already quantized."""
+    from quantyard.engine.plan import TargetTask, plan_conversion
     from quantyard.engine.stages import preflight_gguf
 
     path = fetch_gguf_source(rt, job["source"], work_dir)
-    report = preflight_gguf(path, [spec for _, spec, _ in job["targets"]],
-                            memory_limit_bytes=memory_limit(rt.settings))
+    specs = [spec for _, spec, _ in job["targets"]]
+    report = preflight_gguf(path, specs, memory_limit_bytes=memory_limit(rt.settings))
     _record_estimates(rt, job, report)
     if report.source_dtype not in ("F32", "F16", "BF16"):
         with rt.session() as s:
@@ -213,8 +316,11 @@ def _prepare_gguf_source(rt, job: dict, work_dir: Path, watch: JobWatch) -> tupl
             s.commit()
     watch.progress(0.9, f"preflight ok: GGUF {report.architecture} {report.source_dtype}",
                    force=True)
-    pending = [t for t, _, status in job["targets"] if status != "succeeded"]
-    return pending, {"source_gguf": True}
+    plan = plan_conversion(source_sha256=job["source"]["sha256"], targets=specs, source_format="gguf")
+    tasks = {tid: TargetTask(step=plan.step(step_id), source_sha256=plan.source_sha256,
+                             engine_version=plan.engine_version, source_format="gguf").to_dict()
+             for (tid, _, status), step_id in zip(job["targets"], plan.targets, strict=True) if status != "succeeded"}
+    return list(tasks), {"tasks": tasks}
 
 
 def _record_estimates(rt, job: dict, report) -> None:
@@ -233,96 +339,6 @@ def _preflight(rt, job: dict, source_dir: Path, watch: JobWatch):
     _record_estimates(rt, job, report)
     watch.progress(0.1, f"preflight ok: {report.architecture}", force=True)
     return report
-
-
-def _intermediate(rt, job: dict, source_dir: Path, report, work_dir: Path,
-                  watch: JobWatch) -> dict:
-    """The lossless GGUF every target is made from: reused when any job made it before."""
-    from quantyard import engine
-    from quantyard.engine.stages import intermediate_target, make_intermediate
-
-    spec = intermediate_target(report)
-    recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
-                                   engine_version=engine.ENGINE_VERSION, inputs={})
-    existing = find_present(rt, digest, job.get("organization_id"))
-    if existing is not None:
-        watch.progress(0.9, f"reusing intermediate {existing['id']}", force=True)
-        return existing
-
-    def on_progress(fraction: float, message: str) -> None:
-        watch.progress(0.1 + 0.75 * fraction, f"intermediate {spec.key}: {message}")
-
-    out_dir = work_dir / "intermediate"
-    result = make_intermediate(source_dir, report, out_dir, progress=on_progress,
-                               provenance={"source_sha256": job["source"]["sha256"],
-                                           "recipe_hash": digest,
-                                           "name": job["source"]["name"] or ""})
-    watch.progress(0.9, f"intermediate {spec.key}: uploading", force=True)
-    return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
-                   result=result, key=f"artifacts/{job['id']}/intermediate/{result.path.name}",
-                   recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
-
-
-def _imatrices(rt, job: dict, pending: list[str], source_dir: Path, intermediate: dict,
-               work_dir: Path, watch: JobWatch) -> dict[str, str]:
-    """One importance matrix per distinct calibration text among the targets that want one
-    (imatrix types, or params {"imatrix": true}); returns {target id: imatrix artifact id}."""
-    from quantyard.engine.stages import wants_imatrix
-
-    wanted = {tid: spec for tid, spec, _ in job["targets"]
-              if tid in pending and wants_imatrix(spec)}
-    by_text: dict[str | None, str] = {}
-    out: dict[str, str] = {}
-    for target_id, spec in wanted.items():
-        text = spec.params.get("calibration_text")
-        if text not in by_text:
-            by_text[text] = _imatrix(rt, job, source_dir, intermediate, text, work_dir, watch)["id"]
-        out[target_id] = by_text[text]
-    return out
-
-
-def _imatrix(rt, job: dict, source_dir: Path, intermediate: dict, text: str | None,
-             work_dir: Path, watch: JobWatch) -> dict:
-    """An imatrix artifact (format "imatrix"), reused when the same source and text made one."""
-    from quantyard import engine
-    from quantyard.engine.results import ConversionResult
-    from quantyard.engine.stages import compute_imatrix
-
-    spec = imatrix_spec(text)
-    calibration = spec.params["calibration"]
-    recipe, digest = target_recipe(source_sha256=job["source"]["sha256"], spec=spec,
-                                   engine_version=engine.ENGINE_VERSION, inputs={})
-    existing = find_present(rt, digest, job.get("organization_id"))
-    if existing is not None:
-        return existing
-    local = work_dir / intermediate["filename"]
-    if not local.exists():
-        fetch_artifact(rt, intermediate, work_dir)
-    path = work_dir / f"{job['source']['name'] or 'model'}-imatrix.gguf"
-
-    def on_progress(fraction: float, message: str) -> None:
-        watch.progress(0.9 + 0.1 * fraction, message)
-
-    info = compute_imatrix(source_dir, local, path, text=text, progress=on_progress)
-    result = ConversionResult(path=path, format="imatrix", quantization="imatrix",
-                              size_bytes=path.stat().st_size, metadata={"imatrix": info},
-                              metrics={}, engine_version=engine.ENGINE_VERSION)
-    return publish(rt, job_id=job["id"], target_id=None, source_id=job["source"]["id"],
-                   result=result, key=f"artifacts/{job['id']}/imatrix/{calibration[:16]}/{path.name}",
-                   recipe=recipe, digest=digest, before_record=watch.raise_if_cancelled)
-
-
-def _reuse_for_targets(rt, job: dict, intermediate: dict) -> list[str]:
-    """Targets that ask for exactly the intermediate get it (marked reused when an earlier job
-    made it); returns the ids still to make."""
-    pending = []
-    for target_id, spec, status in job["targets"]:
-        if status == "succeeded":
-            continue
-        same = (spec.format, spec.quantization) == (intermediate["format"], intermediate["quantization"])
-        if not same or spec.params or not _give(rt, job, target_id, intermediate):
-            pending.append(target_id)
-    return pending
 
 
 def _give(rt, job: dict, target_id: str, art: dict) -> bool:

@@ -7,16 +7,14 @@ from pathlib import Path
 
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled
-from quantyard.recipes import make_recipe, recipe_hash
+from quantyard.engine.plan import artifact_recipe
 
 
 def target_recipe(*, source_sha256: str, spec, engine_version: str, inputs: dict) -> tuple[dict, str]:
     """The recipe of an artifact: its source, what was asked, by which engine, from which
-    inputs (intermediate, importance matrix) — hashed for reuse and lineage."""
-    recipe = make_recipe(source_sha256=source_sha256, target=spec.to_dict(),
-                         engine_version=engine_version)
-    recipe.update({k: v for k, v in inputs.items() if v})
-    return recipe, recipe_hash(recipe)
+    inputs (intermediate, importance matrix) — hashed for reuse and lineage. The engine's plan
+    defines it (engine/plan.py artifact_recipe; a step's own: Step.artifact_recipe)."""
+    return artifact_recipe(source_sha256=source_sha256, spec=spec, engine_version=engine_version, inputs=inputs)
 
 
 def companion_paths(result) -> list[Path]:

@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from quantyard import catalog
 from quantyard.catalog import reconcile
+from quantyard.engine.plan import InvalidPlan, TargetTask
 from quantyard.queue import enqueue_job, enqueue_target, waiting_message_ids
 from worker.outage import is_catalog_outage
 
@@ -39,11 +40,23 @@ def _active_classes(s) -> list[str]:
 
 
 def _send(app: Celery, r: reconcile.Resend) -> None:
+    """Re-send one message; a target's is its step as the prepare task recorded it in the job's
+    dispatch record ({"tasks": {target id: TargetTask}}), parsed as strictly as the task will."""
     if r.target_id is None:
         enqueue_job(app, job_id=r.job_id, hardware_class=r.hardware_class)
     else:
-        enqueue_target(app, job_id=r.job_id, target_id=r.target_id, inputs=r.inputs,
-                       hardware_class=r.hardware_class)
+        task = TargetTask.from_dict((r.inputs.get("tasks") or {}).get(r.target_id))
+        enqueue_target(app, job_id=r.job_id, target_id=r.target_id, task=task, hardware_class=r.hardware_class)
+
+
+def _fail_unsendable(rt, r: reconcile.Resend, exc: InvalidPlan) -> None:
+    """A target whose recorded step cannot be sent (a record older than the plan, or damaged)
+    would be found lost on every pass: fail it, saying why, and let its job settle."""
+    log.warning("reconciler: target %s has no valid recorded step (%s); failing it", r.target_id, exc)
+    with rt.session() as s:
+        catalog.finish_target(s, target_id=r.target_id, status="failed", error_code="invalid_message",
+                              error_message=f"its recorded step cannot be re-sent: {exc}")
+        s.commit()
 
 
 def settle_abandoned(rt, *, now: datetime | None = None) -> list[str]:
@@ -85,6 +98,9 @@ def reconcile_once(rt, app: Celery, *, expired: bool = True,
         for r in found:
             try:
                 _send(app, r)
+            except InvalidPlan as exc:
+                _fail_unsendable(rt, r, exc)
+                continue
             except Exception as exc:  # the broker is down: the next pass tries again
                 log.warning("reconciler: could not re-send %s %s: %s: %s", r.kind, r.target_id or r.job_id,
                             type(exc).__name__, exc)

@@ -14,22 +14,16 @@ queue hop: a fully reusable job finishes in its prepare task without fetching or
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from quantyard import catalog
 from quantyard.catalog.reuse import recipe_digests, reusable_artifacts, reuse_artifact
 from quantyard.engine.manifest import ENGINE_VERSION
+from quantyard.engine.plan import LOSSLESS_TYPES, imatrix_spec, wants_imatrix
 from quantyard.engine.spec import TargetSpec
 from worker.publish import target_recipe
 
 log = logging.getLogger(__name__)
-
-
-def imatrix_spec(text: str | None) -> TargetSpec:
-    """The recipe spec of an importance matrix computed from this calibration text."""
-    calibration = hashlib.sha256(text.encode()).hexdigest() if text else "default"
-    return TargetSpec("imatrix", "imatrix", {"calibration": calibration})
 
 
 def artifact_present(store, art: dict) -> bool:
@@ -69,8 +63,6 @@ def onnx_fp32_specs(spec: TargetSpec) -> list[TargetSpec]:
 
 def _intermediate_digests(rt, spec: TargetSpec, source_sha: str, org: str | None) -> list[str]:
     """Digests of every intermediate this source ever had that a target of `spec` is made from."""
-    from quantyard.engine.stages import LOSSLESS_TYPES
-
     if spec.format == "onnx":
         return [d for s in onnx_fp32_specs(spec) for d in _digests_of(rt, s, source_sha, org)]
     return [d for t in LOSSLESS_TYPES for d in _digests_of(rt, TargetSpec("gguf", t), source_sha, org)]
@@ -80,15 +72,16 @@ def candidate_recipes(rt, job: dict, spec: TargetSpec) -> list[str]:
     """Every recipe hash this target could have been made by, computed without making anything:
     straight from the source, or quantized from any intermediate (lossless GGUF, shared ONNX fp32
     export) and importance matrix this source ever had — those are named by their digests, which
-    the catalog keeps even when their bytes are gone."""
-    from quantyard.engine.stages import wants_imatrix
-
+    the catalog keeps even when their bytes are gone. Which targets are made from what is the
+    engine's plan (engine/plan.py): GGUF float targets always straight from the source."""
     source_sha = job["source"]["sha256"]
     org = job.get("organization_id")
     hashes = [target_recipe(source_sha256=source_sha, spec=spec, engine_version=ENGINE_VERSION, inputs={})[1]]
     # A GGUF source is its own intermediate; a program source converts whole, per target; an
     # ONNX fp32 target is the shared export itself (same recipe when it asks nothing else).
-    if job["source"]["format"] in ("gguf", "program") or spec.key == "onnx:fp32":
+    direct = spec.key == "onnx:fp32" or (spec.format == "gguf" and spec.quantization in LOSSLESS_TYPES
+                                          and "split_max_size" not in spec.params)  # as the plan makes them
+    if job["source"]["format"] in ("gguf", "program") or direct:
         return hashes
     intermediates = _intermediate_digests(rt, spec, source_sha, org)
     imatrices: list[str | None] = [None]

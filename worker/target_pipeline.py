@@ -1,6 +1,7 @@
-"""One target of a dispatched job, as its own task: claim the target → fetch the intermediate
-(the lossless GGUF, or the shared ONNX fp32 export) and the source, to validate against →
-quantize + validate → upload → record → settle the job.
+"""One target of a dispatched job, as its own task: claim the target → parse its step of the
+job's plan (the message) → fetch the files of its input steps (the lossless GGUF or the shared
+ONNX fp32 export, an importance matrix, the reference outputs) and the source → the engine's
+run_target_step (quantize + validate, as `quantyard convert` does) → upload → record → settle.
 
 Targets of one job run in parallel on as many workers as there are; the job finishes when its
 last target does (catalog.settle_job).
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
+from quantyard.engine.plan import InvalidPlan, TargetTask, kind_of
 from quantyard.engine.spec import parse_target, split_max_bytes
 from worker.limits import ScratchQuota, resource_limit_of, scratch_limit
 from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
-from worker.publish import publish, target_recipe
+from worker.publish import publish
 from worker.reuse import find_present, reuse
 from worker.runtime import WorkerRuntime
 from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
@@ -27,10 +29,11 @@ from worker.watch import LeaseLost, TargetWatch
 log = logging.getLogger(__name__)
 
 
-def run_target(rt: WorkerRuntime, job_id: str, target_id: str, inputs: dict) -> str:
+def run_target(rt: WorkerRuntime, job_id: str, target_id: str, message: dict) -> str:
     """Make one target if this delivery may claim it; returns the claim outcome, the target's
-    final status, or "lease_lost". Raises ``CatalogUnavailable`` when the catalog cannot be
-    reached (the message must be kept, not dropped)."""
+    final status, or "lease_lost". `message`: the target's step of the job's plan
+    (TargetTask.to_dict), parsed strictly; one that does not parse fails the target. Raises
+    ``CatalogUnavailable`` when the catalog cannot be reached (the message must be kept)."""
     with catalog_calls(), rt.session() as s:
         outcome = catalog.claim_target(
             s, target_id=target_id, worker_id=rt.worker_id,
@@ -41,26 +44,22 @@ def run_target(rt: WorkerRuntime, job_id: str, target_id: str, inputs: dict) -> 
         log.info("target %s of job %s not run: %s", target_id, job_id, outcome.kind)
         return outcome.kind
     with TargetWatch(rt, job_id, target_id, rt.settings.job_lease_s) as watch:
-        return _run_claimed(rt, job_id, target_id, inputs, watch)
+        return _run_claimed(rt, job_id, target_id, message, watch)
 
 
-def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWatch) -> str:
+def _run_claimed(rt, job_id: str, target_id: str, message: dict, watch: TargetWatch) -> str:
     work_dir = Path(tempfile.mkdtemp(prefix=f"{target_id}-", dir=rt.scratch_dir))
     watch.scratch = ScratchQuota(work_dir, scratch_limit(rt.settings))
     try:
-        job = _load(rt, job_id, target_id, inputs)
+        job = _load(rt, job_id, target_id, message)
         if _reused(rt, job):  # made by an identical recipe since the job was prepared
             return "succeeded"
         watch.progress(0.02, "fetching inputs", force=True)
-        if inputs.get("source_gguf"):  # a GGUF source is both the input and the reference
-            reference = intermediate = fetch_gguf_source(rt, job["source"], work_dir)
-        else:
-            reference = fetch_source(rt, job["source"], work_dir / "src")
-            intermediate = (fetch_artifact(rt, job["intermediate"], work_dir)
-                            if job["intermediate"] else None)
-        imatrix = fetch_artifact(rt, job["imatrix"], work_dir) if job["imatrix"] else None
-        _make_and_publish(rt, job, reference, intermediate, imatrix, work_dir, watch)
+        source, files, outputs = _fetch(rt, job, work_dir)
+        _make_and_publish(rt, job, source, files, outputs, work_dir, watch)
         return "succeeded"
+    except InvalidPlan as exc:  # not a message this engine sent: nothing of it can be trusted
+        return _close(rt, target_id, "failed", "invalid_message", f"the target's message is invalid: {exc}")
     except LeaseLost as exc:
         log.warning("target %s of job %s: %s; leaving it to that worker", target_id, job_id, exc)
         return "lease_lost"
@@ -81,61 +80,82 @@ def _run_claimed(rt, job_id: str, target_id: str, inputs: dict, watch: TargetWat
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _load(rt, job_id: str, target_id: str, inputs: dict) -> dict:
+def _load(rt, job_id: str, target_id: str, message: dict) -> dict:
+    """The job, the target's step (checked against the catalog: the step must be for this
+    target's spec and this job's source) and the artifacts of its input steps."""
+    task = TargetTask.from_dict(message)
     with rt.session() as s:
         job = catalog.get_job(s, job_id=job_id)
         source = catalog.get_source(s, source_id=job.source_id)
         target = s.get(catalog.JobTarget, target_id)
-        # Each format has its own intermediate: the lossless GGUF for GGUF targets, the shared
-        # fp32 export for the ONNX targets prepare gave it to; an ONNX target without one is
-        # converted from the source (and its recipe names no intermediate).
-        if target.format == "gguf":
-            intermediate_id = inputs.get("intermediate_artifact_id")
-        else:
-            intermediate_id = (inputs.get("onnx_fp32_artifact_ids") or {}).get(target_id)
-        intermediate = (catalog.get_artifact(s, artifact_id=intermediate_id).to_dict()
-                        if intermediate_id else None)
-        imatrix_id = (inputs.get("imatrix_artifact_ids") or {}).get(target_id)
-        imatrix = catalog.get_artifact(s, artifact_id=imatrix_id) if imatrix_id else None
+        if target is None or target.job_id != job_id or parse_target(target.to_spec_dict()) != task.step.spec:
+            raise InvalidPlan(f"its step is not this target's ({task.step.spec.key})")
+        if source.sha256 != task.source_sha256:
+            raise InvalidPlan("its step is for another source")
+        inputs = {step_id: _artifact(s, art_id, job) for step_id, art_id in task.artifacts.items()}
         return {
             "id": job.id,
             "organization_id": getattr(job, "organization_id", None),
             "target_id": target_id,
-            "imatrix": imatrix.to_dict() if imatrix is not None else None,
-            "spec": parse_target(target.to_spec_dict()),
+            "task": task,
+            "spec": task.step.spec,
             "source": source_info(source),
-            "intermediate": intermediate,
+            "inputs": inputs,
         }
 
 
-def _make_and_publish(rt, job: dict, reference: Path, input_file: Path | None,
-                      imatrix: Path | None, work_dir: Path, watch: TargetWatch) -> None:
-    """Quantize the intermediate (the GGUF one, or the ONNX fp32 export) — or, with none,
-    convert straight from the source — then upload, record and settle."""
-    from quantyard import engine
-    from quantyard.engine.stages import quantize
+def _artifact(s, artifact_id: str, job) -> dict:
+    art = catalog.get_artifact(s, artifact_id=artifact_id)
+    org = getattr(job, "organization_id", None)
+    if org is not None and art.organization_id != org:  # never another tenant's file
+        raise InvalidPlan(f"input artifact {artifact_id} is not this organisation's")
+    return art.to_dict()
 
-    spec = job["spec"]
-    intermediate, imatrix_artifact = job["intermediate"], job["imatrix"]
+
+def _fetch(rt, job: dict, work_dir: Path):
+    """The source (a GGUF source: the file; else the unpacked folder, which GGUF targets
+    need only for its tokenizer checks, ONNX targets for PyTorch), the input steps' files, and
+    the reference outputs (loaded from their artifact: never computed here)."""
+    from quantyard.engine.gguf.reference import ReferenceOutputs
+    from quantyard.engine.stages import REFERENCE_FILE
+
+    task = job["task"]
+    if task.source_format == "gguf":
+        source = fetch_gguf_source(rt, job["source"], work_dir)
+    else:
+        source = fetch_source(rt, job["source"], work_dir / "src")
+    fetched: dict[str, Path] = {}  # artifact id -> its main file: the reference comes with the intermediate
+    files = {}
+    for step_id, art in job["inputs"].items():
+        if art["id"] not in fetched:
+            fetched[art["id"]] = fetch_artifact(rt, art, work_dir / art["id"])
+        files[step_id] = fetched[art["id"]]
+    outputs = None
+    if "reference" in files:  # a companion of the intermediate artifact, downloaded beside it
+        files["reference"] = files["reference"].parent / REFERENCE_FILE
+        outputs = ReferenceOutputs.load(files["reference"])
+    return source, files, outputs
+
+
+def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outputs,
+                      work_dir: Path, watch: TargetWatch) -> None:
+    """Run the step with the engine (the same call `quantyard convert` makes), then upload,
+    record and settle."""
+    from quantyard.engine.stages import run_target_step, step_provenance
+
+    task, spec = job["task"], job["spec"]
     recipe, digest = _recipe(job)
-    parents = [("artifact", a["id"]) for a in (intermediate, imatrix_artifact) if a]
+    # lineage: the files it is made from (the reference only checked it)
+    parents = [("artifact", a["id"]) for i, a in job["inputs"].items() if kind_of(i) != "reference"]
 
     def on_progress(fraction: float, message: str) -> None:
         watch.progress(0.05 + 0.85 * fraction, message)  # the upload takes the rest
 
-    out_dir = work_dir / "out"
-    provenance = {"source_sha256": job["source"]["sha256"], "recipe_hash": digest,
-                  "name": job["source"]["name"] or ""}
-    if input_file is None:
-        result = engine.convert(reference, spec, out_dir, progress=on_progress,
-                                provenance=provenance)
-    elif spec.format == "onnx":  # validated against the source, not the fp32 file
-        result = engine.quantize_onnx(reference, input_file, spec, out_dir, progress=on_progress,
-                                      provenance=provenance)
-    else:
-        result = quantize(input_file, spec, out_dir, reference=reference, imatrix=imatrix,
-                          progress=on_progress, provenance=provenance,
-                          split_max_bytes=split_max_bytes(spec))
+    provenance = step_provenance(source_sha256=task.source_sha256, name=job["source"]["name"], stamp=True,
+                                 digest=digest)
+    result = run_target_step(task.step, source, work_dir / "out", source_format=task.source_format, files=files,
+                             outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
+                             if spec.format == "gguf" else None, progress=on_progress)
     watch.progress(0.92, "uploading", force=True)
     publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
             result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
@@ -144,13 +164,8 @@ def _make_and_publish(rt, job: dict, reference: Path, input_file: Path | None,
 
 
 def _recipe(job: dict) -> tuple[dict, str]:
-    from quantyard.engine.manifest import ENGINE_VERSION
-
-    intermediate, imatrix = job["intermediate"], job["imatrix"]
-    return target_recipe(
-        source_sha256=job["source"]["sha256"], spec=job["spec"], engine_version=ENGINE_VERSION,
-        inputs={"intermediate_sha256": intermediate["sha256"] if intermediate else None,
-                "imatrix_sha256": imatrix["sha256"] if imatrix else None})
+    """The artifact's recipe: the step's, with the digests of the files it is made from."""
+    return job["task"].step.artifact_recipe({i: a["sha256"] for i, a in job["inputs"].items()})
 
 
 def _reused(rt, job: dict) -> bool:

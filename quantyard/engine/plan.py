@@ -191,7 +191,8 @@ class ConversionPlan:
 
 
 def is_float_gguf(step: Step) -> bool:
-    return step.spec.format == "gguf" and step.spec.quantization in LOSSLESS_TYPES
+    """A float GGUF made straight from the source (not quantized from another step's file)."""
+    return step.spec.format == "gguf" and step.spec.quantization in LOSSLESS_TYPES and not step.input_of("intermediate")
 
 
 def _check_graph(plan: ConversionPlan) -> None:
@@ -225,8 +226,9 @@ def plan_conversion(*, source_sha256: str, targets: Sequence[TargetSpec | str | 
                     engine_version: str | None = None) -> ConversionPlan:
     """Every decision for these targets of one source (the order of `targets` is kept):
 
-    - GGUF float targets straight from the source (one read writes them and the intermediate);
-      other GGUF targets quantized from the lossless intermediate (the source's own float type,
+    - GGUF float targets straight from the source (one read writes them and the intermediate;
+      one split into shards, params.split_max_size, from the intermediate by the quantizer's
+      split writer); other GGUF targets quantized from the lossless intermediate (the source's own float type,
       else F32); a target equal to the intermediate *is* it. A GGUF source is its own
       intermediate; every target is quantized from it and checked against it.
     - one importance matrix per distinct calibration text (a target's params.calibration_text,
@@ -243,7 +245,7 @@ def plan_conversion(*, source_sha256: str, targets: Sequence[TargetSpec | str | 
 
     version = engine_version or ENGINE_VERSION
     specs = [parse_target(t) for t in targets]
-    exports = list(onnx_exports) if onnx_exports is not None else [None] * len(specs)
+    exports: list[TargetSpec | None] = list(onnx_exports) if onnx_exports is not None else [None] * len(specs)
     planner = _Planner(source_sha256, version, source_format)
     if source_format == "hf" and any(s.format == "gguf" for s in specs):
         planner.add("reference", REFERENCE_SPEC)
@@ -295,10 +297,11 @@ class _Planner:
         intermediate = self.steps[1]
         if spec == intermediate.spec:
             return intermediate.id
-        if spec.quantization in LOSSLESS_TYPES:
+        if spec.quantization in LOSSLESS_TYPES and "split_max_size" not in spec.params:
             return self.add(f"target:{index}", spec, ["reference"])
+        # quantized, or a float target in shards: llama-quantize's writer, from the intermediate
         inputs = ["intermediate", "reference"]
-        if given_imatrix:
+        if given_imatrix and spec.quantization not in LOSSLESS_TYPES:
             inputs.append(self.add("imatrix:given", GIVEN_IMATRIX))
         elif wants_imatrix(spec):
             text = spec.params.get("calibration_text") or calibration_text

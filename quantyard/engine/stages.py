@@ -1,13 +1,17 @@
-"""The stages a conversion is split into, so one job's targets can run as separate tasks:
+"""The stages a conversion is split into, and the executor of the conversion plan (plan.py):
 
-1. `make_intermediate`: the source, converted once to a lossless GGUF in its own precision.
-2. `compute_imatrix` (when a target wants one): importance weights from calibration text.
-3. `quantize`: the intermediate (or a GGUF the user gave) to one target with llama.cpp's own
-   per-tensor policy and ggml's kernels, validated against the source.
+1. `make_reference`: the source model's outputs on the probe text, once per source.
+2. `run_source_pass`: ONE read of the source writes the lossless intermediate GGUF and every
+   float GGUF target (converter.write_float_ggufs), validated against those outputs.
+3. `compute_imatrix` (when a target wants one): importance weights from calibration text.
+4. `run_target_step` → `quantize`: the intermediate (or a GGUF the user gave) to one target
+   with llama.cpp's own per-tensor policy and ggml's kernels, validated against the source's
+   reference outputs; ONNX targets from the shared fp32 export or the source.
 
-`quantyard convert`, `engine.convert` and the service's workers all go through these, so a file
-made locally and one made by the service are the same bytes. Light to import: heavy modules load
-inside the functions.
+`quantyard convert` runs a whole plan with `execute_plan` (convert_many); the service's workers
+run the same steps with the same functions, the shared ones in the prepare task and each target
+step in its own task, so a file made locally and one made by the service are the same bytes.
+Light to import: heavy modules load inside the functions.
 """
 
 from __future__ import annotations
@@ -15,17 +19,25 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from .dominant import dominant_type
 from .manifest import ENGINE_VERSION
+from .plan import LOSSLESS_TYPES, ConversionPlan, Step, plan_conversion
+from .plan import wants_imatrix as _plan_wants_imatrix
 from .results import ConversionResult, PreflightReport
 from .spec import TargetSpec
 
+if TYPE_CHECKING:
+    from .gguf.reference import ReferenceOutputs
+
 Progress = Callable[[float, str], None]
-LOSSLESS_TYPES = ("F32", "F16", "BF16")
 # Share of a quantize stage's progress spent writing; validation (model loads) takes the rest.
 _WRITE_SHARE = 0.7
+# The plan's source digest when the caller has none (quantyard convert on a folder): its files
+# then carry no source digest nor recipe hash, as they never did.
+UNKNOWN_SOURCE = "0" * 64
+REFERENCE_FILE = "reference.safetensors"
 
 
 def intermediate_target(report: PreflightReport) -> TargetSpec:
@@ -42,11 +54,7 @@ def is_direct(target: TargetSpec) -> bool:
 
 def wants_imatrix(target: TargetSpec) -> bool:
     """Imatrix types need one; any other quantized target may ask (params {"imatrix": true})."""
-    from .gguf.ggml_types import FILE_TYPES
-
-    if is_direct(target):
-        return False
-    return bool(target.params.get("imatrix")) or FILE_TYPES[target.quantization].needs_imatrix
+    return _plan_wants_imatrix(target)
 
 
 def make_intermediate(source_dir: Path, report: PreflightReport, out_dir: Path, *,
@@ -119,9 +127,11 @@ def _scaled(progress: Progress | None, start: float, span: float) -> Progress | 
 def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: Path,
              imatrix: Path | None = None, progress: Progress | None = None,
              provenance: Mapping[str, str] | None = None,
-             split_max_bytes: int | None = None, stem: str | None = None) -> ConversionResult:
+             split_max_bytes: int | None = None, stem: str | None = None,
+             outputs: ReferenceOutputs | None = None) -> ConversionResult:
     """One target from a GGUF, validated against `reference`: the Hugging Face source folder
-    (logits vs transformers) or, for a GGUF source, that GGUF (logits vs llama.cpp on it).
+    (logits vs transformers, or vs `outputs`, the source's reference outputs computed once) or,
+    for a GGUF source, that GGUF (logits vs llama.cpp on it).
     general.name is the input's; the file is `stem`-QUANT.gguf (default: the provenance name,
     else that general.name)."""
     from .gguf.converter import provenance_kv
@@ -139,7 +149,7 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
     try:
         if progress is not None:
             progress(_WRITE_SHARE, "validating with llama.cpp against the source")
-        metrics = _validate(report.path, Path(reference), target.quantization)
+        metrics = _validate(report.path, Path(reference), target.quantization, outputs)
     except BaseException:
         for path in report.paths:
             path.unlink(missing_ok=True)
@@ -156,14 +166,14 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
                             engine_version=ENGINE_VERSION)
 
 
-def _validate(path: Path, reference: Path, quantization: str) -> dict:
+def _validate(path: Path, reference: Path, quantization: str, outputs: ReferenceOutputs | None = None) -> dict:
     from .gguf.quality import BOUNDS
     from .gguf.validate import validate_gguf
 
     bounds = BOUNDS[quantization]
     if reference.is_dir():
         return validate_gguf(path, reference, quantization, max_mean_kl=bounds.max_mean_kl,
-                             min_top1=bounds.min_top1)
+                             min_top1=bounds.min_top1, reference=outputs)
     return _validate_against_gguf(path, reference, quantization)
 
 
@@ -183,64 +193,40 @@ def _validate_against_gguf(path: Path, reference: Path, quantization: str) -> di
 
 
 def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path, *,
+                 report: PreflightReport | None = None,
                  progress_for: Callable[[TargetSpec], Progress | None] = lambda t: None,
                  provenance: Mapping[str, str] | None = None,
                  imatrix: Path | None = None,
                  calibration_text: str | None = None,
                  split_max_bytes: int | None = None,
-                 stem: str | None = None) -> list[ConversionResult]:
-    """Several targets from one Hugging Face source, reading and converting it once: float
-    targets straight from the source, the rest from one shared intermediate (and one shared
-    importance matrix when any target wants it). Every artifact is validated.
+                 stem: str | None = None,
+                 source_sha256: str | None = None) -> list[ConversionResult]:
+    """Several targets from one source, in the order asked, by the conversion plan
+    (engine/plan.py) the service runs too: one read of the source for every float target and
+    the lossless intermediate, the rest quantized from it, one shared importance matrix per
+    calibration text, the reference outputs computed once. Every target is validated.
 
     general.name is provenance["name"] when the caller gives one (convert_hf_to_gguf.py's
     --model-name), else what llama.cpp derives; files are named `stem`-QUANT (default:
-    converter.model_name) either way."""
-    import tempfile
-
-    from . import _load, _program_targets, convert, parse_target
-    from .gguf.converter import convert as convert_float
-    from .gguf.converter import model_name, write_float_gguf
+    converter.model_name) either way. With `source_sha256` (the service's digest of the source
+    upload) the files carry it and their recipe hashes exactly as the service's do."""
+    from . import _program_targets, parse_target, preflight
 
     targets = [parse_target(t) for t in targets]
-    provenance = dict(provenance or {})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gguf = [t for t in targets if t.format == "gguf"]
-    if gguf:
-        _program_targets(Path(source_dir), gguf)  # refuses GGUF targets of a program source
-        source, _ = _load(Path(source_dir), gguf)
-        gguf_stem = stem or model_name(source, provenance)
-    # ONNX files keep their name in their own metadata (quantyard.name), as they always have
-    named = {**provenance, "name": stem} if stem else provenance
-    results = []
-    for t in (t for t in targets if is_direct(t)):
-        if t.format == "gguf":
-            results.append(convert_float(source, t, out_dir, progress=progress_for(t), provenance=provenance,
-                                         stem=gguf_stem))
-        else:
-            results.append(convert(source_dir, t, out_dir, progress=progress_for(t), provenance=named))
-    quantized = [t for t in targets if not is_direct(t)]
-    if not quantized:
-        return results
-    dtype = source.source_dtype.upper()
-    with tempfile.TemporaryDirectory(prefix="qy-intermediate-", dir=out_dir) as tmp:
-        intermediate = Path(tmp) / "intermediate.gguf"
-        write_float_gguf(source, intermediate, dtype if dtype in LOSSLESS_TYPES else "F32",
-                         provenance=provenance, progress=progress_for(quantized[0]))
-        # An imatrix the user gives applies to every quantized target (as llama-quantize
-        # --imatrix does); one we compute, only to the targets that want it.
-        given = imatrix
-        if given is None and any(wants_imatrix(t) for t in quantized):
-            imatrix = Path(tmp) / "imatrix.gguf"
-            compute_imatrix(source.root, intermediate, imatrix, text=calibration_text,
-                            progress=progress_for(quantized[0]))
-        for t in quantized:
-            use = given if given is not None else (imatrix if wants_imatrix(t) else None)
-            results.append(quantize(intermediate, t, out_dir, reference=source.root, imatrix=use,
-                                    progress=progress_for(t), provenance=provenance,
-                                    split_max_bytes=split_max_bytes, stem=gguf_stem))
-    return results
+    source_dir = Path(source_dir)
+    fmt = source_format(source_dir)
+    if report is None and fmt == "hf" and any(t.format == "gguf" for t in targets):
+        report = preflight(source_dir, targets)  # also refuses what cannot be converted, early
+    elif fmt == "program":
+        _program_targets(source_dir, targets)  # refuses GGUF targets of a program source
+    plan = plan_for_source(source_dir, targets, report=report, source_format=fmt,
+                           source_sha256=source_sha256 or UNKNOWN_SOURCE,
+                           calibration_text=calibration_text, given_imatrix=imatrix is not None)
+    by_step = {step: progress_for(t) for step, t in zip(plan.targets, targets, strict=True)}
+    return execute_plan(plan, source_dir, out_dir, name=(provenance or {}).get("name"), stem=stem,
+                        given_imatrix=imatrix, calibration_text=calibration_text,
+                        split_max_bytes=split_max_bytes, stamp=source_sha256 is not None,
+                        progress_for=lambda step: by_step.get(step.id), provenance=provenance)
 
 
 def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
@@ -269,3 +255,211 @@ def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
         return quantize(intermediate, target, out_dir, reference=source.root, imatrix=imatrix,
                         progress=_scaled(progress, 0.5, 0.5), provenance=provenance,
                         stem=model_name(source, provenance))
+
+
+# ---------------------------------------------------------------- the plan, executed
+
+
+def source_format(source: Path) -> str:
+    """"gguf" for a .gguf file, "program" for a program source folder, else "hf"."""
+    from .onnx.program_files import is_program_dir
+
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".gguf":
+        return "gguf"
+    return "program" if is_program_dir(source) else "hf"
+
+
+def plan_for_source(source: Path, targets: Sequence[TargetSpec], *, report: PreflightReport | None,
+                    source_sha256: str, source_format: str = "hf", calibration_text: str | None = None,
+                    given_imatrix: bool = False) -> ConversionPlan:
+    """plan_conversion with what only the source can tell: its float type (from `report`, the
+    preflight) and the fp32 ONNX export each ONNX target can be made from."""
+    from . import onnx_fp32_spec
+
+    exports = [onnx_fp32_spec(Path(source), t) if source_format == "hf" else None for t in targets]
+    return plan_conversion(source_sha256=source_sha256, targets=targets, source_format=source_format,
+                           source_dtype=report.source_dtype if report is not None else "F32",
+                           onnx_exports=exports, calibration_text=calibration_text,
+                           given_imatrix=given_imatrix)
+
+
+def calibration_for(plan: ConversionPlan, step: Step, default: str | None = None) -> str | None:
+    """The calibration text an imatrix step was planned for: a target's params.calibration_text
+    or `default` whose digest it names (None: the shipped text)."""
+    from .plan import imatrix_spec
+
+    for text in [*(s.spec.params.get("calibration_text") for s in plan.steps if s.kind == "target"), default]:
+        if text and imatrix_spec(text) == step.spec:
+            return text
+    return None
+
+
+def step_provenance(*, source_sha256: str, name: str | None, stamp: bool, digest: str | None = None,
+                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a file records of where it came from: the caller's entries, the model name, and
+    (`stamp`: the service, or a caller that knows the source upload's digest) the source digest
+    and the step's recipe hash (`digest`; None for files one pass writes together)."""
+    provenance = dict(extra or {})
+    if name:
+        provenance["name"] = name
+    if stamp:
+        provenance["source_sha256"] = source_sha256
+        if digest:
+            provenance["recipe_hash"] = digest
+    return provenance
+
+
+def make_reference(source_dir: Path, out_path: Path | None = None, *,
+                   progress: Progress | None = None) -> ReferenceOutputs:
+    """The reference step: the source's outputs on the probe text (saved to `out_path`)."""
+    from .gguf.reference import compute_reference
+
+    outputs = compute_reference(Path(source_dir), progress=progress)
+    if out_path is not None:
+        outputs.save(Path(out_path))
+    return outputs
+
+
+def run_source_pass(source_dir: Path, plan: ConversionPlan, steps: Sequence[Step], out_dir: Path, *,
+                    provenance: Mapping[str, str], validate: Sequence[str], stem: str | None,
+                    outputs: ReferenceOutputs | None, progress: Progress | None = None
+                    ) -> dict[str, ConversionResult]:
+    """The float GGUF steps (intermediate, float targets) written in ONE read of the source;
+    the steps named in `validate` are validated (against `outputs`), the others (an
+    intermediate only the CLI uses) are not. Returns {step id: result}."""
+    from . import _load
+    from .gguf.converter import model_name, output_filename, write_float_ggufs
+
+    source, _ = _load(Path(source_dir), [s.spec for s in steps])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = stem or model_name(source, provenance)
+    taken = {s.spec.quantization for s in steps if s.kind == "target"}
+    paths = {s.id: out_dir / (output_filename(name, s.spec.quantization) if s.kind == "target"
+                              or s.spec.quantization not in taken
+                              else output_filename(f"{name}-intermediate", s.spec.quantization)) for s in steps}
+    plans = write_float_ggufs(source, [(paths[s.id], s.spec.quantization) for s in steps],
+                              provenance=provenance, progress=_scaled(progress, 0.0, 0.6))
+    results = {}
+    try:
+        for i, (step, tensors) in enumerate(zip(steps, plans, strict=True)):
+            if progress is not None:
+                progress(0.6 + 0.4 * i / len(steps), f"validating {paths[step.id].name}")
+            results[step.id] = _float_result(source, step, paths[step.id], tensors,
+                                             outputs if step.id in validate else None, step.id in validate)
+    except BaseException:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        raise
+    return results
+
+
+def _float_result(source, step: Step, path: Path, tensors, outputs, validate: bool) -> ConversionResult:
+    from .gguf import converter
+    from .gguf.validate import validate_gguf
+
+    metrics = (validate_gguf(path, source.root, step.spec.quantization, expected_tensors=len(tensors),
+                             reference=outputs) if validate else {})
+    arch = converter.architecture(source)
+    # the vocabulary the pass wrote (remembered by the converter: not built again)
+    return converter._result(path, step.spec, source, arch, tensors, metrics,
+                             converter._vocab_for(source, arch).info)
+
+
+def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: str,
+                    files: Mapping[str, Path], outputs: ReferenceOutputs | None,
+                    provenance: Mapping[str, str], stem: str | None = None,
+                    split_max_bytes: int | None = None, progress: Progress | None = None) -> ConversionResult:
+    """One target step that is not part of the source pass, from the files of its input steps
+    ({input step id: path}): quantized from the intermediate (or, for a GGUF source, from the
+    source itself), from the shared ONNX export, or converted straight from the source."""
+    from . import convert, quantize_onnx
+
+    spec = step.spec
+    if spec.format == "gguf" and source_format == "gguf":
+        return quantize(Path(source), spec, out_dir, reference=Path(source), progress=progress,
+                        provenance=provenance, split_max_bytes=split_max_bytes, stem=stem)
+    if spec.format == "gguf":
+        imatrix = step.input_of("imatrix")
+        return quantize(files["intermediate"], spec, out_dir, reference=Path(source),
+                        imatrix=files[imatrix] if imatrix else None, progress=progress,
+                        provenance=provenance, split_max_bytes=split_max_bytes, stem=stem, outputs=outputs)
+    export = step.input_of("onnx_fp32")
+    if export is not None:  # validated against the source, not the fp32 file
+        return quantize_onnx(Path(source), files[export], spec, out_dir, progress=progress, provenance=provenance)
+    return convert(Path(source), spec, out_dir, progress=progress, provenance=provenance)
+
+
+def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str | None = None,
+                 stem: str | None = None, given_imatrix: Path | None = None,
+                 calibration_text: str | None = None, split_max_bytes: int | None = None,
+                 stamp: bool = False, provenance: Mapping[str, str] | None = None,
+                 progress_for: Callable[[Step], Progress | None] = lambda step: None) -> list[ConversionResult]:
+    """Run a whole plan in this process (quantyard convert): shared files in a temporary
+    folder, the targets' files in out_dir; returns one result per target, in order."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = {k: v for k, v in (provenance or {}).items() if k != "name"}
+    done: dict[str, ConversionResult] = {}
+    files: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="qy-plan-", dir=out_dir) as tmp:
+        outputs = None
+        if any(s.kind == "reference" for s in plan.steps):
+            outputs = make_reference(Path(source))
+        pass_steps = plan.source_pass()
+        if pass_steps:
+            first = next((progress_for(s) for s in pass_steps if s.id in plan.targets), None)
+            shared = step_provenance(source_sha256=plan.source_sha256, name=name, stamp=stamp, extra=extra)
+            made = run_source_pass(Path(source), plan, pass_steps, Path(tmp), stem=stem, outputs=outputs,
+                                   provenance=shared,
+                                   validate=[s.id for s in pass_steps if s.id in plan.targets], progress=first)
+            done.update(made)
+            files.update({k: r.path for k, r in made.items()})
+        for step in plan.steps:
+            if step.id in done:
+                continue
+            if step.id == "imatrix:given" and given_imatrix is not None:
+                files[step.id] = Path(given_imatrix)
+            elif step.kind == "imatrix":
+                files[step.id] = Path(tmp) / f"{step.id.replace(':', '-')}.gguf"
+                compute_imatrix(Path(source), files["intermediate"], files[step.id],
+                                text=calibration_for(plan, step, calibration_text))
+            elif step.kind in ("onnx_fp32", "target"):
+                digests = {i: _sha256(files[i]) for i in step.inputs if i in files} if stamp else {}
+                digest = step.artifact_recipe(digests)[1]
+                prov = step_provenance(source_sha256=plan.source_sha256, name=name, stamp=stamp, digest=digest,
+                                       extra=extra)
+                done[step.id] = run_target_step(
+                    step, Path(source), Path(tmp) if step.kind != "target" else out_dir,
+                    source_format=plan.source_format, files=files, outputs=outputs, provenance=prov, stem=stem,
+                    split_max_bytes=split_max_bytes if step.kind == "target" else None,
+                    progress=progress_for(step))
+                files[step.id] = done[step.id].path
+        return [_kept(done[t], out_dir) for t in plan.targets]
+
+
+def _kept(result: ConversionResult, out_dir: Path) -> ConversionResult:
+    """A target's files moved out of the temporary folder (made there as shared inputs)."""
+    import dataclasses
+    import os
+
+    if result.path.parent == out_dir:
+        return result
+    names = result.metadata.get("files") or [result.path.name]
+    for n in names:
+        os.replace(result.path.parent / n, out_dir / n)
+    return dataclasses.replace(result, path=out_dir / result.path.name)
+
+
+def _sha256(path: Path) -> str:
+    """A file's digest, for a recipe that names it (a stamped run only: it reads the file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

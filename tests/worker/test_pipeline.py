@@ -69,23 +69,32 @@ def _objects(runtime) -> list[str]:
 
 
 def test_targets_are_made_from_one_intermediate(runtime, source_id):
+    """The plan: the F16 comes out of the prepare task's one read of the source (with the
+    intermediate), straight from the source as convert_hf_to_gguf.py makes it; the Q8_0 is
+    quantized from the intermediate in a task of its own, against the reference outputs stored
+    beside the intermediate."""
     job_id = _job(runtime, source_id, ["F16", "Q8_0"])
     outcome, targets = _run(runtime, job_id)
-    assert (outcome, targets) == ("dispatched", ["succeeded", "succeeded"])
+    assert (outcome, targets) == ("dispatched", ["succeeded"])  # only the Q8_0 needed a task
     job = _get(runtime, job_id)
     assert job["status"] == "succeeded" and job["progress"] == 1.0
     assert [t["status"] for t in job["targets"]] == ["succeeded", "succeeded"]
     assert all(t["estimate"]["size_bytes"] > 0 for t in job["targets"])
     assert len(job["artifact_ids"]) == 2 and len(job["intermediate_artifact_ids"]) == 1
-    assert len(_objects(runtime)) == 3 and runtime.store.list_keys("tmp/") == []
+    # intermediate + its reference outputs, F16, Q8_0
+    assert len(_objects(runtime)) == 4 and runtime.store.list_keys("tmp/") == []
 
     (intermediate,) = job["intermediate_artifact_ids"]
     with runtime.session() as s:
-        assert catalog.get_artifact(s, artifact_id=intermediate).quantization == "F32"
-        for artifact_id in job["artifact_ids"]:
-            up = catalog.lineage(s, artifact_id=artifact_id)["upstream"]
-            assert [(n["type"], n["id"]) for n in up][:1] == [("artifact", intermediate)]
-            assert up[-1]["type"] == "source" and up[-1]["id"] == source_id
+        inter = catalog.get_artifact(s, artifact_id=intermediate).to_dict()
+        assert inter["quantization"] == "F32"
+        assert [c["name"] for c in inter["metadata"]["companion_files"]] == ["reference.safetensors"]
+        f16_id, q8_id = job["artifact_ids"]
+        f16_up = catalog.lineage(s, artifact_id=f16_id)["upstream"]
+        assert [(n["type"], n["id"]) for n in f16_up] == [("source", source_id)]
+        q8_up = catalog.lineage(s, artifact_id=q8_id)["upstream"]
+        assert [(n["type"], n["id"]) for n in q8_up][:1] == [("artifact", intermediate)]
+        assert q8_up[-1]["type"] == "source" and q8_up[-1]["id"] == source_id
 
     # A redelivered prepare message does nothing to a finished job.
     assert run_job(runtime, job_id, lambda *a: pytest.fail("dispatched twice")) == "finished"
@@ -102,7 +111,7 @@ def test_target_equal_to_the_intermediate_reuses_it_and_jobs_share_it(runtime, s
     assert _run(runtime, second) == ("dispatched", ["succeeded"])
     again = _get(runtime, second)
     assert again["artifact_ids"][0] == job["artifact_ids"][0]  # reused by recipe hash
-    assert len(_objects(runtime)) == 2  # the F32 once, the Q8_0
+    assert len(_objects(runtime)) == 3  # the F32 once (its reference outputs beside it), the Q8_0
 
 
 def test_cancel_while_running_stops_and_leaves_nothing(runtime, source_id):
@@ -186,12 +195,12 @@ def test_a_failing_target_fails_the_job_and_cleans_up(runtime, source_id, monkey
 
     monkeypatch.setattr(stages, "quantize", quantize_then_fail)
     job_id = _job(runtime, source_id, ["F16", "Q8_0"])
-    assert _run(runtime, job_id) == ("dispatched", ["succeeded", "failed"])
+    assert _run(runtime, job_id) == ("dispatched", ["failed"])  # the F16 was made in the prepare task
     job = _get(runtime, job_id)
     assert job["status"] == "failed"
     assert job["error"]["code"] == "validation_failed" and "KL" in job["error"]["message"]
     assert [t["status"] for t in job["targets"]] == ["succeeded", "failed"]
-    assert len(_objects(runtime)) == 2  # the intermediate and the F16, nothing of the Q8_0
+    assert len(_objects(runtime)) == 3  # the intermediate (+ reference) and the F16, nothing of the Q8_0
     assert runtime.store.list_keys("tmp/") == []
 
 

@@ -244,14 +244,26 @@ def test_expired_lease_job_is_resent_and_claimed_by_another_worker(rt, app, redi
     assert (again.kind, again.attempt) == ("claimed", 2)
 
 
+def _tasks(source_sha256: str, target_ids: list[str], quants: tuple[str, ...]) -> dict:
+    """A dispatch record as the prepare task writes it: each target's step of the job's plan."""
+    from quantyard.engine.plan import TargetTask, plan_conversion
+
+    plan = plan_conversion(source_sha256=source_sha256, targets=[f"gguf:{q}" for q in quants])
+    return {"tasks": {tid: TargetTask(step=plan.step(step_id), source_sha256=source_sha256,
+                                      engine_version=plan.engine_version, source_format="hf",
+                                      artifacts={i: "art_x" for i in plan.step(step_id).inputs}).to_dict()
+                      for tid, step_id in zip(target_ids, plan.targets, strict=True)}}
+
+
 def test_lost_targets_are_resent_with_their_inputs(rt, app, redis_client, source_id):
     _worker(rt, concurrency=2)
     job_id = _job(rt, source_id, targets=("gguf:Q8_0", "gguf:Q4_K_M", "gguf:F16"))
     assert _claim(rt, job_id).kind == "claimed"
-    inputs = {"intermediate_artifact_id": "art_x", "imatrix_artifact_ids": {}}
     with rt.session() as s:
         job = catalog.get_job(s, job_id=job_id)
         first, second, third = [t.id for t in job.targets]
+        sha = catalog.get_source(s, source_id=source_id).sha256
+        inputs = _tasks(sha, [first, second, third], ("Q8_0", "Q4_K_M", "F16"))
         catalog.mark_dispatched(s, job_id=job_id, message="3 target(s) dispatched", inputs=inputs)
         s.execute(update(catalog.Job).where(catalog.Job.id == job_id)
                   .values(dispatched_at=catalog.models.utcnow() - timedelta(seconds=GRACE_S + 5)))
@@ -264,10 +276,30 @@ def test_lost_targets_are_resent_with_their_inputs(rt, app, redis_client, source
     sent = sorted((r.kind, r.target_id) for r in reconcile_once(rt, app))
     assert sent == [("expired_target", second), ("pending_target", third)]
     messages = sorted(_queued_messages(redis_client), key=lambda m: m[1][1])
-    assert messages == sorted([("quantyard.convert_target", [job_id, second, inputs]),
-                               ("quantyard.convert_target", [job_id, third, inputs])], key=lambda m: m[1][1])
+    tasks = inputs["tasks"]  # each target gets its own step, as recorded
+    assert messages == sorted([("quantyard.convert_target", [job_id, second, tasks[second]]),
+                               ("quantyard.convert_target", [job_id, third, tasks[third]])], key=lambda m: m[1][1])
     assert {e["target_id"] for e in _resend_events(rt, job_id)} == {second, third}
     assert waiting_message_ids(app, ["cpu"]) == {second, third}
+
+
+def test_a_target_without_a_valid_recorded_step_is_failed_not_resent_forever(rt, app, redis_client, source_id):
+    """A dispatch record from before the plan (free-form inputs), or a damaged one, cannot make
+    a message the task would accept: the target fails saying why, once, and its job settles."""
+    _worker(rt, concurrency=2)
+    job_id = _job(rt, source_id, targets=("gguf:Q8_0",))
+    assert _claim(rt, job_id).kind == "claimed"
+    with rt.session() as s:
+        catalog.mark_dispatched(s, job_id=job_id, message="1 target(s) dispatched",
+                                inputs={"intermediate_artifact_id": "art_x", "imatrix_artifact_ids": {}})
+        s.execute(update(catalog.Job).where(catalog.Job.id == job_id)
+                  .values(dispatched_at=catalog.models.utcnow() - timedelta(seconds=GRACE_S + 5)))
+        s.commit()
+    assert reconcile_once(rt, app) == []
+    assert _queued_messages(redis_client) == []
+    job = _get(rt, job_id)
+    assert job["status"] == "failed" and job["targets"][0]["error"]["code"] == "invalid_message"
+    assert reconcile_once(rt, app) == []
 
 
 def test_cancel_ends_a_job_nobody_runs(rt, app, source_id):
@@ -409,7 +441,12 @@ def test_embedded_broker_queue_is_read(tmp_path):
     app = make_celery(Settings(data_dir=tmp_path / "data"))
     assert waiting_message_ids(app, ["cpu"]) == set()
     enqueue_job(app, job_id="job_a", hardware_class="cpu")
-    enqueue_target(app, job_id="job_a", target_id="tgt_b", inputs={"x": 1}, hardware_class="cpu")
+    from quantyard.engine.plan import TargetTask, plan_conversion
+
+    plan = plan_conversion(source_sha256="ab" * 32, targets=["gguf:Q8_0"], source_format="gguf")
+    enqueue_target(app, job_id="job_a", target_id="tgt_b", hardware_class="cpu",
+                   task=TargetTask(step=plan.steps[0], source_sha256="ab" * 32,
+                                   engine_version=plan.engine_version, source_format="gguf"))
     enqueue_job(app, job_id="job_c", hardware_class="cuda")
     assert waiting_message_ids(app, ["cpu"]) == {"job_a", "tgt_b"}
     assert waiting_message_ids(app, ["cpu", "cuda"]) == {"job_a", "tgt_b", "job_c"}
