@@ -18,6 +18,7 @@ from pathlib import Path
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 
+import quantyard.engine.plan
 from quantyard.settings import Settings
 
 CONVERT_TASK = "quantyard.convert_job"
@@ -188,12 +189,13 @@ class JobDispatcher:
         self._declared |= declared  # only once the batch reached the broker
 
 
-def enqueue_target(app: Celery, *, job_id: str, target_id: str, inputs: dict,
+def enqueue_target(app: Celery, *, job_id: str, target_id: str, task: quantyard.engine.plan.TargetTask,
                    hardware_class: str) -> None:
-    """Send one target of a prepared job to its own task (workers of the same class)."""
+    """Send one target of a prepared job to its own task (workers of the same class): its step
+    of the job's conversion plan, serialised (the task parses it strictly again)."""
     app.send_task(
         CONVERT_TARGET_TASK,
-        args=[job_id, target_id, inputs],
+        args=[job_id, target_id, task.to_dict()],
         queue=queue_name(hardware_class),
         retry=True,
         retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
