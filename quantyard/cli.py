@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from quantyard.settings import get_settings
+from quantyard.worker_check import worker_check
 
 
 def _configure(**overrides) -> None:
@@ -986,6 +987,8 @@ def keys_revoke(key_id) -> None:
         raise click.ClickException(f"no API key {key_id}") from None
     click.echo(f"revoked {key_id} ({name})")
 
+
+main.add_command(worker_check)  # the workers' probe (quantyard/worker_check.py)
 
 if __name__ == "__main__":
     main()
