@@ -253,9 +253,9 @@ class _PlanRun:
         """An importance matrix (format "imatrix") from its calibration text, made once."""
         from quantyard import engine
         from quantyard.engine.results import ConversionResult
-        from quantyard.engine.stages import calibration_for, compute_imatrix
+        from quantyard.engine.stages import calibration_for, compute_imatrix, imatrix_filename
 
-        path = self.work_dir / f"{self.job['source']['name'] or 'model'}-imatrix.gguf"
+        path = self.work_dir / imatrix_filename(step)
 
         def on_progress(fraction: float, message: str) -> None:
             self.watch.progress(0.9 + 0.08 * fraction, message)

@@ -310,6 +310,12 @@ def step_provenance(*, source_sha256: str, name: str | None, stamp: bool, digest
     return provenance
 
 
+def imatrix_filename(step: Step) -> str:
+    """An imatrix step's file name, the same wherever the plan runs: the quantized file records
+    it (quantize.imatrix.file, as llama-quantize does), so it is part of the target's bytes."""
+    return f"imatrix-{step.spec.params['calibration'][:16]}.gguf"
+
+
 def make_reference(source_dir: Path, out_path: Path | None = None, *,
                    progress: Progress | None = None) -> ReferenceOutputs:
     """The reference step: the source's outputs on the probe text (saved to `out_path`)."""
@@ -424,7 +430,7 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
             if step.id == "imatrix:given" and given_imatrix is not None:
                 files[step.id] = Path(given_imatrix)
             elif step.kind == "imatrix":
-                files[step.id] = Path(tmp) / f"{step.id.replace(':', '-')}.gguf"
+                files[step.id] = Path(tmp) / imatrix_filename(step)
                 compute_imatrix(Path(source), files["intermediate"], files[step.id],
                                 text=calibration_for(plan, step, calibration_text))
             elif step.kind in ("onnx_fp32", "target"):
