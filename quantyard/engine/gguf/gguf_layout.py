@@ -85,6 +85,9 @@ class Layout:
         return int(cast(int, kv.value)) if kv is not None else 32  # a u32 key, decoded to int
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
@@ -134,6 +137,23 @@ class _Cursor:
         n = self._length(what, MAX_STRING_BYTES)  # (not `self.pos += ...`: that reads pos first)
         self.pos += n
 
+    def _skip_strings(self, what: str, count: int) -> None:
+        """skip_string `count` times, the same checks in one tight loop (a 150k-token vocabulary
+        is two such arrays, and this walk was most of a layout read)."""
+        buf, pos, end, length = self.buf, self.pos, len(self.buf), _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self.fail("the GGUF header ends early")
+            n = length(buf, pos)[0]
+            pos += 8
+            if n > MAX_STRING_BYTES:
+                raise self.fail(f"{what} is {n} bytes long, more than the {MAX_STRING_BYTES} allowed")
+            if n > end - pos:
+                raise self.fail(f"{what} runs past the end of the file")
+            pos += n
+        self.pos = pos
+
     def value(self, vtype: int, key: str, decode: bool = True, depth: int = 0):
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype], _SIZES[vtype])
@@ -155,6 +175,9 @@ class _Cursor:
         keep = decode and count <= MAX_DECODED_ARRAY
         if not keep and item_type in _SIZES:
             self.pos += count * item_size  # fixed-size items: one jump (fits: count() checked)
+            return None
+        if not keep and item_type == _STRING:
+            self._skip_strings(f"a string in {key}", count)
             return None
         items = [self.value(item_type, key, keep, depth + 1) for _ in range(count)]
         return items if keep else None

@@ -30,6 +30,7 @@ added tokens' types.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -80,12 +81,34 @@ def does_token_look_special(text: str | bytes) -> bool:
 MAX_TOKENIZER_JSON_BYTES = 96 * 1024 * 1024
 
 
+# Parsed tokenizer files of the source being converted, keyed by path and file identity: one job
+# asks for tokenizer.json ~6 times (architecture, vocabulary, special vocabulary, estimates), each
+# parse of a 150k+ vocabulary ~1 s. A few entries: one source's files, never a growing set.
+_PARSED: dict[tuple, dict] = {}
+_PARSED_MAX = 4
+_parsed_lock = threading.Lock()
+
+
 def _read_json(path: Path) -> dict:
-    """A tokenizer file from the upload, parsed with caps (InvalidModel naming it)."""
+    """A tokenizer file from the upload, parsed with caps (InvalidModel naming it). Shared between
+    callers while the file is unchanged: read it, never modify it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return {}
     if not path.is_file():
         return {}
-    return load_json_object(path, name=path.name, max_bytes=MAX_TOKENIZER_JSON_BYTES,
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _parsed_lock:
+        if key in _PARSED:
+            return _PARSED[key]
+    data = load_json_object(path, name=path.name, max_bytes=MAX_TOKENIZER_JSON_BYTES,
                             reject_duplicates=False)  # a repeated vocab entry is not an attack
+    with _parsed_lock:
+        while len(_PARSED) >= _PARSED_MAX:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = data
+    return data
 
 
 def tokenizer_config(root: Path) -> dict:
