@@ -287,3 +287,29 @@ def test_reference_peak_memory_below_model_size(medium_llamas):
     # measured ~40 MiB: one float32 weight, its bf16 pages and the allocator's last freed one
     assert grown < facts["weights_bytes"] / 3, (grown, facts)
     assert grown < 4 * facts["largest_tensor_f32_bytes"] + 16 * 2**20, (grown, facts)
+
+
+def test_meta_parameters_only_in_the_building_thread():
+    """Another thread building a model while a streamed one is being built keeps real weights."""
+    import threading
+
+    import torch
+
+    from quantyard.engine.hf.streamed import _parameters_on_meta
+
+    inside, other_done, seen = threading.Event(), threading.Event(), {}
+
+    def build_streamed():
+        with _parameters_on_meta():
+            inside.set()
+            other_done.wait(10)
+            seen["streamed"] = torch.nn.Linear(4, 4).weight.is_meta
+
+    t = threading.Thread(target=build_streamed)
+    t.start()
+    inside.wait(10)
+    seen["other"] = torch.nn.Linear(4, 4).weight.is_meta
+    other_done.set()
+    t.join()
+    assert seen == {"streamed": True, "other": False}
+    assert not torch.nn.Linear(4, 4).weight.is_meta  # the hook is gone afterwards

@@ -7,8 +7,9 @@
 2. Its vocabulary and chat template are the source tokenizer's (transformers is the oracle):
    every ordinary token's text at its id, the template verbatim.
 3. llama.cpp loads it, tokenizes a probe text and every added/special token exactly as the HF
-   tokenizer does, and its logits on that text are close to transformers' float32 logits on the
-   source folder.
+   tokenizer does, and its logits on that text are close to the source model's own float32
+   logits (reference.py: computed in bounded memory, once per source, or given as a stored
+   ReferenceOutputs so no transformers model runs here at all).
 Any failed check raises ValidationFailed carrying the numbers; nothing here only warns. The HF
 tokenizer is loaded once per source folder (hf.tokenizer_cache) and shared by every check and
 every target.

@@ -15,6 +15,7 @@ is tied to would be dropped silently), every tensor finite when it is read.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,26 +28,43 @@ from .strict_load import _file_label, _reader, _refuse, check_names, is_recomput
 Progress = Callable[[float, str], None]
 
 
+_meta = threading.local()  # set in the one thread building a streamed model
+_patch_lock = threading.Lock()
+_patch_users = 0
+_ORIGINAL_REGISTER: list = []  # torch's own register_parameter while the hook is installed
+
+
+def _register_parameter(module, name, param):
+    _ORIGINAL_REGISTER[0](module, name, param)
+    if getattr(_meta, "active", False) and param is not None and not param.is_meta:
+        module._parameters[name] = type(param)(param.to("meta"), requires_grad=False)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Every nn.Parameter registered inside lands on the meta device; buffers stay real (rotary
-    inv_freq, Gemma's embedding scale: computed from the config in __init__, never stored).
-    Modules create their parameters with torch.empty and initialise them after registering, so
-    the random initialisation runs on meta tensors too (nothing allocated, nothing computed)."""
+    """Every nn.Parameter registered in this thread inside lands on the meta device; buffers
+    stay real (rotary inv_freq, Gemma's embedding scale: computed from the config in __init__,
+    never stored). Modules create their parameters with torch.empty and initialise them after
+    registering, so the random initialisation runs on meta tensors (nothing allocated, nothing
+    computed). The hook is process-wide while any thread is inside, but acts only for the
+    threads inside: another thread building a model meanwhile gets real parameters."""
     import torch
 
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=False)
-
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            _ORIGINAL_REGISTER[:] = [torch.nn.Module.register_parameter]
+            torch.nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _patch_users += 1
+    _meta.active = True
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _meta.active = False
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                torch.nn.Module.register_parameter = _ORIGINAL_REGISTER[0]  # type: ignore[method-assign]
 
 
 def _empty_model(cls, root: Path, attn_implementation: str | None):
