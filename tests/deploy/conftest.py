@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy import render
 from tests.fixtures.services import service_unavailable
@@ -26,3 +27,64 @@ def renders() -> dict[str, list[dict[str, Any]]]:
     out["base"] = render.kustomize(render.K8S / "base")
     out["base+components"] = render.base_with_components()
     return out
+
+
+class PrometheusServer:
+    """A real Prometheus (Debian's `prometheus` package) on loopback, scraping what it is told."""
+
+    def __init__(self, binary: str, workdir, targets: dict[str, list[str]]):
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
+                                     for job, hosts in targets.items()]}
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = (workdir / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "prometheus exited"
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("prometheus not ready")
+
+    def query(self, expr: str) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+def start_prometheus(workdir, targets: dict[str, list[str]]) -> PrometheusServer:
+    binary = require_tool("prometheus", "Debian package prometheus (scripts/test installs it)")
+    server = PrometheusServer(binary, workdir, targets)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
