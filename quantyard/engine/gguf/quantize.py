@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,38 +203,68 @@ def shard_paths(output_path: Path, count: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def _write_tensor(f, it: _Item, nthread: int) -> None:
-    """One tensor's bytes: copied when its type does not change, else converted in row slabs
-    that never cross an expert boundary (each expert has its own imatrix slice)."""
-    t = it.src
+@dataclass(frozen=True)
+class _Slab:
+    """Rows [first, first+count) of one tensor, quantized with `weights` (one expert's slice)."""
+
+    item: _Item
+    first: int
+    count: int
+    weights: np.ndarray | None
+
+
+def _slabs(it: _Item) -> list[_Slab]:
+    """A converted tensor in row slabs that never cross an expert boundary (each expert has its
+    own imatrix slice); none for a tensor copied as is."""
     if not it.choice.quantize:
-        f.write(t.raw.data)  # a memoryview of the mapped bytes
-        return
+        return []
+    t = it.src
     n = t.ne[0]
     rows_per_mat = t.ne[1] if len(t.ne) > 1 else 1
     n_mat = t.n_elements // n // rows_per_mat
-    slab = max(1, _SLAB_VALUES // n)
-    for m in range(n_mat):
-        w = it.weights[m * n:(m + 1) * n] if it.weights is not None else None
-        for r in range(0, rows_per_mat, slab):
-            count = min(slab, rows_per_mat - r)
-            rows = np.ascontiguousarray(t.rows_f32(m * rows_per_mat + r, count), dtype=np.float32)
-            f.write(ggml_quants.quantize_rows(rows, it.entry.type_id, w, nthread))
+    step = max(1, _SLAB_VALUES // n)
+    return [_Slab(it, m * rows_per_mat + r, min(step, rows_per_mat - r),
+                  it.weights[m * n:(m + 1) * n] if it.weights is not None else None)
+            for m in range(n_mat) for r in range(0, rows_per_mat, step)]
+
+
+def _rows(slab: _Slab) -> np.ndarray:
+    return np.ascontiguousarray(slab.item.src.rows_f32(slab.first, slab.count), dtype=np.float32)
 
 
 def _write_shard(path: Path, kv: list[bytes], items: list[_Item], alignment: int, nthread: int,
                  on_tensor: Callable[[_Item], None]) -> None:
-    with open(path, "wb") as f:
+    """Header, then every tensor: copied when its type does not change, else quantized slab by
+    slab. The next slab is read and widened to float32 in a helper thread while ggml quantizes
+    the current one on `nthread` threads, so the serial read/convert/write steps overlap the
+    kernel; bytes and order are the serial path's."""
+    plan = [(it, _slabs(it)) for it in items]
+    queue = [s for _, slabs in plan for s in slabs]
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="quantize-read") as pool:
         go.write_header(f, kv, [i.entry for i in items], alignment)
-        for it in items:
-            start = f.tell()
-            _write_tensor(f, it, nthread)
-            written = f.tell() - start
-            if written != it.entry.nbytes:
-                raise RuntimeError(f"{it.entry.name}: wrote {written} bytes, planned {it.entry.nbytes}")
-            go.write_padding(f, written, alignment)
-            release_pages(it.src.raw)  # keep peak memory at one tensor, not the whole input
-            on_tensor(it)
+        pending = pool.submit(_rows, queue[0]) if queue else None
+        k = 0
+        try:
+            for it, slabs in plan:
+                start = f.tell()
+                if not slabs:
+                    f.write(it.src.raw.data)  # a memoryview of the mapped bytes
+                for slab in slabs:
+                    assert pending is not None
+                    rows = pending.result()
+                    k += 1
+                    pending = pool.submit(_rows, queue[k]) if k < len(queue) else None
+                    f.write(ggml_quants.quantize_rows(rows, it.entry.type_id, slab.weights, nthread).data)
+                    del rows
+                written = f.tell() - start
+                if written != it.entry.nbytes:
+                    raise RuntimeError(f"{it.entry.name}: wrote {written} bytes, planned {it.entry.nbytes}")
+                go.write_padding(f, written, alignment)
+                release_pages(it.src.raw)  # keep peak memory at one tensor, not the whole input
+                on_tensor(it)
+        finally:
+            if pending is not None:
+                pending.cancel()
 
 
 @contextlib.contextmanager
