@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 10.0
     worker_stale_after_s: float = 60.0
     worker_concurrency: int = 1
+    # Where a worker's main process serves its Prometheus metrics (worker/metrics.py; only with
+    # PROMETHEUS_MULTIPROC_DIR set, as the images do).
+    worker_metrics_port: int = Field(default=9600, ge=1, le=65535)
     # Workers anchor the audit chain's head in the object store this often (0: never). Events
     # after the newest anchor are what a database superuser could still cut off unnoticed, so
     # the window is short; an idle chain is not anchored again (one small object per interval

@@ -23,7 +23,7 @@ from quantyard.queue import (
     queue_name,
 )
 from quantyard.settings import Settings, get_settings
-from worker import hardware
+from worker import hardware, metrics
 from worker.outage import backoff_s, is_catalog_outage, wait_for_catalog
 from worker.pipeline import run_job
 from worker.reconciler import Reconciler
@@ -44,6 +44,7 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
     _limit_pool_processes(settings)
     _HeartbeatStep.config = (settings, hardware_classes, worker_id)
     app.steps["consumer"].add(_HeartbeatStep)
+    metrics.install(app, settings, hardware_classes=hardware_classes)  # worker/metrics.py
     return app
 
 
