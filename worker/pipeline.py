@@ -22,7 +22,7 @@ from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.publish import publish
 from worker.reuse import find_present, reuse, reuse_known_targets
 from worker.runtime import WorkerRuntime
-from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
+from worker.sources import SOURCE_META, fetch_artifact, fetch_gguf_source, fetch_source, pack_source_meta, source_info
 from worker.watch import JobWatch, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,9 @@ class _PlanRun:
         made = run_source_pass(self.source_dir, self.plan, steps, self.work_dir / "pass",
                                provenance=self._provenance(None), validate=[s.id for s in steps],
                                stem=None, outputs=self.outputs, progress=on_progress)
-        if "intermediate" in made and self.reference_path is not None:
-            made["intermediate"] = _with_companion(made["intermediate"], self.reference_path)
+        if "intermediate" in made and self.reference_path is not None:  # what target tasks need of the source
+            meta = pack_source_meta(self.source_dir, self.work_dir / SOURCE_META)
+            made["intermediate"] = _with_companion(_with_companion(made["intermediate"], self.reference_path), meta)
         self.watch.progress(0.86, "source pass: uploading", force=True)
         keys = {step_id: tid for tid, step_id in reversed(self.pending.items())}
         for step in steps:  # a target's file under its target id, as target tasks store theirs

@@ -14,6 +14,40 @@ def source_info(source) -> dict:
             "name": source.name, "format": (source.meta or {}).get("format", "hf")}
 
 
+# Stored beside the intermediate (with the reference outputs): the source folder's files but its
+# weights (config, tokenizer, chat template), all a GGUF target task needs of the source once the
+# reference outputs are computed; it then never downloads the source archive (a model's size).
+SOURCE_META = "source-meta.tar"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5", ".msgpack", ".npz",
+                    ".pkl", ".data")
+MAX_META_BYTES = 512 << 20  # a 262k-token tokenizer.json is ~35 MB
+
+
+def pack_source_meta(source_dir: Path, out: Path) -> Path:
+    """SOURCE_META of an unpacked source: its top-level files but the weights, in a plain tar."""
+    import tarfile
+
+    files = sorted(p for p in Path(source_dir).iterdir()
+                   if p.is_file() and not p.is_symlink() and not p.name.lower().endswith(_WEIGHT_SUFFIXES))
+    if sum(p.stat().st_size for p in files) > MAX_META_BYTES:
+        raise InvalidModel(f"the source's files besides its weights exceed {MAX_META_BYTES >> 20} MiB")
+    with tarfile.open(out, "w") as tar:
+        for p in files:
+            tar.add(p, arcname=p.name, recursive=False)
+    return out
+
+
+def unpack_source_meta(rt, archive: Path, work_dir: Path) -> Path:
+    """The folder a SOURCE_META tar holds (unpacked as carefully as any upload)."""
+    folder = work_dir / "source"
+    try:
+        extract_archive(archive, folder, max_members=rt.settings.max_archive_members,
+                        max_unpacked_bytes=min(rt.settings.max_unpacked_bytes, MAX_META_BYTES))
+    except ValueError as exc:
+        raise InvalidModel(f"the stored source files could not be unpacked: {exc}") from exc
+    return folder
+
+
 def fetch_gguf_source(rt, source: dict, work_dir: Path) -> Path:
     path = work_dir / "source.gguf"
     rt.store.download_file(source["key"], path)

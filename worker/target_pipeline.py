@@ -23,7 +23,14 @@ from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.publish import publish
 from worker.reuse import find_present, reuse
 from worker.runtime import WorkerRuntime
-from worker.sources import fetch_artifact, fetch_gguf_source, fetch_source, source_info
+from worker.sources import (
+    SOURCE_META,
+    fetch_artifact,
+    fetch_gguf_source,
+    fetch_source,
+    source_info,
+    unpack_source_meta,
+)
 from worker.watch import LeaseLost, TargetWatch
 
 log = logging.getLogger(__name__)
@@ -113,27 +120,31 @@ def _artifact(s, artifact_id: str, job) -> dict:
 
 
 def _fetch(rt, job: dict, work_dir: Path):
-    """The source (a GGUF source: the file; else the unpacked folder, which GGUF targets
-    need only for its tokenizer checks, ONNX targets for PyTorch), the input steps' files, and
-    the reference outputs (loaded from their artifact: never computed here)."""
+    """The input steps' files, the reference outputs (loaded from where the prepare task stored
+    them, beside the intermediate: never computed here), and the source: a GGUF source's file;
+    for a GGUF target with stored reference outputs only the source's files but its weights
+    (stored beside them too: the tokenizer checks need no more); else the unpacked archive."""
     from quantyard.engine.gguf.reference import ReferenceOutputs
     from quantyard.engine.stages import REFERENCE_FILE
 
-    task = job["task"]
-    if task.source_format == "gguf":
-        source = fetch_gguf_source(rt, job["source"], work_dir)
-    else:
-        source = fetch_source(rt, job["source"], work_dir / "src")
-    fetched: dict[str, Path] = {}  # artifact id -> its main file: the reference comes with the intermediate
+    fetched: dict[str, Path] = {}  # artifact id -> its main file (companions beside it)
     files = {}
     for step_id, art in job["inputs"].items():
         if art["id"] not in fetched:
             fetched[art["id"]] = fetch_artifact(rt, art, work_dir / art["id"])
         files[step_id] = fetched[art["id"]]
     outputs = None
-    if "reference" in files:  # a companion of the intermediate artifact, downloaded beside it
+    if "reference" in files:
         files["reference"] = files["reference"].parent / REFERENCE_FILE
         outputs = ReferenceOutputs.load(files["reference"])
+    task = job["task"]
+    meta = files["reference"].parent / SOURCE_META if outputs is not None else None
+    if task.source_format == "gguf":
+        source = fetch_gguf_source(rt, job["source"], work_dir)
+    elif meta is not None and meta.is_file() and task.step.spec.format == "gguf":
+        source = unpack_source_meta(rt, meta, work_dir / "src")
+    else:
+        source = fetch_source(rt, job["source"], work_dir / "src")
     return source, files, outputs
 
 

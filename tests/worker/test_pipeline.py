@@ -81,14 +81,15 @@ def test_targets_are_made_from_one_intermediate(runtime, source_id):
     assert [t["status"] for t in job["targets"]] == ["succeeded", "succeeded"]
     assert all(t["estimate"]["size_bytes"] > 0 for t in job["targets"])
     assert len(job["artifact_ids"]) == 2 and len(job["intermediate_artifact_ids"]) == 1
-    # intermediate + its reference outputs, F16, Q8_0
-    assert len(_objects(runtime)) == 4 and runtime.store.list_keys("tmp/") == []
+    # intermediate + its reference outputs and the source's files but its weights, F16, Q8_0
+    assert len(_objects(runtime)) == 5 and runtime.store.list_keys("tmp/") == []
 
     (intermediate,) = job["intermediate_artifact_ids"]
     with runtime.session() as s:
         inter = catalog.get_artifact(s, artifact_id=intermediate).to_dict()
         assert inter["quantization"] == "F32"
-        assert [c["name"] for c in inter["metadata"]["companion_files"]] == ["reference.safetensors"]
+        assert [c["name"] for c in inter["metadata"]["companion_files"]] == ["reference.safetensors",
+                                                                            "source-meta.tar"]
         f16_id, q8_id = job["artifact_ids"]
         f16_up = catalog.lineage(s, artifact_id=f16_id)["upstream"]
         assert [(n["type"], n["id"]) for n in f16_up] == [("source", source_id)]
@@ -111,7 +112,7 @@ def test_target_equal_to_the_intermediate_reuses_it_and_jobs_share_it(runtime, s
     assert _run(runtime, second) == ("dispatched", ["succeeded"])
     again = _get(runtime, second)
     assert again["artifact_ids"][0] == job["artifact_ids"][0]  # reused by recipe hash
-    assert len(_objects(runtime)) == 3  # the F32 once (its reference outputs beside it), the Q8_0
+    assert len(_objects(runtime)) == 4  # the F32 once (reference outputs, source files beside it), the Q8_0
 
 
 def test_cancel_while_running_stops_and_leaves_nothing(runtime, source_id):
@@ -200,7 +201,7 @@ def test_a_failing_target_fails_the_job_and_cleans_up(runtime, source_id, monkey
     assert job["status"] == "failed"
     assert job["error"]["code"] == "validation_failed" and "KL" in job["error"]["message"]
     assert [t["status"] for t in job["targets"]] == ["succeeded", "failed"]
-    assert len(_objects(runtime)) == 3  # the intermediate (+ reference) and the F16, nothing of the Q8_0
+    assert len(_objects(runtime)) == 4  # the intermediate (+ 2 companions) and the F16, nothing of the Q8_0
     assert runtime.store.list_keys("tmp/") == []
 
 

@@ -56,6 +56,14 @@ def _sha(path: Path) -> str:
 def test_cli_and_service_make_the_same_bytes_reading_the_source_once(runtime, source_id, counts,  # noqa: F811
                                                                       tiny_llama_dir, tmp_path):
     job_id = _job(runtime, source_id, QUANTS)
+    downloads: list[str] = []
+    real_download = runtime.store.download_file
+
+    def download(key, dest, *args, **kwargs):
+        downloads.append(key)
+        return real_download(key, dest, *args, **kwargs)
+
+    runtime.store.download_file = download
     outcome, targets = _run(runtime, job_id)
     assert (outcome, targets) == ("dispatched", ["succeeded"] * 3)  # F16: in the prepare task's pass
     job = _get(runtime, job_id)
@@ -65,8 +73,11 @@ def test_cli_and_service_make_the_same_bytes_reading_the_source_once(runtime, so
 
     with runtime.session() as s:
         service = [catalog.get_artifact(s, artifact_id=i).to_dict() for i in job["artifact_ids"]]
-        sha256 = catalog.get_source(s, source_id=source_id).sha256
-        name = catalog.get_source(s, source_id=source_id).name
+        source = catalog.get_source(s, source_id=source_id)
+        sha256, name, source_key = source.sha256, source.name, source.storage_key
+    # the source archive is downloaded by the prepare task only: target tasks get the source's
+    # files but its weights, stored beside the intermediate with the reference outputs
+    assert downloads.count(source_key) == 1, downloads
     assert [a["quantization"] for a in service] == QUANTS
 
     # The same source: the folder the service unpacked is named as in its archive, and llama.cpp
