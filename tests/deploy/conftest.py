@@ -32,16 +32,19 @@ def renders() -> dict[str, list[dict[str, Any]]]:
 class PrometheusServer:
     """A real Prometheus (Debian's `prometheus` package) on loopback, scraping what it is told."""
 
-    def __init__(self, binary: str, workdir, targets: dict[str, list[str]]):
+    def __init__(self, binary: str, workdir, targets: dict[str, list[str]], tokens: dict[str, str] | None = None):
         import socket
         import subprocess
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]}
-                                     for job, hosts in targets.items()]}
+        jobs = [{"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()]
+        for job in jobs:
+            if job["job_name"] in (tokens or {}):  # the API's /metrics takes the scrape token
+                job["authorization"] = {"type": "Bearer", "credentials": tokens[job["job_name"]]}
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": jobs}
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (workdir / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
@@ -79,9 +82,9 @@ class PrometheusServer:
         self.log.close()
 
 
-def start_prometheus(workdir, targets: dict[str, list[str]]) -> PrometheusServer:
+def start_prometheus(workdir, targets: dict[str, list[str]], tokens: dict[str, str] | None = None) -> PrometheusServer:
     binary = require_tool("prometheus", "Debian package prometheus (scripts/test installs it)")
-    server = PrometheusServer(binary, workdir, targets)
+    server = PrometheusServer(binary, workdir, targets, tokens)
     try:
         server.wait_ready()
     except BaseException:

@@ -9,6 +9,8 @@ the plain rule file.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -82,9 +84,26 @@ def _closed(node: Any) -> Any:
     return node
 
 
+CRD_PACKAGES = ("cloudcoil-models-keda", "cloudcoil-models-prometheus-operator")
+
+
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> strict JSON schema, from cloudcoil-models-keda and
-    cloudcoil-models-prometheus-operator (pydantic models of the CRDs' OpenAPI schemas)."""
+    cloudcoil-models-prometheus-operator (pydantic models of the CRDs' OpenAPI schemas). Importing
+    the models takes seconds: the schemas are cached under .test-cache/, per package versions."""
+    from importlib.metadata import version
+
+    tag = "-".join(f"{p}={version(p)}" for p in CRD_PACKAGES)
+    cache = ROOT / ".test-cache" / f"crd-schemas-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.json"
+    if cache.exists():
+        return {tuple(key.split(" ", 1)): schema for key, schema in json.loads(cache.read_text()).items()}
+    schemas = _generate_crd_schemas()
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text(json.dumps({" ".join(key): schema for key, schema in schemas.items()}))
+    return schemas
+
+
+def _generate_crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     from cloudcoil.models.keda import v1alpha1 as keda
     from cloudcoil.models.prometheus_operator import v1 as monitoring
 

@@ -143,6 +143,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.parametrize("catalog_url", ["postgres"], indirect=True)  # one run is enough here
 def test_prometheus_scrapes_a_worker_and_answers_the_core_queries(multiproc, state_collector, tmp_path, monkeypatch):
     folder, _ = multiproc
     collector, hardware_class = state_collector
