@@ -14,6 +14,7 @@ Without ``PROMETHEUS_MULTIPROC_DIR`` nothing is served (samples stay in each pro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -61,6 +62,11 @@ def stage(name: str, *, fmt: str, hardware_class: str) -> Iterator[None]:
         yield
     finally:
         STAGE_SECONDS.labels(name, fmt, hardware_class).observe(time.monotonic() - start)
+
+
+def target_stage(name: str, rt, spec) -> contextlib.AbstractContextManager[None]:
+    """``stage`` for a target's pipeline: its format, the worker's hardware class."""
+    return stage(name, fmt=spec.format, hardware_class=rt.worker_id.rsplit(":", 1)[-1])
 
 
 def conversion_started(*, fmt: str, quantization: str, hardware_class: str) -> None:

@@ -18,6 +18,7 @@ from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.plan import InvalidPlan, TargetTask, kind_of
 from quantyard.engine.spec import parse_target, split_max_bytes
+from worker import metrics
 from worker.limits import ScratchQuota, resource_limit_of, scratch_limit
 from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.publish import publish
@@ -62,7 +63,8 @@ def _run_claimed(rt, job_id: str, target_id: str, message: dict, watch: TargetWa
         if _reused(rt, job):  # made by an identical recipe since the job was prepared
             return "succeeded"
         watch.progress(0.02, "fetching inputs", force=True)
-        source, files, outputs = _fetch(rt, job, work_dir)
+        with metrics.target_stage("fetch", rt, job["spec"]):
+            source, files, outputs = _fetch(rt, job, work_dir)
         _make_and_publish(rt, job, source, files, outputs, work_dir, watch)
         return "succeeded"
     except InvalidPlan as exc:  # not a message this engine sent: nothing of it can be trusted
@@ -164,14 +166,16 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
 
     provenance = step_provenance(source_sha256=task.source_sha256, name=job["source"]["name"], stamp=True,
                                  digest=digest)
-    result = run_target_step(task.step, source, work_dir / "out", source_format=task.source_format, files=files,
-                             outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
-                             if spec.format == "gguf" else None, progress=on_progress)
+    with metrics.target_stage("convert", rt, spec):  # quantize + validate (the engine's step)
+        result = run_target_step(task.step, source, work_dir / "out", source_format=task.source_format, files=files,
+                                 outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
+                                 if spec.format == "gguf" else None, progress=on_progress)
     watch.progress(0.92, "uploading", force=True)
-    publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
-            result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
-            recipe=recipe, digest=digest, parents=parents or None,
-            before_record=watch.raise_if_cancelled)  # settles the job in the same transaction
+    with metrics.target_stage("upload", rt, spec):
+        publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],
+                result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
+                recipe=recipe, digest=digest, parents=parents or None,
+                before_record=watch.raise_if_cancelled)  # settles the job in the same transaction
 
 
 def _recipe(job: dict) -> tuple[dict, str]:

@@ -165,6 +165,8 @@ def test_rendered_containers_run_a_job(postgres_url, redis_url, s3_server, tiny_
 
             _wait(answered, f"core queries {[k for k, v in results.items() if not v]}", stack, timeout_s=30)
             assert float(results["finished"][0]["value"][1]) >= 1
+            stages = {r["metric"]["stage"] for r in results["stage durations"]}
+            assert {"prepare", "fetch", "convert", "upload", "target"} <= stages, stages
         finally:
             prom.stop()
     finally:
