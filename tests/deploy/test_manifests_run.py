@@ -156,6 +156,7 @@ def test_rendered_containers_run_a_job(postgres_url, redis_url, s3_server, tiny_
                 "finished": 'sum(quantyard_conversions_finished_total{outcome="succeeded", format="gguf"})',
                 "stage durations": "histogram_quantile(0.95, sum by (le, stage) (quantyard_stage_duration_seconds_bucket))",
                 "live workers": 'max(quantyard_workers_live{hardware_class="cpu"})',
+                "bytes written": 'sum(quantyard_conversion_bytes_written_total{format="gguf"}) > 0',
             }
             results: dict[str, list] = {}
 
