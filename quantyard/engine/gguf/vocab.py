@@ -466,7 +466,10 @@ class _Recorder:
         # only what a real writer has: gguf-py's SpecialVocab probes getattr(w, "add_<typ>_token_id", None)
         if not name.startswith("add_") or not hasattr(gguf.GGUFWriter, name):
             raise AttributeError(name)
-        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+        # lists frozen to tuples: every replay hands out the same immutable values (the writer
+        # packs such an array once for all the files of a pass)
+        return lambda *args, **kwargs: self.calls.append(
+            (name, tuple(tuple(a) if isinstance(a, list) else a for a in args), kwargs))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ cores overlap read/convert with write; the bytes and their order do not depend o
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,53 @@ from .ggml_types import GGML_TYPES
 # encoding F16/BF16 rows of a tensor this big is split across threads (ggml's fp32->fp16 is a
 # plain loop; each chunk's bytes are independent of the split)
 _PARALLEL_ENCODE_VALUES = 1 << 20
+# metadata arrays at least this long (token lists, merges, scores, types) take the fast packing
+_FAST_ARRAY = 256
+_VT = gguf.GGUFValueType
+
+
+def _pack_array(val: Sequence, sub_type) -> bytes | None:
+    """GGUFWriter._pack_val's bytes for a little-endian array of strings or numbers (item type
+    and count, then the items), in one join / one struct call instead of one call per item;
+    None when the items are not of one such type (GGUFWriter then packs it, or says why not)."""
+    ltype = sub_type if sub_type is not None else _VT.get_type(val[0])
+    if sub_type is None and not all(_VT.get_type(v) is ltype for v in val):
+        return None
+    head = struct.pack("<IQ", ltype, len(val))
+    if ltype == _VT.STRING:
+        encoded = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+        return head + b"".join([struct.pack("<Q", len(e)) + e for e in encoded])
+    fmt = gguf.GGUFWriter._simple_value_packing.get(ltype)
+    if fmt is None or ltype == _VT.BOOL:
+        return None
+    return head + struct.pack(f"<{len(val)}{fmt}", *val)
+
+
+class _PackingWriter(gguf.GGUFWriter):
+    """GGUFWriter with long arrays packed in one call each, and an immutable (tuple) array packed
+    once for every file of a write_ggufs pass: a recorded vocabulary hands each file the same
+    tuples. Same bytes as GGUFWriter (tests/engine/test_metadata_parity.py compares every key
+    with convert_hf_to_gguf.py's; test_float_multi compares whole files)."""
+
+    def __init__(self, path: Path, arch: str, memo: dict[int, tuple[tuple, bytes]]) -> None:
+        super().__init__(path, arch)
+        self._memo = memo
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if (vtype != _VT.ARRAY or not isinstance(val, (list, tuple)) or len(val) < _FAST_ARRAY
+                or self.endianess != gguf.GGUFEndian.LITTLE):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        hit = self._memo.get(id(val)) if isinstance(val, tuple) and sub_type is None else None
+        if hit is not None and hit[0] is val:
+            body = hit[1]
+        else:
+            packed = _pack_array(val, sub_type)
+            if packed is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            body = packed
+            if isinstance(val, tuple) and sub_type is None:
+                self._memo[id(val)] = (val, body)
+        return (struct.pack("<I", _VT.ARRAY) if add_vtype else b"") + body
 
 
 @dataclass(frozen=True)
@@ -91,7 +139,8 @@ def write_ggufs(arch: str, outputs: Sequence[GGUFOutput],
     if not outputs:
         return
     _check_aligned(outputs)
-    writers = [gguf.GGUFWriter(out.path, arch) for out in outputs]
+    memo: dict[int, tuple[tuple, bytes]] = {}
+    writers = [_PackingWriter(out.path, arch, memo) for out in outputs]
     try:
         for w, out in zip(writers, outputs, strict=True):
             out.add_metadata(w)
@@ -107,7 +156,7 @@ def write_ggufs(arch: str, outputs: Sequence[GGUFOutput],
             w.close()
 
 
-def _stream(writers: list[gguf.GGUFWriter], outputs: Sequence[GGUFOutput],
+def _stream(writers: Sequence[gguf.GGUFWriter], outputs: Sequence[GGUFOutput],
             on_tensor: Callable[[int, TensorPlan], None] | None, nthread: int) -> None:
     columns = list(zip(*(out.plans for out in outputs), strict=True))
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-load") as pool:
