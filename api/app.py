@@ -18,6 +18,7 @@ from api import dashboard, docs
 from api.auth import authenticated
 from api.deps import known_query
 from api.errors import COMMON_ERRORS, error_responses, install_error_handlers
+from api.http_metrics import HttpMetrics, HttpMetricsMiddleware
 from api.metrics import make_registry
 from api.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from api.responses import JSONResponse
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
                        exempt=frozenset({("POST", "/v1/sources")}))  # streams archives, capped itself
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(app.state.metrics_registry))
 
     # Every /v1 router needs a valid API key (each route adds its role: api/auth.py); so do
     # /openapi.json and /metrics (the scrape token or an operator's key). Open: /healthz, /readyz

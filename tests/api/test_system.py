@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -60,6 +61,59 @@ def test_metrics(client, app, source):
     text = client.get("/metrics").text
     assert 'quantyard_jobs_finished_total{outcome="succeeded"} 1.0' in text
     assert 'quantyard_job_duration_seconds_count{outcome="succeeded"} 1.0' in text
+
+
+def _sample(text: str, line_start: str) -> float:
+    found = [ln for ln in text.splitlines() if ln.startswith(line_start)]
+    assert len(found) == 1, (line_start, found)
+    return float(found[0].rsplit(" ", 1)[1])
+
+
+def test_http_request_metrics_by_route_template(client, source):
+    """The board's API panels: requests by method, route template and status, and latency.
+    Ids never become label values (the route's template does)."""
+    job = submit(client, source["id"]).json()
+    for _ in range(3):
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 200
+    assert client.get("/v1/jobs/job_nope").status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+    text = client.get("/metrics").text
+    get_job = 'quantyard_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status='
+    assert _sample(text, get_job + '"200"}') == 3.0
+    assert _sample(text, get_job + '"404"}') == 1.0
+    assert _sample(text, 'quantyard_http_requests_total{method="POST",route="/v1/jobs",status="202"}') == 1.0
+    assert _sample(text, 'quantyard_http_requests_total{method="GET",route="unmatched",status="404"}') == 1.0
+    count = 'quantyard_http_request_duration_seconds_count{method="GET",route="/v1/jobs/{job_id}"}'
+    assert _sample(text, count) == 4.0
+    assert job["id"] not in text
+
+
+def test_http_request_metrics_sum_over_processes(tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR (the images set it before start; uvicorn runs several
+    processes) a scrape of one process reports every process's requests. Two processes here,
+    each with the variable set before prometheus-client is imported, as in a container."""
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    other = textwrap.dedent("""
+        from prometheus_client import CollectorRegistry
+        from api.http_metrics import HttpMetrics
+        HttpMetrics(CollectorRegistry()).observe("GET", "/v1/jobs", 200, 0.01)
+    """)
+    scrape = textwrap.dedent(f"""
+        from pathlib import Path
+        from tests.api.conftest import build_client, make_settings
+        with build_client(make_settings(Path({str(tmp_path / "a")!r}))) as c:
+            assert c.get("/v1/jobs").status_code == 200
+            print(c.get("/metrics").text)
+    """)
+    for code in (other, scrape):
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert _sample(text, 'quantyard_http_requests_total{method="GET",route="/v1/jobs",status="200"}') == 2.0
+    assert "quantyard_jobs_submitted_total" in text  # the catalog's own metrics are still there
 
 
 def test_metrics_registry_is_per_app(tmp_path):
