@@ -119,8 +119,10 @@ def test_refuses_quantized_types_and_shared_paths(tiny_llama_bf16_dir, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("chunk_values", [1 << 18, 1024])  # default; ~2 rows per chunk: many chunks
 @pytest.mark.parametrize("type_name", ["F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL"])
-def test_threaded_encoding_gives_the_serial_bytes(type_name):
+def test_threaded_encoding_gives_the_serial_bytes(type_name, chunk_values, monkeypatch):
+    monkeypatch.setattr(ggml_quants, "_CHUNK_VALUES", chunk_values)
     rng = np.random.default_rng(3)
     data = (rng.standard_normal((301, 512)) * 0.05).astype(np.float32)  # 301 rows: uneven split
     type_id = GGML_TYPES[type_name].id

@@ -101,15 +101,17 @@ def quantize(data: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None
     lib.ggml_quantize_init(int(ggml_type))  # builds lookup tables the i-quants need; idempotent
     flat_src, flat_out = src.reshape(nrows, n_per_row), out.reshape(nrows, -1)
     written = _run_chunks(lib, int(ggml_type), flat_src, flat_out, qw.ctypes.data if qw is not None else None,
-                          _ranges(nrows, n_per_row, nthread))
+                          _ranges(nrows, n_per_row, nthread), nthread)
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     return out
 
 
-def _run_chunks(lib, ggml_type: int, src: np.ndarray, out: np.ndarray, qw, ranges: list[tuple[int, int]]) -> int:
-    """ggml_quantize_chunk over row ranges of (nrows, n) `src` into (nrows, row_bytes) `out`, one
-    thread per range (ctypes drops the GIL during the C call); returns the bytes written."""
+def _run_chunks(lib, ggml_type: int, src: np.ndarray, out: np.ndarray, qw, ranges: list[tuple[int, int]],
+                nthread: int = 1) -> int:
+    """ggml_quantize_chunk over row ranges of (nrows, n) `src` into (nrows, row_bytes) `out`, on
+    up to `nthread` threads taking ranges as they finish (ctypes drops the GIL during the C
+    call); returns the bytes written."""
     n_per_row = src.shape[1]
 
     def work(first: int, count: int) -> int:
@@ -120,17 +122,23 @@ def _run_chunks(lib, ggml_type: int, src: np.ndarray, out: np.ndarray, qw, range
         return int(work(*ranges[0]))
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(ranges)) as pool:
+    with ThreadPoolExecutor(min(nthread, len(ranges))) as pool:
         return sum(pool.map(lambda r: work(*r), ranges))
+
+
+# rows handed to a worker thread at a time, in values: small enough that a thread slowed by a
+# busy core (a shared 2-core worker) leaves its share to the other, as llama.cpp's quantizer
+# threads take chunks from a shared counter; big enough that dispatch costs < 1%
+_CHUNK_VALUES = 1 << 18
 
 
 def _ranges(nrows: int, n_per_row: int, nthread: int) -> list[tuple[int, int]]:
     """Row ranges for the worker threads. Every ggml quantizer treats rows independently, so
-    the bytes do not depend on how the rows are split (llama.cpp splits the same way)."""
+    the bytes do not depend on how the rows are split (llama.cpp splits them its own way)."""
     if nthread <= 1 or nrows < 2:
         return [(0, nrows)]
-    # at least ~16k values per task (llama.cpp's min_chunk_size), at most one task per thread
-    per = max(-(-16384 // n_per_row), -(-nrows // nthread))
+    per = max(1, _CHUNK_VALUES // max(n_per_row, 1), -(-16384 // max(n_per_row, 1)))  # >= llama.cpp's min chunk
+    per = min(per, -(-nrows // nthread))  # every thread gets work
     return [(r, min(per, nrows - r)) for r in range(0, nrows, per)]
 
 
@@ -145,7 +153,7 @@ def quantize_rows(src: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = 
     lib = _lib()
     lib.ggml_quantize_init(int(ggml_type))
     qw = imatrix.ctypes.data if imatrix is not None else None
-    written = _run_chunks(lib, int(ggml_type), src, out, qw, _ranges(nrows, n_per_row, nthread))
+    written = _run_chunks(lib, int(ggml_type), src, out, qw, _ranges(nrows, n_per_row, nthread), nthread)
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
     if not lib.ggml_validate_row_data(int(ggml_type), out.ctypes.data, out.nbytes):
