@@ -14,6 +14,7 @@ cores overlap read/convert with write; the bytes and their order do not depend o
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -131,13 +132,15 @@ def _load_encoded(plans: Sequence[TensorPlan], nthread: int) -> dict[str, np.nda
 
 
 def write_ggufs(arch: str, outputs: Sequence[GGUFOutput],
-                on_tensor: Callable[[int, TensorPlan], None] | None = None, *, nthread: int = 2) -> None:
+                on_tensor: Callable[[int, TensorPlan], None] | None = None, *, nthread: int | None = None) -> None:
     """Write every output in one pass over the tensors; `on_tensor(i, plan)` (plan of the first
     output) runs after tensor i went to every file, and may raise (Cancelled): files are then left
     incomplete for the caller to remove. At most two tensors are in flight: the one being written
-    and the next one being loaded and encoded."""
+    and the next one being loaded and encoded; a big tensor is encoded on `nthread` threads
+    (default: every CPU)."""
     if not outputs:
         return
+    nthread = nthread or os.cpu_count() or 1
     _check_aligned(outputs)
     memo: dict[int, tuple[tuple, bytes]] = {}
     writers = [_PackingWriter(out.path, arch, memo) for out in outputs]
