@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
 
+    # json: one JSON object per log line with the job, target, worker and request ids
+    # (quantyard/logs.py), as the images and manifests set it; text: the servers' usual lines.
+    log_format: Literal["text", "json"] = "text"
+
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     # Where CLI client commands send requests.
