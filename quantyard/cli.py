@@ -110,15 +110,18 @@ def _run_api(settings, workers: int = 1) -> None:
     environment). Each process anchors the audit chain when it shuts down (api/app.py lifespan)."""
     import uvicorn
 
+    from quantyard.logs import configure_logging, uvicorn_logging
+
+    configure_logging(settings)  # QUANTYARD_LOG_FORMAT=json: JSON lines, uvicorn's too
     click.echo(f"Quantyard listening on http://{settings.host}:{settings.port}", err=False)
     sys.stdout.flush()
     if workers > 1:
         uvicorn.run("api.app:create_app", factory=True, workers=workers, host=settings.host, port=settings.port,
-                    log_level="warning")
+                    **uvicorn_logging(settings))
         return
     from api.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **uvicorn_logging(settings))
 
 
 def _stop(process: subprocess.Popen) -> None:
