@@ -15,6 +15,7 @@ from celery.worker.request import Request
 from quantyard import catalog
 from quantyard.catalog.anchor import CHECK_EVERY_S, anchor_if_due, anchor_on_shutdown
 from quantyard.catalog.retention import purge_due
+from quantyard.logs import install_celery_json_logging, log_context
 from quantyard.queue import (
     CONVERT_TARGET_TASK,
     CONVERT_TASK,
@@ -45,6 +46,7 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
     _HeartbeatStep.config = (settings, hardware_classes, worker_id)
     app.steps["consumer"].add(_HeartbeatStep)
     metrics.install(app, settings, hardware_classes=hardware_classes)  # worker/metrics.py
+    install_celery_json_logging(settings)  # QUANTYARD_LOG_FORMAT=json (quantyard/logs.py)
     return app
 
 
@@ -67,7 +69,8 @@ def _register_task(app: Celery, worker_id: str) -> None:
     @app.task(name=CONVERT_TASK, bind=True, max_retries=None, Request=_NotingRequest)
     def convert_job(self, job_id: str) -> str:
         runtime = runtime_for_this_process(worker_id)
-        outcome = _keeping_message(self, runtime, lambda: run_job(runtime, job_id, _dispatcher(app, runtime)))
+        with log_context(job_id=job_id, worker_id=worker_id):
+            outcome = _keeping_message(self, runtime, lambda: run_job(runtime, job_id, _dispatcher(app, runtime)))
         if outcome == "leased":
             # Another worker holds a live lease: either it is still working (this is a
             # duplicate delivery) or it just died and its lease will lapse. Look again once
@@ -79,7 +82,8 @@ def _register_task(app: Celery, worker_id: str) -> None:
     def convert_target(self, job_id: str, target_id: str, task: dict) -> str:
         # task: the target's step of the job's plan (TargetTask), parsed strictly by run_target
         runtime = runtime_for_this_process(worker_id)
-        outcome = _keeping_message(self, runtime, lambda: run_target(runtime, job_id, target_id, task))
+        with log_context(job_id=job_id, target_id=target_id, worker_id=worker_id):
+            outcome = _keeping_message(self, runtime, lambda: run_target(runtime, job_id, target_id, task))
         if outcome == "leased":
             raise self.retry(countdown=runtime.settings.job_lease_s)
         return outcome
