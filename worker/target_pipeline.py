@@ -143,7 +143,7 @@ def _fetch(rt, job: dict, work_dir: Path):
     meta = files["reference"].parent / SOURCE_META if outputs is not None else None
     if task.source_format == "gguf":
         source = fetch_gguf_source(rt, job["source"], work_dir)
-    elif meta is not None and meta.is_file() and task.step.spec.format == "gguf":
+    elif meta is not None and meta.is_file() and task.step.input_of("intermediate"):
         source = unpack_source_meta(rt, meta, work_dir / "src")
     else:
         source = fetch_source(rt, job["source"], work_dir / "src")

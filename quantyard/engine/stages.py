@@ -379,14 +379,15 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
                     split_max_bytes: int | None = None, progress: Progress | None = None) -> ConversionResult:
     """One target step that is not part of the source pass, from the files of its input steps
     ({input step id: path}): quantized from the intermediate (or, for a GGUF source, from the
-    source itself), from the shared ONNX export, or converted straight from the source."""
+    source itself), from the shared ONNX export, or converted straight from the source (also a
+    target whose shared step's artifact was withdrawn before it could be given to it)."""
     from . import convert, quantize_onnx
 
     spec = step.spec
     if spec.format == "gguf" and source_format == "gguf":
         return quantize(Path(source), spec, out_dir, reference=Path(source), progress=progress,
                         provenance=provenance, split_max_bytes=split_max_bytes, stem=stem)
-    if spec.format == "gguf":
+    if spec.format == "gguf" and step.input_of("intermediate"):
         imatrix = step.input_of("imatrix")
         return quantize(files["intermediate"], spec, out_dir, reference=Path(source),
                         imatrix=files[imatrix] if imatrix else None, progress=progress,
