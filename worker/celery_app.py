@@ -71,6 +71,7 @@ def _register_task(app: Celery, worker_id: str) -> None:
         runtime = runtime_for_this_process(worker_id)
         with log_context(job_id=job_id, worker_id=worker_id):
             outcome = _keeping_message(self, runtime, lambda: run_job(runtime, job_id, _dispatcher(app, runtime)))
+            log.info("job %s: %s", job_id, outcome)  # with the ids: Celery's own outcome line has none
         if outcome == "leased":
             # Another worker holds a live lease: either it is still working (this is a
             # duplicate delivery) or it just died and its lease will lapse. Look again once
@@ -84,6 +85,7 @@ def _register_task(app: Celery, worker_id: str) -> None:
         runtime = runtime_for_this_process(worker_id)
         with log_context(job_id=job_id, target_id=target_id, worker_id=worker_id):
             outcome = _keeping_message(self, runtime, lambda: run_target(runtime, job_id, target_id, task))
+            log.info("target %s of job %s: %s", target_id, job_id, outcome)
         if outcome == "leased":
             raise self.retry(countdown=runtime.settings.job_lease_s)
         return outcome
