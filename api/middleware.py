@@ -10,6 +10,8 @@ import uuid
 
 from fastapi import HTTPException  # FastAPI lets its own HTTPException out of a body read
 
+from quantyard.logs import log_context
+
 log = logging.getLogger("quantyard.api")
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -47,20 +49,22 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
-            if started:
-                raise
-            body = json.dumps({"error": {"code": "internal_error",
-                                         "message": f"internal server error (request id {request_id})"}}).encode()
-            await send({"type": "http.response.start", "status": 500, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode("latin-1")),
-            ]})
-            await send({"type": "http.response.body", "body": body})
+        # Every line logged while this request runs carries its id (quantyard/logs.py).
+        with log_context(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                log.exception("unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
+                if started:
+                    raise
+                body = json.dumps({"error": {"code": "internal_error",
+                                             "message": f"internal server error (request id {request_id})"}}).encode()
+                await send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]})
+                await send({"type": "http.response.body", "body": body})
 
 
 class BodyTooLarge(HTTPException):

@@ -53,7 +53,7 @@ class JsonFormatter(logging.Formatter):
             return json.dumps({"time": _utc(getattr(record, "created", None)), "level": "ERROR",
                                "logger": "quantyard.logs",
                                "message": f"unformattable log record: {type(exc).__name__}: {exc}",
-                               "record": repr(getattr(record, "msg", None))}, default=str)
+                               "record": _safe_repr(getattr(record, "msg", None))}, default=str)
 
     def _fields(self, record: logging.LogRecord) -> dict[str, Any]:
         out: dict[str, Any] = {"time": _utc(record.created), "level": record.levelname,
@@ -77,6 +77,13 @@ def _message(record: logging.LogRecord) -> str:
         return record.getMessage()
     except Exception:  # noqa: BLE001 - e.g. "%d" with a string: keep what was meant
         return f"{record.msg!s} {record.args!r}"
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001
+        return f"<unprintable {type(value).__name__}>"
 
 
 def _utc(created: float | None) -> str:

@@ -310,6 +310,7 @@ def create_job(body: JobCreate, request: Request, s: Session = Depends(get_sessi
         raise ApiError(503, "broker_unavailable", f"job {job_id} was recorded but could not be queued "
                        "(the job queue is unreachable); it is marked failed, submit it again later",
                        details={"job_id": job_id}, headers={"Retry-After": "5"}) from None
+    log.info("job %s queued for %s", job_id, hardware_class, extra={"job_id": job_id})  # its first log line
     # The job as committed (nothing read back: the session keeps what it wrote); the waiting
     # reason of its hardware class is at most a second old (per process).
     data = job_json(job, recent_waiting_reasons(request, s))
