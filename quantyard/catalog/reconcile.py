@@ -67,7 +67,8 @@ class ReconcilerResend(Base):
 @dataclass(frozen=True)
 class Resend:
     """One message to send again: ``quantyard.convert_job(job_id)`` when ``target_id`` is None,
-    else ``quantyard.convert_target(job_id, target_id, inputs)``."""
+    else ``quantyard.convert_target`` with the target's recorded step: ``inputs`` is what
+    ``mark_dispatched`` recorded for the job (``{"tasks": {target id: TargetTask dict}}``)."""
 
     kind: str
     job_id: str

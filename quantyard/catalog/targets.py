@@ -34,8 +34,9 @@ def add_job_warning(s: Session, *, job_id: str, code: str, message: str) -> None
 
 def mark_dispatched(s: Session, *, job_id: str, message: str, inputs: dict | None = None) -> Job:
     """The preparing task is done: targets now carry the job; the job lease is no longer used.
-    ``inputs`` (what every target task gets: intermediate and imatrix artifact ids...) is kept
-    in the ``job.dispatch`` audit event, from which the reconciler re-sends a lost target."""
+    ``inputs`` (what the target tasks are sent: ``{"tasks": {target id: TargetTask as a dict}}``,
+    each target's serialised step of the conversion plan, quantyard/engine/plan.py) is kept in
+    the ``job.dispatch`` audit event, from which the reconciler re-sends a lost target."""
     job = _lock_job(s, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")
