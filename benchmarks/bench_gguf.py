@@ -69,6 +69,9 @@ from _common import (  # noqa: E402
 from bench_models import LLAMA_PRE, MODELS, model_path  # noqa: E402
 from llama_tools import LlamaTools, find_llama_tools  # noqa: E402
 
+ensure_repo_on_path()
+from tests.fixtures.convert_shim import CONVERT_WITH_PRE_FALLBACK  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_TARGETS = ("F16", "Q8_0", "Q4_K_M")
 # convert_hf_to_gguf.py --outtype values that produce the target directly
@@ -76,25 +79,6 @@ DIRECT_OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 # issue 11's bounds: Quantyard's job wall time / llama.cpp's (small models; the 0.9B one)
 TARGET_RATIO = {"llama09b": 0.8}
 DEFAULT_TARGET_RATIO = 0.5
-# convert_hf_to_gguf.py, except that an unknown pre-tokenizer hash answers $QY_FIXTURE_PRE (the
-# same shim as tests/engine/test_metadata_parity.py): a vocabulary trained here is in no table.
-_PRE_SHIM = """
-import os, runpy, sys
-script = sys.argv[1]
-sys.path.insert(0, os.path.dirname(script))
-import conversion.base as base
-known = base.TextModel.get_vocab_base_pre
-def get_vocab_base_pre(self, tokenizer):
-    try:
-        return known(self, tokenizer)
-    except NotImplementedError:
-        if not os.environ.get("QY_FIXTURE_PRE"):
-            raise
-        return os.environ["QY_FIXTURE_PRE"]
-base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
 
 
 @dataclass
@@ -160,7 +144,7 @@ def convert_argv(tools: LlamaTools, model: Path, outtype: str, outfile: Path, pr
     """convert_hf_to_gguf.py for `outtype`, through the pre-tokenizer shim when `pre` is given."""
     args = [str(model), "--outtype", outtype, "--outfile", str(outfile)]
     if pre:
-        return [sys.executable, "-c", _PRE_SHIM, str(tools.convert_script), *args]
+        return [sys.executable, "-c", CONVERT_WITH_PRE_FALLBACK, str(tools.convert_script), *args]
     return [sys.executable, str(tools.convert_script), *args]
 
 

@@ -22,9 +22,9 @@ from quantyard.engine.gguf.converter import write_float_gguf, write_float_ggufs
 from quantyard.engine.gguf.ggml_types import GGML_TYPES
 from quantyard.engine.gguf.gguf_layout import read_layout
 from quantyard.engine.hf.source import open_source
+from tests.fixtures.convert_shim import CONVERT_WITH_PRE_FALLBACK
 
 from ._llama_tools import PREFIX, locate_llama_tools
-from .test_metadata_parity import _REFERENCE
 
 OUTTYPES = ("F16", "BF16", "F32")
 
@@ -86,7 +86,7 @@ def test_tensors_equal_convert_hf_to_gguf(one_pass, outtype, tmp_path):
     ref = tmp_path / "llama-cpp.gguf"
     env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "NO_LOCAL_GGUF": "", "QY_FIXTURE_PRE": ""}
-    r = subprocess.run([sys.executable, "-c", _REFERENCE, str(script), str(one_pass["hf"]), "--outtype",
+    r = subprocess.run([sys.executable, "-c", CONVERT_WITH_PRE_FALLBACK, str(script), str(one_pass["hf"]), "--outtype",
                         outtype.lower(), "--outfile", str(ref)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ours, theirs = _tensors(one_pass["dir"] / f"{outtype}.gguf"), _tensors(ref)

@@ -30,6 +30,7 @@ import pytest
 from quantyard.engine.gguf.converter import is_provenance_key, write_float_gguf
 from quantyard.engine.gguf.gguf_layout import KeyValue, read_layout
 from quantyard.engine.hf.source import open_source
+from tests.fixtures.convert_shim import CONVERT_WITH_PRE_FALLBACK
 from tests.fixtures.models import ARCH_FIXTURES, _legacy_added_tokens_decoder
 
 from ._llama_tools import PREFIX, locate_llama_tools
@@ -37,25 +38,6 @@ from ._llama_tools import PREFIX, locate_llama_tools
 # the pre-tokenizer each fixture's tokenizer was built with (tests/fixtures/models.py)
 FIXTURE_PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "gpt2": "gpt-2"}
 PROVENANCE = {"source_sha256": "ab" * 32, "recipe_hash": "cd" * 32}
-
-# convert_hf_to_gguf.py, with one change: an unknown pre-tokenizer hash yields $QY_FIXTURE_PRE.
-_REFERENCE = """
-import os, runpy, sys
-script = sys.argv[1]
-sys.path.insert(0, os.path.dirname(script))
-import conversion.base as base
-known = base.TextModel.get_vocab_base_pre
-def get_vocab_base_pre(self, tokenizer):
-    try:
-        return known(self, tokenizer)
-    except NotImplementedError:
-        if not os.environ.get("QY_FIXTURE_PRE"):
-            raise
-        return os.environ["QY_FIXTURE_PRE"]
-base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-sys.argv = sys.argv[1:]
-runpy.run_path(script, run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +52,7 @@ def convert_script() -> Path:
 def reference_gguf(script: Path, src: Path, out: Path, *, pre: str | None = None, name: str | None = None) -> Path:
     env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "NO_LOCAL_GGUF": "", "QY_FIXTURE_PRE": pre or ""}
-    args = [sys.executable, "-c", _REFERENCE, str(script), str(src), "--outtype", "f32", "--outfile", str(out)]
+    args = [sys.executable, "-c", CONVERT_WITH_PRE_FALLBACK, str(script), str(src), "--outtype", "f32", "--outfile", str(out)]
     r = subprocess.run([*args, *(["--model-name", name] if name else [])], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, f"convert_hf_to_gguf.py failed on {src.name}:\n{r.stderr[-3000:]}"
