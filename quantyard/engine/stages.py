@@ -369,8 +369,8 @@ def _float_result(source, step: Step, path: Path, tensors, outputs, validate: bo
                              reference=outputs) if validate else {})
     arch = converter.architecture(source)
     # the vocabulary the pass wrote (remembered by the converter: not built again)
-    return converter._result(path, step.spec, source, arch, tensors, metrics,
-                             converter._vocab_for(source, arch).info)
+    return converter.float_result(path, step.spec, source, arch, tensors, metrics,
+                                  converter.vocab_for(source, arch).info)
 
 
 def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: str,

@@ -260,7 +260,8 @@ def estimate(source: HFModelSource, target: TargetSpec) -> dict[str, int]:
 _VOCAB: dict[tuple, RecordedVocab] = {}
 
 
-def _vocab_for(source: HFModelSource, arch: Architecture) -> RecordedVocab:
+def vocab_for(source: HFModelSource, arch: Architecture) -> RecordedVocab:
+    """The source's vocabulary, recorded once for its folder's state (see _VOCAB)."""
     key = (_folder_state(source), arch.name, arch.config.get("vocab_size"), arch.vocab_style)
     if key not in _VOCAB:
         _VOCAB.clear()
@@ -271,7 +272,7 @@ def _vocab_for(source: HFModelSource, arch: Architecture) -> RecordedVocab:
 def _write(source: HFModelSource, arch: Architecture, files: Sequence[tuple[Path, str, list[TensorPlan]]],
            provenance: Mapping[str, str], on_tensor) -> VocabInfo:
     """Write every (path, outtype, plans) in one pass over the source's tensors."""
-    vocab = _vocab_for(source, arch)
+    vocab = vocab_for(source, arch)
     total_params = sum(math.prod(p.shape) for p in files[0][2])
     outputs = [GGUFOutput(path, _metadata_writer(source, arch, outtype, provenance, total_params, [],
                                                  vocab=vocab.write), plans)
@@ -373,11 +374,12 @@ def convert(source: HFModelSource, target: TargetSpec, out_dir: Path, *, progres
         metrics = validate_gguf(tmp, source.root, target.quantization, expected_tensors=len(plans))
         _report(progress, 0.99, "validated")
         os.replace(tmp, final)
-    return _result(final, target, source, arch, plans, metrics, vocab)
+    return float_result(final, target, source, arch, plans, metrics, vocab)
 
 
-def _result(path: Path, target: TargetSpec, source: HFModelSource, arch: Architecture,
+def float_result(path: Path, target: TargetSpec, source: HFModelSource, arch: Architecture,
             plans: list[TensorPlan], metrics: dict, vocab: VocabInfo) -> ConversionResult:
+    """The ConversionResult of a written float GGUF: its metadata from the plans and vocabulary."""
     types: dict[str, int] = {}
     for p in plans:
         types[p.type_name] = types.get(p.type_name, 0) + 1
