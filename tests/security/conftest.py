@@ -127,8 +127,13 @@ class HostileStack:
         return RssWatch(self.serve, self.worker())
 
     def objects(self) -> set[str]:
+        """The store's objects but the audit anchors: the API writes one every N audit events of
+        the shared stack (AnchorWatcher), whichever case happens to cross N; no upload makes one."""
         root = self.data_dir / "objects"
-        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+        if not root.exists():
+            return set()
+        return {key for p in root.rglob("*") if p.is_file()
+                and not (key := p.relative_to(root).as_posix()).startswith("audit-anchors/")}
 
     def source_rows(self) -> int:
         db = sqlite3.connect(f"file:{self.data_dir / 'catalog.db'}?mode=ro", uri=True, timeout=10)
