@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from .digest import file_sha256
 from .dominant import dominant_type
 from .manifest import ENGINE_VERSION
 from .plan import LOSSLESS_TYPES, ConversionPlan, Step, plan_conversion
@@ -435,7 +436,7 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
                 compute_imatrix(Path(source), files["intermediate"], files[step.id],
                                 text=calibration_for(plan, step, calibration_text))
             elif step.kind in ("onnx_fp32", "target"):
-                digests = {i: _sha256(files[i]) for i in step.inputs if i in files} if stamp else {}
+                digests = {i: file_sha256(files[i]) for i in step.inputs if i in files} if stamp else {}
                 digest = step.artifact_recipe(digests)[1]
                 prov = step_provenance(source_sha256=plan.source_sha256, name=name, stamp=stamp, digest=digest,
                                        extra=extra)
@@ -459,14 +460,3 @@ def _kept(result: ConversionResult, out_dir: Path) -> ConversionResult:
     for n in names:
         os.replace(result.path.parent / n, out_dir / n)
     return dataclasses.replace(result, path=out_dir / result.path.name)
-
-
-def _sha256(path: Path) -> str:
-    """A file's digest, for a recipe that names it (a stamped run only: it reads the file)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -18,7 +18,6 @@ imatrix.chunk_size (u32), and two F32 tensors per entry, "<name>.in_sum2" [ne0, 
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..digest import file_sha256
 from ..errors import InvalidModel
 from . import gguf_output as go
 from .gguf_layout import array_values, read_layout
@@ -111,20 +111,12 @@ class ImatrixData:
             for _, _, b in blobs:
                 f.write(b)
                 go.write_padding(f, len(b), 32)
-        self.path, self.sha256 = path, _sha256(path)
+        self.path, self.sha256 = path, file_sha256(path)
         return path
 
 
 def _ne(ne: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(ne[: n_dims(ne)])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +132,7 @@ def load_imatrix(path: Path) -> ImatrixData:
     data = _load_gguf(path) if magic == go.GGUF_MAGIC else _load_legacy(path)
     if not data.sums:
         raise InvalidModel(f"imatrix file {path.name} holds no entries")
-    data.path, data.sha256 = path, _sha256(path)
+    data.path, data.sha256 = path, file_sha256(path)
     return data
 
 
