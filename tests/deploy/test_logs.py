@@ -8,8 +8,6 @@ import io
 import json
 import logging
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -139,15 +137,7 @@ def json_stack(postgres_url, redis_url, tmp_path_factory):
     env = clean_env(QUANTYARD_DATABASE_URL=postgres_url, QUANTYARD_BROKER_URL=redis_url,
                     QUANTYARD_DATA_DIR=str(data_dir), QUANTYARD_PORT=str(port),
                     QUANTYARD_WORKER_HEARTBEAT_S="1", QUANTYARD_LOG_FORMAT="json")
-    stack = Stack(url=f"http://127.0.0.1:{port}", env=env, log_dir=data_dir)
-    subprocess.run([sys.executable, "-m", "quantyard.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
-    stack.start("api", "api")
-    stack.start("worker", "worker", "--hardware-class", "cpu", "--loglevel", "info")
-    try:
-        stack.wait_ready()
-        yield stack
-    finally:
-        stack.stop()
+    yield from e2e.api_and_worker(env, port, data_dir)
 
 
 @pytest.mark.e2e

@@ -139,7 +139,13 @@ def production_stack(postgres_url, redis_url, s3_server, tmp_path_factory):
         QUANTYARD_WORKER_HEARTBEAT_S="1",
         QUANTYARD_JOB_LEASE_S="20",
     )
-    stack = Stack(url=f"http://127.0.0.1:{port}", env=env, log_dir=data_dir)
+    yield from api_and_worker(env, port, data_dir)
+
+
+def api_and_worker(env: dict[str, str], port: int, log_dir: Path):
+    """`quantyard db upgrade`, then `quantyard api` and one cpu `quantyard worker` with this
+    environment; yields the ready Stack and stops it afterwards (a fixture's body)."""
+    stack = Stack(url=f"http://127.0.0.1:{port}", env=env, log_dir=log_dir)
     subprocess.run([sys.executable, "-m", "quantyard.cli", "db", "upgrade"], env=env, check=True,
                    capture_output=True)
     stack.start("api", "api")
