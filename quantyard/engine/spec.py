@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import UnsupportedTarget
+from .gates import target_gates
 from .manifest import MANIFEST
 
 
@@ -113,6 +114,7 @@ def parse_target(value: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
     spec = TargetSpec(canonical_fmt, _canonical_quantization(canonical_fmt, quant), _frozen(params))
     if canonical_fmt == "gguf":
         split_max_bytes(spec)  # a bad split size is refused with the target, not in the worker
+    target_gates(spec.params, fmt=canonical_fmt)  # so is a bad quality gate (engine/gates.py)
     return spec
 
 
