@@ -16,10 +16,11 @@ import yaml
 
 from quantyard.settings import Settings
 from tests.deploy import render
+from tests.deploy.compose import duration_s
 from tests.deploy.conftest import require_tool
+from tests.deploy.images import DEPLOY, stages
 from tests.deploy.k8s_walk import pod_spec, worker_deployments
 
-DEPLOY = render.ROOT / "deploy"
 DOCKERFILES = sorted(p for p in DEPLOY.glob("Dockerfile.*") if p.suffix != ".dockerignore")
 COMPOSE = render.ROOT / "docker-compose.yml"
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|cmake|make|nvcc|cuda-toolkit|-dev)\b")
@@ -44,25 +45,12 @@ def test_hadolint_fails_a_bad_dockerfile(tmp_path):
     assert out.returncode != 0 and "DL3007" in out.stdout  # `latest` is not pinned
 
 
-def _stages(text: str) -> list[list[str]]:
-    """Instructions (continuation lines joined) grouped by stage; the ARGs before the first FROM
-    form stage 0."""
-    joined = re.sub(r"\\\n", " ", text)
-    lines = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    stages: list[list[str]] = [[]]
-    for line in lines:
-        if line.upper().startswith("FROM "):
-            stages.append([])
-        stages[-1].append(line)
-    return stages
-
-
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_rules(dockerfile):
-    stages = _stages(dockerfile.read_text())
-    preamble, final = stages[0], stages[-1]
+    parts = stages(dockerfile.read_text())
+    preamble, final = parts[0], parts[-1]
     assert any(line.startswith("ARG BASE_IMAGE=") for line in preamble)
-    assert len(stages) >= 3, "multi-stage: a build stage and the final one"
+    assert len(parts) >= 3, "multi-stage: a build stage and the final one"
     assert final[0] == "FROM ${BASE_IMAGE}"
     # pinned bases: no floating tags
     for line in preamble:
@@ -76,7 +64,7 @@ def test_dockerfile_rules(dockerfile):
     assert not any(line.startswith("RUN ") and COMPILERS.search(line) for line in final), "compilers in the final stage"
     assert not any("apt-get install" in line for line in final)
     # every pip requirement pinned (the project itself comes from the copied source)
-    for stage in stages[1:]:
+    for stage in parts[1:]:
         for line in stage:
             for spec in re.findall(r'pip install [^&]*', line):
                 for token in spec.split()[2:]:
@@ -157,11 +145,6 @@ def test_compose_requires_its_secrets():
     assert not re.search(r"\$\{[A-Z_]+(:-|-)", text), "a secret with a default"
 
 
-def _duration_s(text: str) -> int:
-    units = {"h": 3600, "m": 60, "s": 1}
-    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([hms])", text))
-
-
 def test_compose_and_kubernetes_run_the_same_commands(renders):
     services = _compose()["services"]
     docs = renders["prod"]
@@ -170,11 +153,11 @@ def test_compose_and_kubernetes_run_the_same_commands(renders):
         service = services[f"worker-{hardware_class}"]
         assert service["command"] == c["args"]
         assert service["healthcheck"]["test"][1:] == c["livenessProbe"]["exec"]["command"]
-        assert _duration_s(service["stop_grace_period"]) > Settings().task_time_limit_s
+        assert duration_s(service["stop_grace_period"]) > Settings().task_time_limit_s
     api = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "quantyard-api")
     assert services["api"]["command"] == pod_spec(api)["containers"][0]["args"]
     for dockerfile in DOCKERFILES:
-        final = _stages(dockerfile.read_text())[-1]
+        final = stages(dockerfile.read_text())[-1]
         cmd = yaml.safe_load(final[-1][len("CMD "):])
         service = services["api" if dockerfile.name.endswith("api") else dockerfile.name.split(".")[1]]
         assert cmd[0] == service["command"][0]

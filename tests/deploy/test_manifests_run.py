@@ -6,10 +6,7 @@ the API and the worker meanwhile and answers the board's core queries."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +16,9 @@ import pytest
 from tests.deploy import render
 from tests.deploy.conftest import start_prometheus
 from tests.deploy.k8s_walk import container_env, find, pod_spec
+from tests.deploy.local_run import LocalProcesses, command_ok, map_paths, run_tiny_job
 from tests.e2e import conftest as e2e
-from tests.e2e.conftest import clean_env, free_port, upload, wait_for_job
+from tests.e2e.conftest import clean_env, free_port
 
 # ~45 s on this VM (process starts, one conversion); in the CI run: issue 12 asks that the
 # manifests be shown to run there, not only to render.
@@ -40,10 +38,7 @@ def _process_env(container: dict[str, Any], docs, secret: dict[str, str], mounts
     for name, value in container_env(container, docs).items():
         if isinstance(value, dict):
             value = secret[value["secretKeyRef"]["key"]]
-        for mount_path, folder in mounts.items():
-            if value == mount_path or value.startswith(mount_path + "/"):
-                value = str(folder) + value[len(mount_path):]
-        env[name] = value
+        env[name] = map_paths(value, mounts)
     env.update(overrides)
     return clean_env(**env)
 
@@ -58,6 +53,7 @@ class ManifestStack:
     def __init__(self, workdir: Path, postgres_url: str, redis_url: str, s3_server):
         self.docs = render.kustomize(render.K8S / "overlays" / "prod")
         self.workdir = workdir
+        self.procs = LocalProcesses(workdir)
         self.port, self.metrics_port = free_port(), free_port()
         self.secret = {"database-url": postgres_url, "broker-url": redis_url, "metrics-token": METRICS_TOKEN,
                        "aws-access-key-id": s3_server.access_key, "aws-secret-access-key": s3_server.secret_key}
@@ -66,8 +62,6 @@ class ManifestStack:
                           "QUANTYARD_S3_ENDPOINT_URL": s3_server.endpoint_url, "QUANTYARD_S3_REGION": "us-east-1",
                           "QUANTYARD_PORT": str(self.port), "QUANTYARD_WORKER_METRICS_PORT": str(self.metrics_port),
                           "QUANTYARD_WORKER_HEARTBEAT_S": "1", "AWS_DEFAULT_REGION": "us-east-1"}
-        self.processes: list[subprocess.Popen] = []
-        self.envs: dict[str, dict[str, str]] = {}
 
     def container(self, kind: str, name: str) -> tuple[dict[str, Any], dict[str, str]]:
         pod = pod_spec(find(self.docs, kind, name))
@@ -77,56 +71,28 @@ class ManifestStack:
             folder = self.workdir / name / mount["name"]
             folder.mkdir(parents=True, exist_ok=True)
             mounts[mount["mountPath"]] = folder
-        env = _process_env(container, self.docs, self.secret, mounts, self.overrides)
-        self.envs[name] = env
-        return container, env
+        return container, _process_env(container, self.docs, self.secret, mounts, self.overrides)
 
     def run_job(self, kind: str, name: str) -> None:
         container, env = self.container(kind, name)
-        done = subprocess.run(_command(container), env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
+        self.procs.run(name, _command(container), env)
 
     def start(self, name: str) -> tuple[dict[str, Any], dict[str, str]]:
         container, env = self.container("Deployment", name)
-        log = (self.workdir / f"{name}.log").open("ab")
-        self.processes.append(subprocess.Popen(_command(container), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+        self.procs.start(name, _command(container), env)
         return container, env
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.workdir.glob("*.log"))
-
-    def stop(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # the worker's warm shutdown
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    def wait(self, check, what: str, timeout_s: float = 120) -> None:
+        self.procs.wait(check, what, timeout_s)
 
 
 def _probe_ok(probe: dict[str, Any], env: dict[str, str], port: int) -> bool:
     if "exec" in probe:
-        return subprocess.run(probe["exec"]["command"], env=env, capture_output=True,
-                              timeout=probe["timeoutSeconds"]).returncode == 0
+        return command_ok(probe["exec"]["command"], env, probe["timeoutSeconds"])
     try:
         return httpx.get(f"http://127.0.0.1:{port}{probe['httpGet']['path']}", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
-
-
-def _wait(check, what: str, stack: ManifestStack, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for proc in stack.processes:
-            assert proc.poll() is None, f"a process exited\n{stack.logs()}"
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout_s}s\n{stack.logs()}")
 
 
 def test_rendered_containers_run_a_job(postgres_url, redis_url, s3_server, tiny_llama_archive, tmp_path):
@@ -137,20 +103,15 @@ def test_rendered_containers_run_a_job(postgres_url, redis_url, s3_server, tiny_
         worker, worker_env = stack.start("quantyard-worker-cpu")
         for container, env in ((api, api_env), (worker, worker_env)):
             for kind in ("livenessProbe", "readinessProbe"):
-                _wait(lambda c=container, e=env, k=kind: _probe_ok(c[k], e, stack.port), f"{container['name']} {kind}", stack)
+                stack.wait(lambda c=container, e=env, k=kind: _probe_ok(c[k], e, stack.port), f"{container['name']} {kind}")
         prom = start_prometheus(tmp_path / "prometheus",
                                 {"api": [f"127.0.0.1:{stack.port}"], "workers": [f"127.0.0.1:{stack.metrics_port}"]},
                                 tokens={"api": METRICS_TOKEN})
         try:
             key = subprocess.run(["quantyard", "keys", "create", "--role", "admin", "--name", "manifest-test"],
                                  env=api_env, check=True, capture_output=True, text=True).stdout.strip()
-            with httpx.Client(base_url=f"http://127.0.0.1:{stack.port}", timeout=60,
-                              headers={"Authorization": f"Bearer {key}"}) as client:
-                source = upload(client, tiny_llama_archive, "tiny-llama-manifests")
-                created = client.post("/v1/jobs", json={"source": source["id"], "targets": ["gguf:Q8_0"]})
-                assert created.status_code == 202, created.text
-                job, _ = wait_for_job(client, created.json()["id"], timeout_s=300)
-            assert job["status"] == "succeeded", (job, stack.logs())
+            job = run_tiny_job(stack.port, key, tiny_llama_archive, "tiny-llama-manifests")
+            assert job["status"] == "succeeded", (job, stack.procs.logs())
             core = {
                 "queue depth": "max by (hardware_class) (quantyard_queue_depth)",
                 "broker list": 'max by (hardware_class) (quantyard_broker_queue_length{hardware_class="cpu"})',
@@ -168,11 +129,11 @@ def test_rendered_containers_run_a_job(postgres_url, redis_url, s3_server, tiny_
                 results.update({k: prom.query(q)["data"]["result"] for k, q in core.items()})
                 return all(results.values())
 
-            _wait(answered, f"core queries {[k for k, v in results.items() if not v]}", stack, timeout_s=30)
+            stack.wait(answered, f"core queries {[k for k, v in results.items() if not v]}", timeout_s=30)
             assert float(results["finished"][0]["value"][1]) >= 1
             stages = {r["metric"]["stage"] for r in results["stage durations"]}
             assert {"prepare", "fetch", "convert", "upload", "target"} <= stages, stages
         finally:
             prom.stop()
     finally:
-        stack.stop()
+        stack.procs.stop()

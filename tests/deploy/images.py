@@ -1,0 +1,63 @@
+"""Read the images' Dockerfiles: their stages, and what the final stage gives a container
+(environment, entrypoint, command, exposed ports, the files it copies in from the build context)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.deploy import render
+
+DEPLOY = render.ROOT / "deploy"
+
+
+def stages(text: str) -> list[list[str]]:
+    """Instructions (continuation lines joined) grouped by stage; the ARGs before the first FROM
+    form stage 0."""
+    joined = re.sub(r"\\\n", " ", text)
+    lines = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    out: list[list[str]] = [[]]
+    for line in lines:
+        if line.upper().startswith("FROM "):
+            out.append([])
+        out[-1].append(line)
+    return out
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), ""), value)
+
+
+@dataclass
+class ImageConfig:
+    """The final stage of a Dockerfile as a container starts from it."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    exposed: list[int] = field(default_factory=list)
+    copied: dict[str, Path] = field(default_factory=dict)  # path in the image -> file of the build context
+
+
+def image_config(dockerfile: Path, base_env: dict[str, str]) -> ImageConfig:
+    """``base_env`` stands for the base image's environment (its PATH)."""
+    config = ImageConfig(env=dict(base_env))
+    for line in stages(dockerfile.read_text())[-1]:
+        word, _, rest = line.partition(" ")
+        if word == "ENV":
+            for item in shlex.split(rest):
+                name, _, value = item.partition("=")
+                config.env[name] = _expand(value, config.env)
+        elif word == "ENTRYPOINT":
+            config.entrypoint = json.loads(rest)
+        elif word == "CMD":
+            config.cmd = json.loads(rest)
+        elif word == "EXPOSE":
+            config.exposed += [int(p.split("/")[0]) for p in rest.split()]
+        elif word == "COPY" and not rest.startswith("--from"):
+            source, target = rest.split()
+            config.copied[target] = render.ROOT / source
+    return config
