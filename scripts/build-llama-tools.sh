@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-gguf-split)
+# Build llama.cpp's reference command-line tools (llama-quantize, llama-imatrix, llama-gguf-split,
+# llama-perplexity for the quality report's oracle, llama-bench for the speed oracle)
 # and keep convert_hf_to_gguf.py + gguf-py, from the same llama.cpp tree that llama-cpp-python
 # vendors. Tests and benchmarks compare Quantyard against these. Cached: prints the prefix.
 #   usage: scripts/build-llama-tools.sh [PREFIX]   (default .test-cache/llama.cpp-<version>)
@@ -7,9 +8,11 @@ set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PREFIX="${1:-$ROOT/.test-cache/llama.cpp-$VERSION}"
-TOOLS="llama-quantize llama-imatrix llama-gguf-split"
+TOOLS="llama-quantize llama-imatrix llama-gguf-split llama-perplexity llama-bench"
 
-if [ -x "$PREFIX/bin/llama-quantize" ] && [ -x "$PREFIX/bin/llama-imatrix" ] && [ -x "$PREFIX/bin/llama-gguf-split" ] && [ -f "$PREFIX/src/convert_hf_to_gguf.py" ]; then
+built=1
+for t in $TOOLS; do [ -x "$PREFIX/bin/$t" ] || built=0; done
+if [ "$built" = 1 ] && [ -f "$PREFIX/src/convert_hf_to_gguf.py" ]; then
   echo "$PREFIX"; exit 0
 fi
 mkdir -p "$PREFIX"
