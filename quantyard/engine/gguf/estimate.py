@@ -29,6 +29,7 @@ import gguf
 from . import gguf_output as go
 from .ggml_types import ALIGNMENT
 from .policy import ModelInfo, TensorInfo, n_dims, plan_types
+from .tensor_types import Overrides
 
 _VT = gguf.GGUFValueType
 
@@ -60,12 +61,13 @@ def file_bytes(kv_bytes: int, tensors: Sequence[PlannedTensor], alignment: int =
 
 
 def quantized_tensors(tensors: Sequence[TensorInfo], info: ModelInfo, quantization: str, *,
-                      has_imatrix: bool) -> list[PlannedTensor]:
+                      has_imatrix: bool, overrides: Overrides = ()) -> list[PlannedTensor]:
     """What llama-quantize writes for each input tensor: its mixture type (or the input type for
-    tensors it copies), trailing 1-dims dropped as quantize_gguf drops them."""
+    tensors it copies), trailing 1-dims dropped as quantize_gguf drops them. `overrides`:
+    --tensor-type pairs (tensor_types.parse_tensor_types)."""
     by_name = {t.name: t for t in tensors}
     out = []
-    for c in plan_types(tensors, info, quantization, has_imatrix=has_imatrix):
+    for c in plan_types(tensors, info, quantization, has_imatrix=has_imatrix, overrides=overrides):
         ne = by_name[c.name].ne
         out.append(PlannedTensor(c.name, n_dims(ne), c.type_name, tensor_nbytes(c.type_name, ne)))
     return out

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .ggml_types import FILE_TYPES, GGML_TYPES
+from .tensor_types import Overrides, override_for
 
 # ---------------------------------------------------------------------------------------------
 # which tensors may be quantized at all (llama-quant.cpp tensor_allows_quantization)
@@ -382,8 +383,11 @@ class TensorChoice:
 
 
 def plan_types(tensors: Sequence[TensorInfo], info: ModelInfo, quantization: str, *,
-               has_imatrix: bool = False) -> list[TensorChoice]:
-    """llama-quantize's choice for every tensor, in llama_order (the order to write them in)."""
+               has_imatrix: bool = False, overrides: Overrides = ()) -> list[TensorChoice]:
+    """llama-quantize's choice for every tensor, in llama_order (the order to write them in).
+    `overrides` are --tensor-type pairs (tensor_types.parse_tensor_types): a tensor one matches
+    takes its type and skips the mixture rule (whose counters then do not advance), as in
+    llama.cpp; only for quantized targets (llama.cpp ignores them for F16/BF16/F32)."""
     ft = FILE_TYPES[quantization]
     default = ft.base_type
     by_name = {t.name: t for t in tensors}
@@ -396,7 +400,7 @@ def plan_types(tensors: Sequence[TensorInfo], info: ModelInfo, quantization: str
         if allows_quantization_ne(name, t.ne):
             new = default
             if GGML_TYPES[default].is_quantized:
-                chosen = mix.choose(name, t.ne, default)
+                chosen = override_for(name, overrides) or mix.choose(name, t.ne, default)
                 new = fallback(chosen, t.ne[0])
                 fell_back = new != chosen
         out.append(TensorChoice(name, new, new != t.type_name, fell_back,

@@ -35,6 +35,7 @@ from .ggml_types import FILE_TYPES, GGML_TYPES, QUANTIZATION_VERSION
 from .gguf_input import SPLIT_KEYS, GGUFInput, InputTensor, release_pages
 from .imatrix import ImatrixData, load_imatrix
 from .policy import ModelInfo, TensorChoice, TensorInfo, n_dims, plan_types
+from .tensor_types import Overrides, parse_tensor_types
 
 Progress = Callable[[float, str], None]
 # values converted per slab: bounds the float32 buffer (64 MiB) on big tensors
@@ -111,10 +112,20 @@ def _imatrix_for(name: str, ne: tuple[int, ...], weights: Mapping[str, np.ndarra
                        "was the imatrix computed for another model?")
 
 
-def _plan(src: GGUFInput, quantization: str, imatrix: ImatrixData | None) -> list[_Item]:
+def _overrides(quantization: str, tensor_types: object) -> Overrides:
+    """--tensor-type pairs from params.tensor_types; refused for float targets, where llama.cpp
+    would silently ignore them."""
+    overrides = parse_tensor_types(tensor_types)
+    if overrides and not GGML_TYPES[FILE_TYPES[quantization].base_type].is_quantized:
+        raise UnsupportedTarget(f"params.tensor_types applies to quantized GGUF targets, not {quantization}")
+    return overrides
+
+
+def _plan(src: GGUFInput, quantization: str, imatrix: ImatrixData | None,
+          overrides: Overrides = ()) -> list[_Item]:
     info = ModelInfo.from_fields(src.small_fields())
     tensors = [TensorInfo(t.name, t.ne, t.type_name) for t in src.tensors.values()]
-    choices = plan_types(tensors, info, quantization, has_imatrix=imatrix is not None)
+    choices = plan_types(tensors, info, quantization, has_imatrix=imatrix is not None, overrides=overrides)
     weights = imatrix.weights() if imatrix is not None else None
     items = []
     for c in choices:
@@ -287,20 +298,22 @@ def _load_imatrix_arg(imatrix) -> ImatrixData | None:
 def quantize_gguf(
     input_path: Path, output_path: Path, quantization: str, *, imatrix: ImatrixData | Path | str | None = None,
     progress: Progress | None = None, extra_metadata: Mapping[str, object] | None = None,
-    split_max_bytes: int | None = None, nthread: int | None = None,
+    split_max_bytes: int | None = None, nthread: int | None = None, tensor_types: object = None,
 ) -> QuantizeReport:
     """Quantize the GGUF at `input_path` (a file or the first shard of a split set) to
     `quantization`, writing `output_path` (or its shards). `progress(fraction, message)` is
-    called after every tensor and may raise Cancelled."""
+    called after every tensor and may raise Cancelled. `tensor_types` are per-tensor overrides
+    ({pattern: ggml type}, llama-quantize --tensor-type; see tensor_types.py)."""
     started = time.monotonic()
     ft = _file_type(quantization)
     output_path = Path(output_path)
     nthread = nthread or os.cpu_count() or 1
     if output_path.exists() and output_path.resolve() == Path(input_path).resolve():
         raise UnsupportedTarget(f"input and output are the same file: {output_path}")
+    overrides = _overrides(quantization, tensor_types)
     imat = _load_imatrix_arg(imatrix)
     with GGUFInput(Path(input_path)) as src:
-        items = _plan(src, quantization, imat)
+        items = _plan(src, quantization, imat, overrides)
         kv = _metadata(src, quantization, imat, extra_metadata)
         shards = _shards(items, kv, split_max_bytes, src.alignment)
         finals = shard_paths(output_path, len(shards))
@@ -349,19 +362,22 @@ def planned_data_bytes(tensors: list[TensorInfo], info: ModelInfo, quantization:
                for t in est.quantized_tensors(tensors, info, quantization, has_imatrix=has_imatrix))
 
 
-def estimate_size(input_path: Path, quantization: str, *, has_imatrix: bool | None = None) -> int:
+def estimate_size(input_path: Path, quantization: str, *, has_imatrix: bool | None = None,
+                  tensor_types: object = None) -> int:
     """Bytes the output of quantize_gguf(input_path, ..., quantization) will take, from the
     headers: llama-quantize's type for every tensor, the input's KV as _metadata rewrites it,
     alignment padding. `has_imatrix` (default: whether the type needs one) changes a few types
-    and adds the quantize.imatrix.* keys. Extra metadata the caller adds is not counted."""
+    and adds the quantize.imatrix.* keys. Extra metadata the caller adds is not counted.
+    `tensor_types` as for quantize_gguf (the auto search sizes mixtures with it)."""
     ft = _file_type(quantization)
+    overrides = _overrides(quantization, tensor_types)
     has_imatrix = ft.needs_imatrix if has_imatrix is None else has_imatrix
     with GGUFInput(Path(input_path)) as src:
         info = ModelInfo.from_fields(src.small_fields())
         tensors = [TensorInfo(t.name, t.ne, t.type_name) for t in src.tensors.values()]
         kv = sum(len(b) for b in _metadata(src, quantization, None, None))
         kv += est.imatrix_kv_bytes() if has_imatrix else 0
-        planned = est.quantized_tensors(tensors, info, quantization, has_imatrix=has_imatrix)
+        planned = est.quantized_tensors(tensors, info, quantization, has_imatrix=has_imatrix, overrides=overrides)
         return est.file_bytes(kv, planned, src.alignment)
 
 
