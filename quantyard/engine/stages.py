@@ -146,7 +146,8 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
                            target.quantization, imatrix=imatrix,
                            progress=_scaled(progress, 0.0, _WRITE_SHARE),
                            extra_metadata=provenance_kv(provenance),
-                           split_max_bytes=split_max_bytes)
+                           split_max_bytes=split_max_bytes,
+                           tensor_types=target.params.get("tensor_types"))  # llama-quantize --tensor-type
     try:
         if progress is not None:
             progress(_WRITE_SHARE, "validating with llama.cpp against the source")
