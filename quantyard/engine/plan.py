@@ -217,6 +217,8 @@ def wants_imatrix(target: TargetSpec) -> bool:
 
     if target.format != "gguf" or target.quantization in LOSSLESS_TYPES:
         return False
+    if target.quantization not in FILE_TYPES:  # gguf:auto: its presets need none unless asked
+        return bool(target.params.get("imatrix"))
     return bool(target.params.get("imatrix")) or FILE_TYPES[target.quantization].needs_imatrix
 
 

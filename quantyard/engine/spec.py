@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import UnsupportedTarget
 from .gates import target_gates
+from .gguf.auto_budget import AUTO, parse_auto_budget
+from .gguf.tensor_types import parse_tensor_types
 from .manifest import MANIFEST
 
 
@@ -55,6 +57,8 @@ def _canonical_format(value: str) -> str:
 
 def _canonical_quantization(fmt: str, value: str) -> str:
     offered = MANIFEST["formats"][fmt]["quantizations"]
+    if fmt == "gguf" and value.strip().lower() == AUTO:
+        return AUTO  # the automatic choice (engine/gguf/auto_budget.py), not a file type
     by_lower = {q.lower(): q for q in offered}
     quant = by_lower.get(value.strip().lower())
     if quant is None:
@@ -69,9 +73,9 @@ _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_SPLIT_BYTES = 1 << 20
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, *, what: str = "split size") -> int:
     """'2G', '500M', 4096 → bytes (binary units, as llama.cpp's gguf-split reads them);
-    UnsupportedTarget when it is not such a size."""
+    UnsupportedTarget (naming `what`) when it is not such a size."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
         raise UnsupportedTarget(f"{text!r} is not a size like 2G or 500M")
     raw = str(text).strip().upper().removesuffix("B")
@@ -80,7 +84,7 @@ def parse_size(text: str | int) -> int:
     except ValueError:
         raise UnsupportedTarget(f"{text!r} is not a size like 2G or 500M") from None
     if size < MIN_SPLIT_BYTES:
-        raise UnsupportedTarget(f"split size {text!r} is below the minimum of 1M")
+        raise UnsupportedTarget(f"{what} {text!r} is below the minimum of 1M")
     return size
 
 
@@ -114,6 +118,12 @@ def parse_target(value: str | Mapping[str, Any] | TargetSpec) -> TargetSpec:
     spec = TargetSpec(canonical_fmt, _canonical_quantization(canonical_fmt, quant), _frozen(params))
     if canonical_fmt == "gguf":
         split_max_bytes(spec)  # a bad split size is refused with the target, not in the worker
+        if spec.quantization == AUTO:
+            parse_auto_budget(spec.params, parse_size)
+            if "tensor_types" in spec.params:
+                raise UnsupportedTarget("gguf:auto chooses params.tensor_types itself; give a preset to set them")
+        else:
+            parse_tensor_types(spec.params.get("tensor_types"))
     target_gates(spec.params, fmt=canonical_fmt)  # so is a bad quality gate (engine/gates.py)
     return spec
 
