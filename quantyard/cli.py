@@ -606,6 +606,90 @@ def bom(artifact_id, output, server) -> None:
     _write_or_print(text, output)
 
 
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def frontier_table(frontier: dict) -> str:
+    """GET /v1/sources/{id}/frontier as a table, smallest first; '*' marks the Pareto-optimal."""
+    head = (f"{'':1} {'artifact':<30} {'quant':<14} {'size':>14} {'bpw':>6} {'mean_kl':>9} {'ppl_ratio':>9} "
+            f"{'top1':>6} {'pp t/s':>8} {'tg t/s':>8}  hardware")
+    lines = [head]
+    for row in frontier["items"]:
+        speed = row.get("speed") or {}
+        lines.append(f"{'*' if row['pareto'] else ' ':1} {row['artifact_id']:<30} {row['format'] + ':' + row['name']:<14} "
+                     f"{row['size_bytes']:>14,d} {_num(row.get('bits_per_weight'), '.2f'):>6} "
+                     f"{_num(row.get('mean_kl'), '.5f'):>9} {_num(row.get('ppl_ratio'), '.4f'):>9} "
+                     f"{_num(row.get('top1_agreement'), '.3f'):>6} {_num(speed.get('pp_tokens_per_s'), '.1f'):>8} "
+                     f"{_num(speed.get('tg_tokens_per_s'), '.1f'):>8}  {speed.get('hardware_class') or '-'}")
+    lines.append(f"* Pareto-optimal in size vs {frontier['loss']} ({len(frontier['items'])} artifacts)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("source_id")
+@click.option("--loss", type=click.Choice(["mean_kl", "ppl_ratio"]), default="mean_kl", show_default=True,
+              help="The quality measure the Pareto flag ranks by.")
+@click.option("--json", "as_json", is_flag=True)
+@server_option
+def compare(source_id, loss, as_json, server) -> None:
+    """Every artifact of SOURCE_ID with size, bits per weight, mean KL, PPL ratio and speed;
+    the Pareto-optimal ones (nothing else both smaller and better) marked '*'."""
+    from quantyard.client import ApiError
+
+    try:
+        frontier = _client(server).frontier(source_id, loss=loss)
+    except ApiError as exc:
+        _fail(exc)
+    click.echo(json.dumps(frontier, indent=2) if as_json else frontier_table(frontier))
+
+
+def quality_lines(art: dict) -> list[str]:
+    """An artifact's quality report and speed, as `quantyard show` prints them."""
+    metrics = art.get("metrics") or {}
+    q, speed, lines = metrics.get("quality") or {}, metrics.get("speed") or {}, []
+    if q:
+        lines.append(f"quality     {q.get('n_tokens')} tokens in {q.get('n_chunks')} chunks of {q.get('n_ctx')}: "
+                     f"PPL {_num(q.get('ppl'), '.4f')} (source {_num(q.get('ppl_source'), '.4f')}, "
+                     f"ratio {_num(q.get('ppl_ratio'), '.4f')})")
+        lines.append(f"            mean KL {_num(q.get('mean_kl'), '.6f')} ± {_num(q.get('mean_kl_ci95'), '.6f')}, "
+                     f"p99 {_num(q.get('kl_p99'), '.5f')}, max {_num(q.get('kl_max'), '.5f')}; "
+                     f"top-1 {_num(q.get('top1_agreement'), '.4f')}; "
+                     f"Δp mean {_num(q.get('mean_delta_p'), '.5f')} rms {_num(q.get('rms_delta_p'), '.5f')}")
+    elif metrics.get("mean_kl") is not None:
+        lines.append(f"validation  mean KL {_num(metrics.get('mean_kl'), '.6f')}, "
+                     f"top-1 {_num(metrics.get('top1_agreement'), '.4f')} (probe text)")
+    if speed:
+        hw = ((art.get("metadata") or {}).get("made_on") or {}).get("hardware_class") or "?"
+        lines.append(f"speed       pp{speed.get('n_prompt')} {_num(speed.get('pp_tokens_per_s'), '.1f')} t/s, "
+                     f"tg{speed.get('n_gen')} {_num(speed.get('tg_tokens_per_s'), '.1f')} t/s, "
+                     f"{speed.get('threads')} threads on {hw}")
+    return lines
+
+
+@main.command()
+@click.argument("artifact_id")
+@click.option("--json", "as_json", is_flag=True)
+@server_option
+def show(artifact_id, as_json, server) -> None:
+    """An artifact: its file, size, quality report (PPL, KL, top-1) and speed."""
+    from quantyard.client import ApiError
+
+    try:
+        art = _client(server).get_artifact(artifact_id)
+    except ApiError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(art, indent=2))
+        return
+    click.echo(_artifact_line(art))
+    bpw = (art.get("metrics") or {}).get("bits_per_weight")
+    click.echo(f"source      {art['source_id']}  job {art.get('job_id') or '-'}"
+               + (f"  {bpw:.3f} bits/weight" if isinstance(bpw, int | float) else ""))
+    for line in quality_lines(art):
+        click.echo(line)
+
+
 def _call_server(server, as_json: bool, call) -> dict | None:
     """``call(client)``; a refusal prints the server's message and exits 1. With ``as_json`` the
     answer is printed as JSON (None returned), else returned for the command to print."""

@@ -209,3 +209,8 @@ class QuantyardClient:
         if depth is not None:
             params["depth"] = depth
         return self._request("GET", f"/v1/{kind}s/{node_id}/lineage", params=params).json()
+
+    def frontier(self, source_id: str, *, loss: str = "mean_kl") -> dict:
+        """Every artifact of a source with size, bits per weight, KL, PPL ratio, speed and its
+        Pareto flag (GET /v1/sources/{id}/frontier)."""
+        return self._request("GET", f"/v1/sources/{source_id}/frontier", params={"loss": loss}).json()

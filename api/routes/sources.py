@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Body, Depends, Query, Request
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +17,7 @@ from api.responses import JSONResponse
 from api.routes.artifacts import ReinstateIn, WithdrawIn, lineage_params
 from quantyard import archive, catalog
 from quantyard.cards import facts
+from quantyard.catalog import frontier
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])
 
@@ -207,6 +209,52 @@ def reinstate_source(source_id: str, request: Request, body: ReinstateIn = Body(
                                request=request_info(request), organization_id=org_id(request))
     s.commit()
     return result
+
+
+class FrontierSpeed(BaseModel):
+    """How fast the artifact runs, on the worker that made it (its hardware class)."""
+
+    pp_tokens_per_s: float | None = Field(None, description="GGUF: prompt processing (llama-bench pp512)")
+    tg_tokens_per_s: float | None = Field(None, description="GGUF: generation (llama-bench tg128)")
+    threads: int | None = None
+    latency_ms_p50: float | None = Field(None, description="ONNX: latency at batch 1")
+    throughput_seq_per_s: float | None = None
+    hardware_class: str | None = None
+
+
+class FrontierItem(BaseModel):
+    artifact_id: str
+    name: str = Field(..., description="the quantization, e.g. Q4_K_M")
+    format: str
+    size_bytes: int = Field(..., description="every file of the artifact (all shards)")
+    bits_per_weight: float | None = None
+    mean_kl: float | None = Field(None, description="quality report's mean KL vs the source (else the validation's)")
+    ppl_ratio: float | None = Field(None, description="perplexity of the artifact / of the source")
+    top1_agreement: float | None = None
+    cosine_min: float | None = Field(None, description="ONNX encoders: worst cosine vs the source")
+    speed: FrontierSpeed | None = None
+    tensor_types: dict[str, str] | None = None
+    created_at: str | None = None
+    pareto: bool = Field(..., description="no other artifact listed is both no larger and no worse")
+
+
+class Frontier(BaseModel):
+    source_id: str
+    loss: str
+    items: list[FrontierItem]
+
+
+@router.get("/{source_id}/frontier", dependencies=[requires("viewer")], response_model=Frontier,
+            summary="Every artifact of a source with size, bits per weight, KL, PPL ratio and speed; "
+                    "Pareto-optimal ones marked")
+def source_frontier(source_id: str, request: Request,
+                    loss: str = Query("mean_kl", pattern="^(mean_kl|ppl_ratio)$",
+                                      description="the quality measure the Pareto flag ranks by"),
+                    s: Session = Depends(get_session)) -> Frontier:
+    if catalog.get_source(s, source_id=source_id, organization_id=org_id(request)) is None:
+        raise not_found("source", source_id)
+    rows = frontier.source_frontier(s, source_id=source_id, organization_id=org_id(request), loss=loss)
+    return Frontier(source_id=source_id, loss=loss, items=[FrontierItem(**row) for row in rows])
 
 
 @router.get("/{source_id}", summary="A source model's metadata", dependencies=[requires("viewer")])

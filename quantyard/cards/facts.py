@@ -192,6 +192,59 @@ def measured(metrics: dict) -> list[tuple[str, str, Any]]:
     return out
 
 
+# The quality report (metrics["quality"], issue 13: llama-perplexity's statistics on the evaluation
+# text) and the speed (metrics["speed"], llama-bench's pp/tg): key -> (label, format).
+QUALITY_LABELS: dict[str, tuple[str, str]] = {
+    "ppl": ("perplexity", "{:.4f}"),
+    "ppl_source": ("perplexity of the source", "{:.4f}"),
+    "ppl_ratio": ("perplexity ratio (artifact / source)", "{:.4f}"),
+    "mean_kl": ("mean KL divergence vs source", "{:.6f}"),
+    "mean_kl_ci95": ("mean KL 95% confidence half-width", "{:.6f}"),
+    "kl_p99": ("KL divergence p99", "{:.6f}"),
+    "kl_max": ("KL divergence max", "{:.6f}"),
+    "top1_agreement": ("same top token as the source", "{:.2%}"),
+    "mean_delta_p": ("mean Δp of the right token", "{:.4%}"),
+    "rms_delta_p": ("RMS Δp", "{:.4%}"),
+    "n_tokens": ("tokens scored", "{:,}"),
+    "n_chunks": ("chunks", "{}"),
+    "n_ctx": ("context per chunk", "{}"),
+    "reference_top_k": ("reference top-k log-probabilities", "{}"),
+    "eval_seconds_per_1k_tokens": ("evaluation seconds per 1k tokens", "{:.3f}"),
+}
+SPEED_LABELS: dict[str, tuple[str, str]] = {
+    "pp_tokens_per_s": ("prompt processing (tokens/s)", "{:.1f}"),
+    "tg_tokens_per_s": ("generation (tokens/s)", "{:.1f}"),
+    "n_prompt": ("prompt tokens (pp)", "{}"),
+    "n_gen": ("generated tokens (tg)", "{}"),
+    "threads": ("threads", "{}"),
+}
+
+
+def _labelled(values: Any, labels: dict[str, tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(key, label, formatted value) of the known numbers in `values`, in the labels' order."""
+    if not isinstance(values, dict):
+        return []
+    out = []
+    for key, (label, fmt) in labels.items():
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                out.append((key, label, fmt.format(value)))
+            except (ValueError, TypeError):
+                out.append((key, label, str(value)))
+    return out
+
+
+def quality(artifact: dict) -> list[tuple[str, str, str]]:
+    """The artifact's quality report as (key, label, value) rows ([] when it has none)."""
+    return _labelled((artifact.get("metrics") or {}).get("quality"), QUALITY_LABELS)
+
+
+def speed(artifact: dict) -> list[tuple[str, str, str]]:
+    """The artifact's measured speed as (key, label, value) rows ([] when it was not timed)."""
+    return _labelled((artifact.get("metrics") or {}).get("speed"), SPEED_LABELS)
+
+
 def hardware(artifact: dict) -> dict | None:
     """The worker the artifact was made (and timed) on: speed numbers mean nothing without it."""
     made_on = (artifact.get("metadata") or {}).get("made_on")

@@ -88,7 +88,16 @@ def _model_card(artifact: dict, source: dict) -> dict:
         if context:
             entry["slice"] = context
         perf.append(entry)
+    report = metrics.get("quality") if isinstance(metrics.get("quality"), dict) else {}
+    evaluated = (f"evaluation text: {report.get('n_tokens')} tokens scored in {report.get('n_chunks')} chunks "
+                 f"of {report.get('n_ctx')} (llama-perplexity --kl-divergence)")
+    perf += [{"type": f"quality.{key}", "value": json.dumps(report[key]), "slice": evaluated}
+             for key, _label, _value in facts.quality(artifact)]
+    speed = metrics.get("speed") if isinstance(metrics.get("speed"), dict) else {}
     hw = facts.hardware(artifact)
+    timed = f"llama-bench style, hardware class {(hw or {}).get('hardware_class')}"
+    perf += [{"type": f"speed.{key}", "value": json.dumps(speed[key]), "slice": timed}
+             for key, _label, _value in facts.speed(artifact)]
     card: dict[str, Any] = {"bom-ref": f"quantyard:model-card:{artifact['id']}", "modelParameters": params,
                             "quantitativeAnalysis": {"performanceMetrics": perf}}
     notes = {"format": artifact.get("format"), "quantization": artifact.get("quantization"),

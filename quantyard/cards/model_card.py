@@ -68,6 +68,10 @@ def front_matter(artifact: dict, source: dict, steps: list[facts.Step]) -> dict[
     }
     if "bits_per_weight" in metrics:
         block["bits_per_weight"] = metrics["bits_per_weight"]
+    report = metrics.get("quality") if isinstance(metrics.get("quality"), dict) else {}
+    for key in ("mean_kl", "ppl_ratio", "top1_agreement"):  # the evaluation's, for the Hub's readers
+        if isinstance(report.get(key), (int, float)):
+            block[f"quality_{key}"] = report[key]
     meta["quantyard"] = {k: v for k, v in block.items() if v is not None}
     return meta
 
@@ -139,6 +143,26 @@ def _metrics(artifact: dict) -> list[str]:
     return out
 
 
+def _quality(artifact: dict) -> list[str]:
+    """The quality report on the evaluation text and the speed, when the artifact has them."""
+    rows, speed = facts.quality(artifact), facts.speed(artifact)
+    if not rows and not speed:
+        return []
+    out = []
+    if rows:
+        out += ["## Quality report", "",
+                "Computed as llama.cpp's `llama-perplexity --kl-divergence` does: the evaluation text in chunks, "
+                "the second half of each chunk scored against the source model's outputs.", ""]
+        out += _table([(label, value) for _, label, value in rows], ("measure", "value"))
+    if speed:
+        hw = facts.hardware(artifact) or {}
+        out += ([""] if out else []) + ["## Speed", "",
+                                        f"Measured like `llama-bench` on hardware class {_code(hw.get('hardware_class'))} "
+                                        f"({hw.get('machine')}, {hw.get('cpu_count')} CPUs).", ""]
+        out += _table([(label, value) for _, label, value in speed], ("measure", "value"))
+    return out
+
+
 def _lineage(steps: list[facts.Step]) -> list[str]:
     out = ["## Lineage", ""]
     for n, step in enumerate(steps, 1):
@@ -202,9 +226,9 @@ def model_card(artifact: dict, source: dict, lineage: dict) -> str:
              f"{_code(meta['base_model'])}, made and validated by Quantyard "
              f"({_code(artifact.get('engine_version'))}). Source upload {_code(source.get('name'))}, "
              f"sha256 {_code(source.get('sha256'))}.")
-    sections = [_quantization(artifact, steps), _metrics(artifact), _lineage(steps), _files(artifact),
-                _usage(artifact, meta["base_model"])]
+    sections = [_quantization(artifact, steps), _metrics(artifact), _quality(artifact), _lineage(steps),
+                _files(artifact), _usage(artifact, meta["base_model"])]
     lines = ["---", *_yaml(meta), "---", "", f"# {title}", "", intro]
     for section in sections:
-        lines += [""] + section
+        lines += [""] + section if section else []
     return "\n".join(lines) + "\n"

@@ -102,6 +102,17 @@ def assign_target_artifact(target: JobTarget, artifact_id: str) -> None:
     target.finished_at = utcnow()
 
 
+def column_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The metrics the search columns are filled from: the quality report's mean KL and top-1
+    (metrics["quality"], measured on the evaluation text, issue 13) win over the validation's
+    numbers on the short probe text, which understate the damage."""
+    out = dict(metrics or {})
+    quality = out.get("quality")
+    if isinstance(quality, dict):
+        out.update({k: quality[k] for k in ("mean_kl", "top1_agreement") if k in quality})
+    return out
+
+
 def record_artifact(
     s: Session,
     *,
@@ -173,7 +184,7 @@ def record_artifact(
         search_text=names,
         search_tokens=search_tokens(names, organization_id=job.organization_id if job is not None
                                     else source.organization_id),
-        **metric_values(metrics),
+        **metric_values(column_metrics(metrics)),
     )
     s.add(artifact)
     # The artifact's direct inputs: the source by default, or e.g. the intermediate it was
