@@ -35,12 +35,19 @@ from worker.target_pipeline import run_target
 log = logging.getLogger(__name__)
 
 
+SOFT_SHUTDOWN_S = 60.0
+
+
 def create_worker_app(settings: Settings | None = None, *, hardware_classes: list[str],
                       worker_id: str) -> Celery:
     settings = settings or get_settings()
     app = make_celery(settings, name="quantyard-worker")
     app.conf.task_queues = None
     app.conf.task_create_missing_queues = True
+    # SIGTERM stays Celery's warm shutdown (the running conversion finishes within the pod's
+    # grace period). A cold shutdown (SIGQUIT, a second Ctrl-C) becomes a soft one: the running
+    # task gets this long, then it is terminated unacknowledged (acks_late) and Redis redelivers it.
+    app.conf.worker_soft_shutdown_timeout = SOFT_SHUTDOWN_S
     _register_task(app, worker_id)
     _limit_pool_processes(settings)
     _HeartbeatStep.config = (settings, hardware_classes, worker_id)
