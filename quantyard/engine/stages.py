@@ -30,15 +30,22 @@ from .results import ConversionResult, PreflightReport
 from .spec import TargetSpec
 
 if TYPE_CHECKING:
+    from .evaluation import EvalReference
     from .gguf.reference import ReferenceOutputs
 
 Progress = Callable[[float, str], None]
-# Share of a quantize stage's progress spent writing; validation (model loads) takes the rest.
-_WRITE_SHARE = 0.7
+# Shares of a quantize stage's progress: writing, then validation (model loads) until
+# _EVAL_START, then the quality report on the evaluation text ("evaluate").
+_WRITE_SHARE = 0.6
+_EVAL_START = 0.75
 # The plan's source digest when the caller has none (quantyard convert on a folder): its files
 # then carry no source digest nor recipe hash, as they never did.
 UNKNOWN_SOURCE = "0" * 64
 REFERENCE_FILE = "reference.safetensors"
+# The source's outputs on the evaluation text (issue 13), stored beside REFERENCE_FILE.
+EVAL_REFERENCE_FILE = "evaluation.safetensors"
+# What a step is given to evaluate a GGUF with: the target's spec -> the reference for its text.
+EvaluationFor = Callable[[TargetSpec], "EvalReference | None"]
 
 
 def intermediate_target(report: PreflightReport) -> TargetSpec:
@@ -129,12 +136,14 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
              imatrix: Path | None = None, progress: Progress | None = None,
              provenance: Mapping[str, str] | None = None,
              split_max_bytes: int | None = None, stem: str | None = None,
-             outputs: ReferenceOutputs | None = None) -> ConversionResult:
+             outputs: ReferenceOutputs | None = None,
+             evaluation: EvalReference | None = None) -> ConversionResult:
     """One target from a GGUF, validated against `reference`: the Hugging Face source folder
     (logits vs transformers, or vs `outputs`, the source's reference outputs computed once) or,
     for a GGUF source, that GGUF (logits vs llama.cpp on it).
     general.name is the input's; the file is `stem`-QUANT.gguf (default: the provenance name,
-    else that general.name)."""
+    else that general.name). With `evaluation` the file gets its quality report
+    (metrics["quality"]); a target's params.gates are held to it (GateFailed: no file kept)."""
     from .gguf.converter import provenance_kv
     from .gguf.quantize import quantize_gguf
 
@@ -152,6 +161,8 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
         if progress is not None:
             progress(_WRITE_SHARE, "validating with llama.cpp against the source")
         metrics = _validate(report.path, Path(reference), target.quantization, outputs)
+        metrics.update(evaluate(report.path, target, evaluation, progress=_scaled(progress, _EVAL_START,
+                                                                                    1 - _EVAL_START)))
     except BaseException:
         for path in report.paths:
             path.unlink(missing_ok=True)
@@ -194,6 +205,70 @@ def _validate_against_gguf(path: Path, reference: Path, quantization: str) -> di
     return {**metrics, "reference": "input-gguf", "probe_tokens": len(ids)}
 
 
+def evaluation_text(spec: TargetSpec, default: str | None = None) -> str | None:
+    """The text a target is evaluated on: its params.evaluation_text, else `default` (the CLI's
+    --evaluation file), else None (the shipped evaluation text)."""
+    return spec.params.get("evaluation_text") or default
+
+
+def eval_reference_filename(text: str | None) -> str:
+    """Where the source's reference on `text` is stored (beside the intermediate): one file per
+    distinct evaluation text."""
+    if text is None:
+        return EVAL_REFERENCE_FILE
+    from .evaluation.text import text_sha256
+
+    return f"evaluation-{text_sha256(text)[:16]}.safetensors"
+
+
+def make_eval_reference(source: Path, out_path: Path | None = None, *, text: str | None = None,
+                        source_format: str = "hf", progress: Progress | None = None) -> EvalReference:
+    """The source's outputs on the evaluation text (transformers on a Hugging Face folder, llama.cpp
+    on a GGUF source, like llama-perplexity --kl-divergence-base), saved to `out_path`."""
+    from .evaluation import compute_eval_reference, gguf_eval_reference
+
+    compute = gguf_eval_reference if source_format == "gguf" else compute_eval_reference
+    ref = compute(Path(source), text=text, progress=progress)
+    if out_path is not None:
+        ref.save(Path(out_path))
+    return ref
+
+
+def evaluate(path: Path, target: TargetSpec, evaluation: EvalReference | None, *,
+             progress: Progress | None = None) -> dict:
+    """{"quality": report} for a GGUF evaluated against the source's reference (none without
+    one), after which the target's gates are checked: a gate with nothing measured fails."""
+    from .gates import check_gates, target_gates
+
+    metrics = {}
+    if evaluation is not None:
+        from .evaluation import evaluate_gguf
+
+        if progress is not None:
+            progress(0.0, "evaluate: quality report on the evaluation text")
+        report = evaluate_gguf(Path(path), evaluation,
+                               progress=None if progress is None else
+                               lambda f, m: progress(f, f"evaluate: {m}"))
+        metrics["quality"] = report.to_dict()
+    check_gates(target_gates(target.params, fmt=target.format), metrics.get("quality"), target=target.key)
+    return metrics
+
+
+def cached_evaluations(make: Callable[[str | None], EvalReference], default: str | None = None) -> EvaluationFor:
+    """evaluation_for: a target's reference, made once per distinct evaluation text by `make`."""
+    made: dict[str | None, EvalReference] = {}
+
+    def evaluation_for(spec: TargetSpec) -> EvalReference | None:
+        if spec.format != "gguf":
+            return None
+        text = evaluation_text(spec, default)
+        if text not in made:
+            made[text] = make(text)
+        return made[text]
+
+    return evaluation_for
+
+
 def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path, *,
                  report: PreflightReport | None = None,
                  progress_for: Callable[[TargetSpec], Progress | None] = lambda t: None,
@@ -202,7 +277,8 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
                  calibration_text: str | None = None,
                  split_max_bytes: int | None = None,
                  stem: str | None = None,
-                 source_sha256: str | None = None) -> list[ConversionResult]:
+                 source_sha256: str | None = None,
+                 evaluation_text: str | None = None) -> list[ConversionResult]:
     """Several targets from one source, in the order asked, by the conversion plan
     (engine/plan.py) the service runs too: one read of the source for every float target and
     the lossless intermediate, the rest quantized from it, one shared importance matrix per
@@ -211,7 +287,9 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
     general.name is provenance["name"] when the caller gives one (convert_hf_to_gguf.py's
     --model-name), else what llama.cpp derives; files are named `stem`-QUANT (default:
     converter.model_name) either way. With `source_sha256` (the service's digest of the source
-    upload) the files carry it and their recipe hashes exactly as the service's do."""
+    upload) the files carry it and their recipe hashes exactly as the service's do. Every GGUF
+    target gets its quality report on `evaluation_text` (a target's params.evaluation_text wins;
+    default: the shipped text) and is held to its params.gates."""
     from . import _program_targets, parse_target, preflight
 
     targets = [parse_target(t) for t in targets]
@@ -228,7 +306,8 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
     return execute_plan(plan, source_dir, out_dir, name=(provenance or {}).get("name"), stem=stem,
                         given_imatrix=imatrix, calibration_text=calibration_text,
                         split_max_bytes=split_max_bytes, stamp=source_sha256 is not None,
-                        progress_for=lambda step: by_step.get(step.id), provenance=provenance)
+                        progress_for=lambda step: by_step.get(step.id), provenance=provenance,
+                        evaluation_text=evaluation_text)
 
 
 def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
@@ -331,11 +410,12 @@ def make_reference(source_dir: Path, out_path: Path | None = None, *,
 
 def run_source_pass(source_dir: Path, plan: ConversionPlan, steps: Sequence[Step], out_dir: Path, *,
                     provenance: Mapping[str, str], validate: Sequence[str], stem: str | None,
-                    outputs: ReferenceOutputs | None, progress: Progress | None = None
-                    ) -> dict[str, ConversionResult]:
+                    outputs: ReferenceOutputs | None, progress: Progress | None = None,
+                    evaluation_for: EvaluationFor | None = None) -> dict[str, ConversionResult]:
     """The float GGUF steps (intermediate, float targets) written in ONE read of the source;
     the steps named in `validate` are validated (against `outputs`), the others (an
-    intermediate only the CLI uses) are not. Returns {step id: result}."""
+    intermediate only the CLI uses) are not; those that are targets are also evaluated
+    (`evaluation_for`, their quality report) and held to their gates. Returns {step id: result}."""
     from . import _load
     from .gguf.converter import model_name, output_filename, write_float_ggufs
 
@@ -356,6 +436,10 @@ def run_source_pass(source_dir: Path, plan: ConversionPlan, steps: Sequence[Step
                 progress(0.6 + 0.4 * i / len(steps), f"validating {paths[step.id].name}")
             results[step.id] = _float_result(source, step, paths[step.id], tensors,
                                              outputs if step.id in validate else None, step.id in validate)
+            if step.id in validate:
+                evaluation = evaluation_for(step.spec) if evaluation_for is not None else None
+                results[step.id].metrics.update(evaluate(paths[step.id], step.spec, evaluation, progress=_scaled(
+                    progress, 0.6 + 0.4 * (i + 0.5) / len(steps), 0.2 / len(steps))))
     except BaseException:
         for path in paths.values():
             path.unlink(missing_ok=True)
@@ -378,22 +462,28 @@ def _float_result(source, step: Step, path: Path, tensors, outputs, validate: bo
 def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: str,
                     files: Mapping[str, Path], outputs: ReferenceOutputs | None,
                     provenance: Mapping[str, str], stem: str | None = None,
-                    split_max_bytes: int | None = None, progress: Progress | None = None) -> ConversionResult:
+                    split_max_bytes: int | None = None, progress: Progress | None = None,
+                    evaluation: EvalReference | None = None) -> ConversionResult:
     """One target step that is not part of the source pass, from the files of its input steps
     ({input step id: path}): quantized from the intermediate (or, for a GGUF source, from the
     source itself), from the shared ONNX export, or converted straight from the source (also a
-    target whose shared step's artifact was withdrawn before it could be given to it)."""
+    target whose shared step's artifact was withdrawn before it could be given to it).
+    A GGUF target is evaluated against `evaluation` (a GGUF source's is computed from it when
+    not given) and held to its gates."""
     from . import convert, quantize_onnx
 
     spec = step.spec
     if spec.format == "gguf" and source_format == "gguf":
+        if evaluation is None:  # the source GGUF is the base, as llama-perplexity's KL base file
+            evaluation = make_eval_reference(Path(source), text=evaluation_text(spec), source_format="gguf")
         return quantize(Path(source), spec, out_dir, reference=Path(source), progress=progress,
-                        provenance=provenance, split_max_bytes=split_max_bytes, stem=stem)
+                        provenance=provenance, split_max_bytes=split_max_bytes, stem=stem, evaluation=evaluation)
     if spec.format == "gguf" and step.input_of("intermediate"):
         imatrix = step.input_of("imatrix")
         return quantize(files["intermediate"], spec, out_dir, reference=Path(source),
                         imatrix=files[imatrix] if imatrix else None, progress=progress,
-                        provenance=provenance, split_max_bytes=split_max_bytes, stem=stem, outputs=outputs)
+                        provenance=provenance, split_max_bytes=split_max_bytes, stem=stem, outputs=outputs,
+                        evaluation=evaluation)
     export = step.input_of("onnx_fp32")
     if export is not None:  # validated against the source, not the fp32 file
         return quantize_onnx(Path(source), files[export], spec, out_dir, progress=progress, provenance=provenance)
@@ -404,7 +494,8 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
                  stem: str | None = None, given_imatrix: Path | None = None,
                  calibration_text: str | None = None, split_max_bytes: int | None = None,
                  stamp: bool = False, provenance: Mapping[str, str] | None = None,
-                 progress_for: Callable[[Step], Progress | None] = lambda step: None) -> list[ConversionResult]:
+                 progress_for: Callable[[Step], Progress | None] = lambda step: None,
+                 evaluation_text: str | None = None) -> list[ConversionResult]:
     """Run a whole plan in this process (quantyard convert): shared files in a temporary
     folder, the targets' files in out_dir; returns one result per target, in order."""
     import tempfile
@@ -418,13 +509,17 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
         outputs = None
         if any(s.kind == "reference" for s in plan.steps):
             outputs = make_reference(Path(source))
+        evaluation_for = cached_evaluations(  # the source's reference once per evaluation text
+            lambda text: make_eval_reference(Path(source), text=text, source_format=plan.source_format),
+            evaluation_text)
         pass_steps = plan.source_pass()
         if pass_steps:
             first = next((progress_for(s) for s in pass_steps if s.id in plan.targets), None)
             shared = step_provenance(source_sha256=plan.source_sha256, name=name, stamp=stamp, extra=extra)
             made = run_source_pass(Path(source), plan, pass_steps, Path(tmp), stem=stem, outputs=outputs,
                                    provenance=shared,
-                                   validate=[s.id for s in pass_steps if s.id in plan.targets], progress=first)
+                                   validate=[s.id for s in pass_steps if s.id in plan.targets], progress=first,
+                                   evaluation_for=evaluation_for)
             done.update(made)
             files.update({k: r.path for k, r in made.items()})
         for step in plan.steps:
@@ -445,7 +540,8 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
                     step, Path(source), Path(tmp) if step.kind != "target" else out_dir,
                     source_format=plan.source_format, files=files, outputs=outputs, provenance=prov, stem=stem,
                     split_max_bytes=split_max_bytes if step.kind == "target" else None,
-                    progress=progress_for(step))
+                    progress=progress_for(step),
+                    evaluation=evaluation_for(step.spec) if step.kind == "target" else None)
                 files[step.id] = done[step.id].path
         return [_kept(done[t], out_dir) for t in plan.targets]
 
