@@ -207,6 +207,8 @@ def db_upgrade() -> None:
               default=None, help="An importance matrix file (llama.cpp format) for every target.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Text to compute the importance matrix from (default: shipped).")
+@click.option("--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text each GGUF target's quality report is measured on (default: shipped evaluation set).")
 @click.option("--split-max-size", default=None,
               help="Split quantized outputs into shards of at most this size (e.g. 2G, 500M), "
                    "named like llama.cpp's gguf-split (-00001-of-0000N.gguf).")
@@ -217,7 +219,8 @@ def db_upgrade() -> None:
               help="The sha256 of SOURCE's upload to the service: the files then carry it and their recipe "
                    "hashes, byte for byte as the service makes them (same plan, same engine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def convert(source, targets, out_dir, imatrix, calibration, split_max_size, name, source_sha256, as_json) -> None:
+def convert(source, targets, out_dir, imatrix, calibration, evaluation, split_max_size, name, source_sha256,
+            as_json) -> None:
     """Convert SOURCE (a model folder, or one .pt2 / TorchScript / .onnx file) on this machine,
     without the service; same conversion plan, same validation."""
     if source_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
@@ -225,7 +228,7 @@ def convert(source, targets, out_dir, imatrix, calibration, split_max_size, name
     with tempfile.TemporaryDirectory(prefix="quantyard-program-") as tmp:
         folder = program_folder(source, Path(tmp)) if source.is_file() else source
         _convert(folder, name, name or (source.name.split(".")[0] if source.is_file() else source.name),
-                 targets, out_dir, imatrix, calibration, split_max_size, as_json, source_sha256)
+                 targets, out_dir, imatrix, calibration, split_max_size, as_json, source_sha256, evaluation)
 
 
 def program_folder(path: Path, tmp: Path) -> Path:
@@ -247,11 +250,16 @@ def program_folder(path: Path, tmp: Path) -> Path:
 
 
 def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_max_size, as_json,
-             source_sha256=None) -> None:
+             source_sha256=None, evaluation=None) -> None:
     from quantyard import engine
     from quantyard.engine.stages import convert_many
 
     try:
+        evaluation_text = None
+        if evaluation is not None:  # hostile like an upload: size-capped, UTF-8, checked
+            from quantyard.engine.evaluation import load_evaluation_text
+
+            evaluation_text = load_evaluation_text(evaluation)
         specs = [engine.parse_target(t) for t in targets]
         report = engine.preflight(source, specs)
     except engine.ConversionError as exc:
@@ -263,7 +271,7 @@ def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_m
         try:
             results = convert_many(
                 source, specs, out_dir, progress_for=bars.for_target, report=report,
-                source_sha256=source_sha256,
+                source_sha256=source_sha256, evaluation_text=evaluation_text,
                 provenance={"name": name} if name else {}, stem=stem, imatrix=imatrix,
                 calibration_text=calibration.read_text() if calibration else None,
                 split_max_bytes=_parse_size(split_max_size) if split_max_size else None)
@@ -277,10 +285,11 @@ def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_m
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        m = r["metrics"]
+        m = {**r["metrics"], **(r["metrics"].get("quality") or {})}  # the evaluation's numbers when measured
         click.echo(f"{r['target']:<14} {r['size_bytes']:>14,d} B  "
                    f"top1={m.get('top1_agreement', float('nan')):.3f}  "
-                   f"kl={m.get('mean_kl', float('nan')):.5f}  {r['path']}")
+                   f"kl={m.get('mean_kl', float('nan')):.5f}  ppl_ratio={m.get('ppl_ratio', float('nan')):.4f}  "
+                   f"{r['path']}")
 
 
 def _parse_size(text: str) -> int:
