@@ -18,6 +18,9 @@ OPSETS = (17, 18, 19, 20, 21)
 WEIGHT_TYPES = ("QInt8", "QUInt8")
 BLOCK_SIZES = (32, 64, 128)
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
+# int8-dynamic activation scales: "row" (one per token row, outlier channels in float:
+# rowquant.py) or "tensor" (onnxruntime's quantize_dynamic, after smoothing: smooth.py)
+ACTIVATION_SCALES = ("row", "tensor")
 
 # Defaults per quantization. max_abs_diff: over real (unpadded) tokens of the output;
 # min_cosine: the worst sentence's cosine (mean-pooled embeddings, or logits rows).
@@ -46,8 +49,12 @@ class OnnxOptions:
     # int8-static: leave the FFN down-projections (input = GELU output, heavy outliers) in
     # float; quantizing them took MiniLM's embedding cosine from 0.989 to 0.92.
     static_skip_ffn_down: bool = True
-    # int8-dynamic: shrink outlier activation channels into the weights first (smooth.py)
-    smooth_activations: bool = True
+    # int8-dynamic: per-row activation scales (rowquant.py) by default for text encoders;
+    # None = "row" when there is a tokenizer to calibrate with, "tensor" otherwise (programs)
+    activation_scales: str | None = None
+    # int8-dynamic: shrink outlier activation channels into the weights first (smooth.py);
+    # None = on for "tensor" scales, off for "row" (there it measured worse: 0.9972 vs 0.9982)
+    smooth_activations: bool | None = None
     # tensors in `<file>.data` beside the graph even below protobuf's 2 GB limit (always above
     # it): runtimes that memory-map weights, or stores that cap object sizes, want this
     external_data: bool = False
@@ -67,6 +74,10 @@ def _bool(params: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise UnsupportedTarget(f"onnx param {key} must be true or false, not {value!r}")
     return value
+
+
+def _optional_bool(params: Mapping[str, Any], key: str) -> bool | None:
+    return None if params.get(key) is None else _bool(params, key, False)
 
 
 def _texts(params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -122,10 +133,12 @@ def parse_options(target: TargetSpec) -> OnnxOptions:
         calibration_method=method,
         calibration_texts=texts,
         static_skip_ffn_down=_bool(p, "static_skip_ffn_down", True),
-        smooth_activations=_bool(p, "smooth_activations", True),
+        activation_scales=None if p.get("activation_scales") is None
+        else _choice(p, "activation_scales", ACTIVATION_SCALES, None),
+        smooth_activations=_optional_bool(p, "smooth_activations"),
         external_data=_bool(p, "external_data", False),
         **_tolerances(target.quantization, p),
     )
 
 
-__all__ = ["BLOCK_SIZES", "DEFAULT_TOLERANCES", "OPSETS", "OnnxOptions", "parse_options"]
+__all__ = ["ACTIVATION_SCALES", "BLOCK_SIZES", "DEFAULT_TOLERANCES", "OPSETS", "OnnxOptions", "parse_options"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,42 +32,79 @@ def to_fp16(src: Path, dst: Path, opts: OnnxOptions, ctx: QuantContext) -> dict:
 
 
 def to_int8_dynamic(src: Path, dst: Path, opts: OnnxOptions, ctx: QuantContext) -> dict:
-    """onnxruntime's dynamic int8 (weights int8 per output channel, activations per tensor at run
-    time), after shrinking outlier activation channels into the weights (smooth.py).
+    """Dynamic int8: weights int8 per output column, activations quantized at run time.
 
-    Measured on all-MiniLM-L6-v2 (worst mean-pooled cosine vs PyTorch; VALIDATION_TEXTS /
-    tests' ORACLE_TEXTS / 8 short unseen texts; size vs fp32), fused graph:
-      QInt8 per-channel, no smoothing (old default)   0.9911 / 0.9825 / 0.945   3.96x
-      + QUInt8 weights                                0.9914 / 0.9867 / 0.959   3.95x
-      per-tensor weights                              0.9575 / 0.9381 / 0.802   3.97x
-      reduce_range                                    0.9900 / 0.9800 / 0.953   3.96x
-      MatMul only (embedding Gather left float)       0.9922 / 0.9847 / 0.951   1.54x
-      FFN down-projections left float                 0.9946 / 0.9901 / 0.974   2.70x
-      smoothing (alpha 0.5, p90) + QInt8              0.9971 / 0.9917 / 0.982   3.94x
-      smoothing (alpha 0.5, p90) + QUInt8 (default)   0.9977 / 0.9944 / 0.991   3.94x
-    Quantizing the Gather (embeddings) costs nothing measurable (0.9994 alone); the loss is in
-    the MatMuls' activations, spread over all layers (no few nodes to exclude). The dynamo
-    export has no fused Attention op to quantize differently, and quantizing before the
-    optimizer's fusions measured the same. QUInt8 weights also avoid the u8*s8 saturation of
-    pre-VNNI x86 kernels, but run ~1.5x slower than QInt8 on a VNNI CPU (u8u8 kernels): a job
-    that wants speed over the last 0.003 of cosine passes weight_type QInt8."""
-    import tempfile
+    Text encoders get one activation scale per token row, their few outlier input channels kept
+    in float, and embedding tables quantized per row (rowquant.py); programs (no tokenizer to
+    calibrate with) get onnxruntime's quantize_dynamic (one scale per activation tensor), which
+    a text encoder can ask for with activation_scales "tensor" (then after smoothing: smooth.py).
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    info = {"per_channel": opts.per_channel, "reduce_range": opts.reduce_range, "weight_type": opts.weight_type}
+    Measured on all-MiniLM-L6-v2, worst mean-pooled cosine vs PyTorch over the held-apart
+    sentences (heldout.py, batch 1; benchmarks/bench_onnx_int8.py), all from this engine's fused fp32
+    graph, size:
+      quantize_dynamic QInt8 per-channel (onnxruntime's recipe)      0.9667   22.8 MB
+      transformers.js's settings (+ reduce_range, MatMulConstBOnly)  0.9575   22.8 MB
+      smoothing + QUInt8 (the previous default)                      0.9896   22.9 MB
+      weights alone fake-quantized (float activations)               0.9975
+      onnxruntime's Gather (embedding) quantization alone            0.9983   (one scale per table)
+      per-row embeddings alone                                       0.99996
+      per-row activations + per-row embeddings                       0.9895
+      ... + smoothing                                                0.9949
+      ... + outlier channels in float, no smoothing (default)        0.9982   23.7 MB
+      ... the same with QInt8 weights                                0.9983   23.7 MB
+    The remaining loss is spread over the layers (no few MatMuls worth leaving float). QUInt8
+    weights avoid the u8*s8 saturation of pre-VNNI x86 kernels; QInt8 runs faster on a VNNI CPU.
+    With row scales a sentence's output no longer depends on what it is batched with."""
+    scales = opts.activation_scales or ("row" if ctx.tokenizer is not None else "tensor")
+    smoothing = opts.smooth_activations if opts.smooth_activations is not None else scales == "tensor"
+    info = {"activation_scales": scales, "per_channel": opts.per_channel, "reduce_range": opts.reduce_range,
+            "weight_type": opts.weight_type}
     with tempfile.TemporaryDirectory(dir=Path(dst).parent, prefix=".smooth-") as tmp:
-        # smoothing calibrates on text: programs (no tokenizer) are quantized as they are
-        if opts.smooth_activations and ctx.tokenizer is not None:
+        # smoothing and outlier channels calibrate on text: programs are quantized as they are
+        if smoothing and ctx.tokenizer is not None:
             from .smooth import smooth
 
             smoothed = Path(tmp) / "smoothed.onnx"
             info["smoothing"] = smooth(src, smoothed, ctx.tokenizer, ctx.input_names, opts.calibration_texts,
                                        Path(tmp))
             src = smoothed
+        if scales == "row":
+            info.update(_row_quantize(src, dst, opts, ctx, Path(tmp)))
+            return info
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
         quantize_dynamic(str(src), str(dst), per_channel=opts.per_channel, reduce_range=opts.reduce_range,
                          weight_type=QuantType[opts.weight_type], use_external_data_format=is_large(src))
     return info
+
+
+def _row_quantize(src: Path, dst: Path, opts: OnnxOptions, ctx: QuantContext, work: Path) -> dict:
+    from .rowquant import outlier_channels, quantize_rows
+    from .smooth import calibration_feeds
+
+    outliers = None
+    if ctx.tokenizer is not None:
+        feeds = calibration_feeds(ctx.tokenizer, ctx.input_names, opts.calibration_texts)
+        outliers = outlier_channels(src, feeds, work)
+    rows = work / "rows.onnx"
+    info = quantize_rows(src, rows, weight_type=opts.weight_type, outliers=outliers)
+    fused = _fused_embeddings(rows)
+    if not fused:
+        shutil.move(rows, dst)
+        return info
+    # the optimizer fused DistilBERT-style embeddings into one EmbedLayerNormalization op: only
+    # onnxruntime's quantizer handles that op (QEmbedLayerNormalization, one scale per table)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(rows), str(dst), op_types_to_quantize=["EmbedLayerNormalization"], per_channel=opts.per_channel,
+                     weight_type=QuantType[opts.weight_type], use_external_data_format=is_large(rows))
+    return {**info, "embed_layer_norms_per_tensor": fused}
+
+
+def _fused_embeddings(path: Path) -> int:
+    import onnx
+
+    return sum(n.op_type == "EmbedLayerNormalization" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _weight_matmuls(src: Path) -> list:

@@ -39,7 +39,7 @@ def _groups(graph) -> dict[str, list]:
     return groups
 
 
-def _feeds(tokenizer, names: Sequence[str], texts: Sequence[str]) -> list[dict]:
+def calibration_feeds(tokenizer, names: Sequence[str], texts: Sequence[str]) -> list[dict]:
     """One batch per text, plus all texts padded together: padded positions reach the
     quantizer too in batched use, so their ranges count."""
     import numpy as np
@@ -86,7 +86,7 @@ def smooth(src: Path, dst: Path, tokenizer, names: Sequence[str], texts: Sequenc
 
     model = onnx.load(str(src))
     groups = _groups(model.graph)
-    amax = activation_amax(model, list(groups), _feeds(tokenizer, names, texts), Path(work))
+    amax = activation_amax(model, list(groups), calibration_feeds(tokenizer, names, texts), Path(work))
     muls = []
     for x, members in groups.items():
         a = amax[x].astype(np.float64)
@@ -111,4 +111,4 @@ def smooth(src: Path, dst: Path, tokenizer, names: Sequence[str], texts: Sequenc
             "calibration_samples": len(texts)}
 
 
-__all__ = ["ALPHA", "PERCENTILE", "activation_amax", "smooth"]
+__all__ = ["ALPHA", "PERCENTILE", "activation_amax", "calibration_feeds", "smooth"]
