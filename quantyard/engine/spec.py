@@ -73,7 +73,7 @@ _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_SPLIT_BYTES = 1 << 20
 
 
-def parse_size(text: str | int, *, what: str = "split size") -> int:
+def parse_size(text: str | int, *, what: str = "split size", minimum: int = MIN_SPLIT_BYTES) -> int:
     """'2G', '500M', 4096 → bytes (binary units, as llama.cpp's gguf-split reads them);
     UnsupportedTarget (naming `what`) when it is not such a size."""
     if isinstance(text, bool) or not isinstance(text, (str, int)):
@@ -83,8 +83,8 @@ def parse_size(text: str | int, *, what: str = "split size") -> int:
         size = int(float(raw[:-1]) * _SIZE_UNITS[raw[-1]]) if raw and raw[-1] in _SIZE_UNITS else int(raw)
     except ValueError:
         raise UnsupportedTarget(f"{text!r} is not a size like 2G or 500M") from None
-    if size < MIN_SPLIT_BYTES:
-        raise UnsupportedTarget(f"{what} {text!r} is below the minimum of 1M")
+    if size < minimum:
+        raise UnsupportedTarget(f"{what} {text!r} is below the minimum of {minimum} bytes")
     return size
 
 

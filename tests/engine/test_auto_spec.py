@@ -26,7 +26,7 @@ def test_budget_defaults_and_canonical_spelling():
 
 
 @pytest.mark.parametrize("params, words", [
-    ({}, "needs a budget"), ({"max_size": "10K"}, "max_size '10K' is below"),
+    ({}, "needs a budget"), ({"max_size": "10K"}, "max_size '10K' is below the minimum of 65536"),
     ({"max_size": "big"}, "not a size"), ({"max_mean_kl": 0}, "max_mean_kl must be a finite number > 0"),
     ({"max_ppl_ratio": 0.99}, ">= 1"), ({"max_mean_kl": float("nan")}, "finite"),
     ({"max_size": "1G", "objective": "fast"}, "objective must be one of"),

@@ -26,6 +26,8 @@ OBJECTIVES = ("accurate", "smallest")
 PRESETS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
 DEFAULT_MAX_CANDIDATES = 20
 MAX_CANDIDATES = 48
+# below this no GGUF with a tokenizer fits (the tests' tiny models are ~1 MB)
+MIN_MAX_SIZE = 64 << 10
 _KEYS = {"max_size", "max_mean_kl", "max_ppl_ratio", "objective", "presets", "search", "max_candidates",
          "imatrix", "calibration_text", "split_max_size", "gates", "evaluation_text"}
 
@@ -87,7 +89,8 @@ def parse_auto_budget(params: Mapping[str, Any], parse_size) -> AutoBudget:
     if unknown:
         raise UnsupportedTarget(f"gguf:auto does not take params {', '.join(unknown)}; it takes "
                                 f"{', '.join(sorted(_KEYS))}")
-    max_size = None if params.get("max_size") is None else parse_size(params["max_size"], what="gguf:auto max_size")
+    max_size = None if params.get("max_size") is None else parse_size(params["max_size"], what="gguf:auto max_size",
+                                                                      minimum=MIN_MAX_SIZE)
     kl = _positive(params, "max_mean_kl", 0.0, strict=True)
     ppl = _positive(params, "max_ppl_ratio", 1.0, strict=False)
     if max_size is None and kl is None and ppl is None:
