@@ -3,7 +3,8 @@ worse than that of any preset that fits, each preset made by llama.cpp's own qua
 (llama_cpp.llama_model_quantize) and measured by evaluate_gguf against the same reference; every
 candidate (the winner rewritten) loads in llama.cpp.
 
-Cheap variant: the tiny random Llama (CI, ~40 s on 2 busy cores: nine llama.cpp presets are the oracle). SmolLM2-135M variant: slow (~10 min on 2 cores).
+Cheap variant: the tiny random Llama (CI, ~40 s on 2 busy cores: nine llama.cpp presets are the oracle).
+SmolLM2-135M variant: slow (~10 min on 2 cores).
 """
 
 from __future__ import annotations
