@@ -69,3 +69,67 @@ def compare(model_dir: Path, gguf_path: Path, text: str = PROMPT) -> LogitCompar
         max_abs_diff=float(np.abs(hf - ll).max()),
         mean_kl=float(kl.mean()),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# llama-perplexity (llama.cpp's own quality numbers: PPL and KL divergence against a base file)
+
+PERPLEXITY_WAIT_S = 45 * 60
+
+
+def llama_perplexity_tool() -> Path:
+    """llama-perplexity built by scripts/build-llama-tools.sh; waits for a build in progress,
+    builds in CI, skips loudly otherwise (tests/engine/_llama_tools.py's policy)."""
+    import time
+
+    import pytest
+
+    from tests.engine import _llama_tools as lt
+
+    tool = lt.PREFIX / "bin" / "llama-perplexity"
+    deadline = time.monotonic() + PERPLEXITY_WAIT_S
+    while not tool.is_file() and lt._build_running() and time.monotonic() < deadline:
+        time.sleep(10)
+    if not tool.is_file() and lt._required():
+        import subprocess
+
+        r = subprocess.run(["bash", str(lt.REPO / "scripts" / "build-llama-tools.sh")], capture_output=True, text=True)
+        if r.returncode != 0 or not tool.is_file():
+            pytest.fail(f"scripts/build-llama-tools.sh failed:\n{r.stderr[-3000:]}", pytrace=False)
+    if not tool.is_file():
+        pytest.skip(f"!!! SKIPPED, llama-perplexity MISSING: run `bash scripts/build-llama-tools.sh` (builds it into "
+                    f"{tool.parent}); with CI or QUANTYARD_REQUIRE_SERVICES=1 this is a failure.")
+    return tool
+
+
+def _number(out: str, label: str) -> float:
+    import re
+
+    m = re.search(re.escape(label) + r"\s*:\s*(-?[0-9.]+(?:e-?[0-9]+)?)", out)
+    assert m, f"llama-perplexity printed no {label!r}:\n{out[-3000:]}"
+    return float(m.group(1))
+
+
+def llama_perplexity_kld(tool: Path, base_gguf: Path, gguf: Path, text_file: Path, *, n_ctx: int, chunks: int,
+                         work: Path, threads: int = 2) -> dict[str, float]:
+    """`llama-perplexity -m BASE --kl-divergence-base` then `-m GGUF --kl-divergence` on the same
+    text and chunking; llama.cpp's final statistics, fractions as fractions (not %). The KV cache
+    is F32, flash attention off and one chunk per batch, as Quantyard evaluates."""
+    import subprocess
+
+    common = ["-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(chunks),
+              "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-t", str(threads)]
+    base = Path(work) / f"{Path(base_gguf).stem}-{n_ctx}x{chunks}.kld"
+    if not base.is_file():
+        r = subprocess.run([str(tool), "-m", str(base_gguf), "--kl-divergence-base", str(base), *common],
+                           capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0 and base.is_file(), f"llama-perplexity (base) failed:\n{r.stderr[-3000:]}"
+    r = subprocess.run([str(tool), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence", *common],
+                       capture_output=True, text=True, timeout=1800)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"llama-perplexity (KL) failed:\n{out[-3000:]}"
+    return {"ppl": _number(out, "Mean PPL(Q)"), "ppl_base": _number(out, "Mean PPL(base)"),
+            "ln_ppl_ratio": _number(out, "Mean ln(PPL(Q)/PPL(base))"), "mean_kl": _number(out, "Mean    KLD"),
+            "kl_max": _number(out, "Maximum KLD"), "kl_p99": _number(out, "99.0%   KLD"),
+            "kl_median": _number(out, "Median  KLD"), "top1_agreement": _number(out, "Same top p") / 100,
+            "rms_delta_p": _number(out, "RMS Δp    ") / 100, "mean_delta_p": _number(out, "Mean    Δp") / 100}
