@@ -25,7 +25,7 @@ ACTIVATION_SCALES = ("row", "tensor")
 # Defaults per quantization. max_abs_diff: over real (unpadded) tokens of the output;
 # min_cosine: the worst sentence's cosine (mean-pooled embeddings, or logits rows).
 # Set from measurements on all-MiniLM-L6-v2 with a margin (fp32 diff ~5e-6, fp16 ~4e-3,
-# int8-dynamic cosine ~0.998 (smoothed), int8-static ~0.989, int4 ~0.97): loose enough for a sound
+# int8-dynamic cosine ~0.998 (row scales), int8-static ~0.989, int4 ~0.97): loose enough for a sound
 # artifact of a real model, tight enough that a broken export (diffs of whole units) fails.
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"max_abs_diff": 1e-4, "min_cosine": 0.99999},
