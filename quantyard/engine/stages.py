@@ -151,16 +151,23 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = stem or provenance.get("name") or _gguf_name(Path(input_gguf))
+    quantization, tensor_types, auto = target.quantization, target.params.get("tensor_types"), None
+    if quantization == "auto":  # measure candidates, then write the winner like any target
+        from .gguf.auto_step import choose_auto
+
+        auto = choose_auto(Path(input_gguf), target, out_dir / ".auto", evaluation=evaluation, imatrix=imatrix,
+                           extra_metadata=provenance_kv(provenance), progress=_scaled(progress, 0.0, _WRITE_SHARE))
+        quantization, tensor_types = auto.winner_quantization, auto.winner_overrides
     report = quantize_gguf(Path(input_gguf), out_dir / output_filename(name, target.quantization),
-                           target.quantization, imatrix=imatrix,
-                           progress=_scaled(progress, 0.0, _WRITE_SHARE),
+                           quantization, imatrix=imatrix,
+                           progress=None if auto else _scaled(progress, 0.0, _WRITE_SHARE),
                            extra_metadata=provenance_kv(provenance),
                            split_max_bytes=split_max_bytes,
-                           tensor_types=target.params.get("tensor_types"))  # llama-quantize --tensor-type
+                           tensor_types=tensor_types)  # llama-quantize --tensor-type
     try:
         if progress is not None:
             progress(_WRITE_SHARE, "validating with llama.cpp against the source")
-        metrics = _validate(report.path, Path(reference), target.quantization, outputs)
+        metrics = _validate(report.path, Path(reference), quantization, outputs)
         metrics.update(evaluate(report.path, target, evaluation, progress=_scaled(progress, _EVAL_START,
                                                                                     1 - _EVAL_START)))
     except BaseException:
@@ -169,6 +176,8 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
         raise
     metrics.update({"bits_per_weight": round(report.bits_per_weight, 4),
                     "size_bytes": report.size_bytes})
+    if auto is not None:  # the whole frontier goes into the artifact and the job result
+        metrics["auto"] = auto.to_dict()
     metadata = {"file_type": report.file_type, "parameter_count": report.parameter_count,
                 "tensor_count": report.tensor_count, "tensor_types": report.tensor_types,
                 "requantized_from": report.requantized_from, "fallbacks": report.fallbacks,

@@ -17,7 +17,8 @@ Search:
    ladder, greedily by *measured* KL reduction per byte: every group's first step is measured on
    the base, then the best step is applied (its file is measured, so the current KL is exact, not
    assumed additive) and only the next step of that group is measured again. An "accurate" budget
-   starts from the most accurate fitting preset under max_size; a "smallest" budget starts from
+   starts from the most accurate fitting preset under max_size, then (candidates left) from the
+   next fitting preset below it, into the room up to max_size; a "smallest" budget starts from
    the largest preset smaller than the smallest passing one, under that preset's size.
 3. the winner is the best measured point within every budget (presets included, so it is never
    worse than a fitting preset that was measured); the frontier lists every measured point.
@@ -181,8 +182,14 @@ def search_auto(*, budget: AutoBudget, tensor_names: Sequence[str], size_of: Siz
     if budget.search and measured:
         fitting = [q for q in measured if s.ok(s.points[q][0])]
         if budget.objective == "accurate" and fitting:
+            limit = budget.max_size if budget.max_size is not None else 1 << 62
             base = min(fitting, key=lambda q: s.key(s.points[q][0]))
-            _greedy(s, base, groups, budget.max_size if budget.max_size is not None else 1 << 62)
+            _greedy(s, base, groups, limit)
+            # the best preset may sit right at the budget with no room left: also upgrade the
+            # next preset down into the room between the two
+            below = [q for q in fitting if s.points[q][0].size_bytes < s.points[base][0].size_bytes]
+            if below and not s.spent():
+                _greedy(s, below[-1], groups, limit)
         elif budget.objective == "smallest" and fitting:
             best = min(fitting, key=lambda q: s.points[q][0].size_bytes)
             smaller = [q for q in measured if s.points[q][0].size_bytes < s.points[best][0].size_bytes]

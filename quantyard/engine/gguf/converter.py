@@ -223,9 +223,18 @@ def estimate_file_size(source: HFModelSource, target: TargetSpec, arch: Architec
     lossless intermediate, whose metadata they keep. Unknown here, so left out: provenance
     keys and an imatrix the caller gives (tens of bytes)."""
     from ..stages import wants_imatrix
+    from .auto_budget import AUTO
+    from .tensor_types import parse_tensor_types
 
     arch = arch or architecture(source)
     quantization = target.quantization
+    if quantization == AUTO:  # at most the largest preset it may pick, and never over its max_size
+        from ..spec import TargetSpec, parse_size
+        from .auto_budget import parse_auto_budget
+
+        biggest = estimate_file_size(source, TargetSpec("gguf", "Q8_0"), arch)
+        cap = parse_auto_budget(target.params, parse_size).max_size
+        return biggest if cap is None else min(biggest, cap)
     direct = quantization in FLOAT_OUTTYPES
     dtype = source.source_dtype.upper()
     plans = plan_tensors(source, quantization if direct else (dtype if dtype in FLOAT_OUTTYPES else "F32"), arch)
@@ -237,7 +246,8 @@ def estimate_file_size(source: HFModelSource, target: TargetSpec, arch: Architec
     else:
         imatrix = wants_imatrix(target)
         tensors = est.quantized_tensors(infos, policy.ModelInfo.from_fields(fields), quantization,
-                                        has_imatrix=imatrix)
+                                        has_imatrix=imatrix,
+                                        overrides=parse_tensor_types(target.params.get("tensor_types")))
         kv += est.imatrix_kv_bytes() if imatrix else 0
     return est.file_bytes(kv, tensors, ALIGNMENT)
 
