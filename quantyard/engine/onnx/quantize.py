@@ -52,6 +52,8 @@ def to_int8_dynamic(src: Path, dst: Path, opts: OnnxOptions, ctx: QuantContext) 
       ... + smoothing                                                0.9949
       ... + outlier channels in float, no smoothing (default)        0.9982   23.7 MB
       ... the same with QInt8 weights                                0.9983   23.7 MB
+      ... symmetric int8 rows (no zero point, fewer nodes)           0.9964   23.6 MB
+    (the symmetric rows need onnxruntime's s8s8 MatMulInteger, several times slower on x86.)
     The remaining loss is spread over the layers (no few MatMuls worth leaving float). QUInt8
     weights avoid the u8*s8 saturation of pre-VNNI x86 kernels; QInt8 runs faster on a VNNI CPU.
     With row scales a sentence's output no longer depends on what it is batched with. Their cost is
