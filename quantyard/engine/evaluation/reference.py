@@ -3,13 +3,15 @@
 
 llama.cpp stores every scored position's whole distribution (uint16 log-probs over the full
 vocabulary: ~26 GB for 100k positions of a 128k vocabulary). We keep, per scored position, the
-source's top-k log-probs with their ids, the log of the mass outside them and the log-prob of the
-actual next token. The KL divergence a report computes from them is the KL of the (k+1)-bin
-distributions (top-k tokens + "the rest"), a lower bound of the full one that converges from
-below as k grows; TOP_K below says how close it is.
+source's top-k log-probs with their ids, the log of the mass outside them, the log-prob of the
+actual next token, and TAIL_N token ids drawn from the rest (systematic sampling on its CDF) with
+their log-probs. A report's KL is exact over the top-k and an unbiased estimate over the rest
+(p_rest x the mean of log p - log q over the drawn ids). Top-k alone is not enough: the
+(k+1)-bin KL is a lower bound that converges slowly, the tail holds a fifth of the KL at k = 64.
 
 File: safetensors (no pickle), tensors tokens I32 [n_chunks, n_ctx], top_ids I32 [n_scored, k],
-top_logp F32 [n_scored, k], rest_logp F32 [n_scored], next_logp F32 [n_scored]; metadata format,
+top_logp F32 [n_scored, k], rest_logp F32 [n_scored], next_logp F32 [n_scored], tail_ids I32 and
+tail_logp F32 [n_scored, TAIL_N]; metadata format,
 n_vocab, text_sha256. It travels through object storage, so `load` treats it as hostile: the
 strict header parser, every count capped, shapes consistent with each other, ids inside the
 vocabulary, values finite, each row a probability distribution.
@@ -34,18 +36,20 @@ from .logprobs import summarise
 from .text import check_evaluation_text, default_evaluation_text, text_sha256
 
 FORMAT = "quantyard.eval-reference/1"
-# Truncation error of the (k+1)-bin KL against the full-vocabulary KL, measured on SmolLM2-135M
-# (F16 GGUF as the base, 4 chunks x 512 of the default text; tests/engine/test_evaluation_topk.py
-# re-measures it): see TOP_K_ERRORS. 64 keeps the mean KL within 1% of the full one for Q4_K_M and
-# Q8_0 and costs 512 bytes per scored position (~7 MB for the default text at n_ctx 512).
+# Mean KL against the full-vocabulary KL, SmolLM2-135M, F16 GGUF as the base, 4 chunks x 128 of
+# the default text (252 positions; llama.cpp's logits both sides):
+#   (k+1)-bin KL only:  k=64 Q8_0 -18.7%, Q4_K_M -20.3%;  k=256 -8.5%, -9.7%  (too biased)
+#   top-64 + 64 tail draws: see TAIL_ERRORS in tests/engine/test_evaluation_topk.py (re-measured)
+# 1 KB per scored position: ~14 MB for the default text at n_ctx 512.
 TOP_K = 64
+TAIL_N = 64
 DEFAULT_N_CTX = 512
 MAX_TOP_K = 1024
 MAX_VOCAB = SIZE_FIELDS["vocab_size"][1]
 MAX_CHUNK_TOKENS = 1 << 20  # n_chunks * n_ctx: the 1 MiB text cap is ~250k tokens
 MAX_FILE_BYTES = 1 << 30
 _TENSORS = {"tokens": ("I32", 2), "top_ids": ("I32", 2), "top_logp": ("F32", 2), "rest_logp": ("F32", 1),
-            "next_logp": ("F32", 1)}
+            "next_logp": ("F32", 1), "tail_ids": ("I32", 2), "tail_logp": ("F32", 2)}
 
 Progress = Callable[[float, str], None]
 
@@ -62,17 +66,21 @@ class EvalReference:
     next_logp: np.ndarray
     n_vocab: int
     text_sha256: str
+    tail_ids: np.ndarray
+    tail_logp: np.ndarray
 
     def __post_init__(self) -> None:
         for name, dtype in (("tokens", np.int32), ("top_ids", np.int32), ("top_logp", np.float32),
-                            ("rest_logp", np.float32), ("next_logp", np.float32)):
+                            ("rest_logp", np.float32), ("next_logp", np.float32), ("tail_ids", np.int32),
+                            ("tail_logp", np.float32)):
             a = np.array(getattr(self, name), dtype=dtype, copy=True)
             a.flags.writeable = False
             object.__setattr__(self, name, a)
         n_chunks, n_ctx = self.tokens.shape if self.tokens.ndim == 2 else (0, -1)
         n = n_chunks * scored_per_chunk(self.n_ctx)
         if n_ctx != self.n_ctx or self.top_ids.shape != self.top_logp.shape or self.top_ids.ndim != 2 \
-                or self.top_ids.shape[0] != n or self.rest_logp.shape != (n,) or self.next_logp.shape != (n,):
+                or self.top_ids.shape[0] != n or self.rest_logp.shape != (n,) or self.next_logp.shape != (n,) \
+                or self.tail_ids.shape != self.tail_logp.shape or self.tail_ids.ndim != 2 or self.tail_ids.shape[0] != n:
             raise ValueError(f"inconsistent reference shapes: tokens {self.tokens.shape}, top {self.top_ids.shape}/"
                              f"{self.top_logp.shape}, rest {self.rest_logp.shape}, next {self.next_logp.shape} "
                              f"for n_ctx {self.n_ctx}")
@@ -151,8 +159,10 @@ def _check_header(path: Path, refs: dict, meta: dict) -> tuple[int, int, int, st
         raise _bad(path, f"n_vocab {n_vocab} / top-k {k} out of bounds (vocabulary at most {MAX_VOCAB}, k at most "
                    f"{MAX_TOP_K} and below the vocabulary)")
     want = n_chunks * scored_per_chunk(n_ctx)
-    shapes = {name: tuple(refs[name].shape) for name in ("top_logp", "rest_logp", "next_logp")}
-    if n != want or shapes != {"top_logp": (n, k), "rest_logp": (n,), "next_logp": (n,)}:
+    shapes = {name: tuple(refs[name].shape) for name in ("top_logp", "rest_logp", "next_logp", "tail_logp")}
+    n_tail = refs["tail_ids"].shape[1]
+    if n != want or refs["tail_ids"].shape != (n, n_tail) or not 0 < n_tail <= MAX_TOP_K \
+            or shapes != {"top_logp": (n, k), "rest_logp": (n,), "next_logp": (n,), "tail_logp": (n, n_tail)}:
         raise _bad(path, f"{n} scored rows ({shapes}) where {n_chunks} chunks of {n_ctx} score {want}")
     if sum(r.nbytes for r in refs.values()) > MAX_FILE_BYTES:
         raise _bad(path, f"larger than {MAX_FILE_BYTES >> 20} MiB")
@@ -160,10 +170,10 @@ def _check_header(path: Path, refs: dict, meta: dict) -> tuple[int, int, int, st
 
 
 def _check_values(path: Path, a: dict[str, np.ndarray], n_vocab: int) -> None:
-    for name in ("tokens", "top_ids"):
+    for name in ("tokens", "top_ids", "tail_ids"):
         if a[name].min() < 0 or a[name].max() >= n_vocab:
             raise _bad(path, f"a token id in {name} is outside the vocabulary of {n_vocab}")
-    for name in ("top_logp", "rest_logp", "next_logp"):
+    for name in ("top_logp", "rest_logp", "next_logp", "tail_logp"):
         if not np.isfinite(a[name]).all() or a[name].max() > 1e-3:
             raise _bad(path, f"{name} holds NaN, infinity or a positive log-probability")
     if (np.diff(a["top_logp"], axis=1) > 0).any():
@@ -175,6 +185,10 @@ def _check_values(path: Path, a: dict[str, np.ndarray], n_vocab: int) -> None:
     total = np.log(np.exp(both).sum(axis=1))
     if np.abs(total).max() > 1e-3:
         raise _bad(path, "a row's probabilities do not sum to 1 (top-k plus the rest)")
+    if (a["tail_logp"] > a["rest_logp"][:, None] + 1e-4).any() or any(
+            (a["tail_ids"][i:i + 256, :, None] == a["top_ids"][i:i + 256, None, :]).any()
+            for i in range(0, len(a["tail_ids"]), 256)):
+        raise _bad(path, "a tail token is one of its row's top-k or more probable than the whole rest")
 
 
 def _load(path: Path) -> EvalReference:
@@ -186,9 +200,10 @@ def _load(path: Path) -> EvalReference:
 
 
 def _assemble(chunks: np.ndarray, parts: list, n_vocab: int, text: str) -> EvalReference:
-    top_ids, top_logp, rest, nxt = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    top_ids, top_logp, rest, nxt, tail_ids, tail = (np.concatenate([p[i] for p in parts]) for i in range(6))
     return EvalReference(n_ctx=int(chunks.shape[1]), tokens=chunks, top_ids=top_ids, top_logp=top_logp,
-                         rest_logp=rest, next_logp=nxt, n_vocab=n_vocab, text_sha256=text_sha256(text))
+                         rest_logp=rest, next_logp=nxt, n_vocab=n_vocab, text_sha256=text_sha256(text),
+                         tail_ids=tail_ids, tail_logp=tail)
 
 
 def _check_top_k(top_k: int, n_vocab: int) -> None:
@@ -227,7 +242,7 @@ def compute_eval_reference(source_dir: Path, *, text: str | None = None, n_ctx: 
                 out = model.model(torch.tensor([chunk.tolist()]), use_cache=False, **keep)
             logits = out.logits[0, -(n_ctx - first):-1].float().numpy()
             del out
-            parts.append(summarise(logits, scored_targets(chunk), top_k))
+            parts.append(summarise(logits, scored_targets(chunk), top_k, TAIL_N, seed=c))
             if progress is not None:
                 progress((c + 1) / len(chunks), f"evaluation reference: chunk {c + 1}/{len(chunks)}")
     return _assemble(chunks, parts, n_vocab, text)
@@ -247,10 +262,10 @@ def gguf_eval_reference(gguf_path: Path, *, text: str | None = None, n_ctx: int 
         chunks = make_chunks(ids, n_ctx=n_ctx, bos=bos, max_chunks=max_chunks)
         n_vocab = int(llm.n_vocab())
         _check_top_k(top_k, n_vocab)
-        parts = [summarise(logits[:-1], scored_targets(chunk), top_k)
-                 for chunk, logits in zip(chunks, chunk_logits(llm, chunks, progress), strict=True)]
+        parts = [summarise(logits[:-1], scored_targets(chunk), top_k, TAIL_N, seed=c)
+                 for c, (chunk, logits) in enumerate(zip(chunks, chunk_logits(llm, chunks, progress), strict=True))]
     return _assemble(chunks, parts, n_vocab, text)
 
 
-__all__ = ["FORMAT", "TOP_K", "DEFAULT_N_CTX", "MAX_TOP_K", "EvalReference", "compute_eval_reference",
+__all__ = ["FORMAT", "TOP_K", "TAIL_N", "DEFAULT_N_CTX", "MAX_TOP_K", "EvalReference", "compute_eval_reference",
            "gguf_eval_reference"]

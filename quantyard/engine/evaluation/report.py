@@ -8,10 +8,11 @@
   half-width (x 1.96); percentiles interpolated like its `percentile` (numpy's linear method);
 - mean Δp and RMS Δp.
 
-The KL is the (k+1)-bin KL of the reference's top-k tokens plus the rest (reference.py): the
-candidate's own mass outside the reference's top-k is its "rest". llama.cpp instead sums over
-every token whose base log-prob is above -16 with uint16-quantized base log-probs; the two agree
-within the reference's truncation error (reference.TOP_K).
+The KL is exact over the reference's top-k tokens and estimated without bias over the rest from
+the reference's tail sample (reference.py): p_rest x mean(log p_j - log q_j) over the drawn ids.
+One position's value is therefore noisy (percentiles and max slightly so); the mean is not biased.
+llama.cpp sums over every token whose base log-prob is above -16, with uint16-quantized base
+log-probs; tests/engine/test_evaluation_oracle.py holds the two together.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..errors import ValidationFailed
 from .chunks import first_scored, scored_per_chunk
-from .logprobs import ROWS_PER_BLOCK, log_softmax, rest_logp
+from .logprobs import ROWS_PER_BLOCK, log_softmax
 from .reference import EvalReference
 
 Progress = Callable[[float, str], None]
@@ -83,8 +84,10 @@ def _score_rows(ref: EvalReference, rows: slice, logits: np.ndarray, targets: np
         ids = ref.top_ids[r].astype(np.int64)
         p_top = ref.top_logp[r].astype(np.float64)
         p_rest = ref.rest_logp[r].astype(np.float64)
-        q_top, q_rest = np.take_along_axis(q, ids, axis=-1), rest_logp(q, ids)
-        kl = (np.exp(p_top) * (p_top - q_top)).sum(-1) + np.exp(p_rest) * (p_rest - q_rest)
+        q_top = np.take_along_axis(q, ids, axis=-1)
+        t_ids = ref.tail_ids[r].astype(np.int64)
+        tail = (ref.tail_logp[r].astype(np.float64) - np.take_along_axis(q, t_ids, axis=-1)).mean(-1)
+        kl = (np.exp(p_top) * (p_top - q_top)).sum(-1) + np.exp(p_rest) * tail
         nll = -q[np.arange(b - a), targets[a:b]]
         same = q.argmax(-1) == ids[:, 0]
         dp = np.exp(-nll) - np.exp(ref.next_logp[r].astype(np.float64))
