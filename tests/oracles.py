@@ -114,11 +114,11 @@ def llama_perplexity_kld(tool: Path, base_gguf: Path, gguf: Path, text_file: Pat
                          work: Path, threads: int = 2) -> dict[str, float]:
     """`llama-perplexity -m BASE --kl-divergence-base` then `-m GGUF --kl-divergence` on the same
     text and chunking; llama.cpp's final statistics, fractions as fractions (not %). The KV cache
-    is F32, flash attention off and one chunk per batch, as Quantyard evaluates."""
+    is F32, flash attention off, no repacked weights and one chunk per batch, as Quantyard evaluates."""
     import subprocess
 
     common = ["-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx), "--chunks", str(chunks),
-              "-ctk", "f32", "-ctv", "f32", "-fa", "off", "-t", str(threads)]
+              "-ctk", "f32", "-ctv", "f32", "-fa", "off", "--no-repack", "-t", str(threads)]
     base = Path(work) / f"{Path(base_gguf).stem}-{n_ctx}x{chunks}.kld"
     if not base.is_file():
         r = subprocess.run([str(tool), "-m", str(base_gguf), "--kl-divergence-base", str(base), *common],
