@@ -209,6 +209,9 @@ def db_upgrade() -> None:
               default=None, help="Text to compute the importance matrix from (default: shipped).")
 @click.option("--evaluation", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text each GGUF target's quality report is measured on (default: shipped evaluation set).")
+@click.option("--evaluation-chunks", type=click.IntRange(0, 4096), default=None,
+              help="Chunks of 512 tokens of the evaluation text to score (0: all; default: "
+                   "QUANTYARD_EVALUATION_CHUNKS, else 16).")
 @click.option("--split-max-size", default=None,
               help="Split quantized outputs into shards of at most this size (e.g. 2G, 500M), "
                    "named like llama.cpp's gguf-split (-00001-of-0000N.gguf).")
@@ -219,8 +222,8 @@ def db_upgrade() -> None:
               help="The sha256 of SOURCE's upload to the service: the files then carry it and their recipe "
                    "hashes, byte for byte as the service makes them (same plan, same engine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def convert(source, targets, out_dir, imatrix, calibration, evaluation, split_max_size, name, source_sha256,
-            as_json) -> None:
+def convert(source, targets, out_dir, imatrix, calibration, evaluation, evaluation_chunks, split_max_size, name,
+            source_sha256, as_json) -> None:
     """Convert SOURCE (a model folder, or one .pt2 / TorchScript / .onnx file) on this machine,
     without the service; same conversion plan, same validation."""
     if source_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
@@ -228,7 +231,14 @@ def convert(source, targets, out_dir, imatrix, calibration, evaluation, split_ma
     with tempfile.TemporaryDirectory(prefix="quantyard-program-") as tmp:
         folder = program_folder(source, Path(tmp)) if source.is_file() else source
         _convert(folder, name, name or (source.name.split(".")[0] if source.is_file() else source.name),
-                 targets, out_dir, imatrix, calibration, split_max_size, as_json, source_sha256, evaluation)
+                 targets, out_dir, imatrix, calibration, split_max_size, as_json, source_sha256, evaluation,
+                 evaluation_chunks)
+
+
+def _evaluation_chunks(given: int | None) -> int | None:
+    """The quality report's extent: --evaluation-chunks, else the setting; 0 means the whole text."""
+    chunks = given if given is not None else get_settings().evaluation_chunks
+    return chunks or None
 
 
 def program_folder(path: Path, tmp: Path) -> Path:
@@ -250,7 +260,7 @@ def program_folder(path: Path, tmp: Path) -> Path:
 
 
 def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_max_size, as_json,
-             source_sha256=None, evaluation=None) -> None:
+             source_sha256=None, evaluation=None, evaluation_chunks=None) -> None:
     from quantyard import engine
     from quantyard.engine.stages import convert_many
 
@@ -272,6 +282,7 @@ def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_m
             results = convert_many(
                 source, specs, out_dir, progress_for=bars.for_target, report=report,
                 source_sha256=source_sha256, evaluation_text=evaluation_text,
+                evaluation_chunks=_evaluation_chunks(evaluation_chunks),
                 provenance={"name": name} if name else {}, stem=stem, imatrix=imatrix,
                 calibration_text=calibration.read_text() if calibration else None,
                 split_max_bytes=_parse_size(split_max_size) if split_max_size else None)

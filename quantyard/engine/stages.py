@@ -44,6 +44,10 @@ UNKNOWN_SOURCE = "0" * 64
 REFERENCE_FILE = "reference.safetensors"
 # The source's outputs on the evaluation text (issue 13), stored beside REFERENCE_FILE.
 EVAL_REFERENCE_FILE = "evaluation.safetensors"
+# How many chunks of the evaluation text a quality report scores when the caller does not say
+# (Settings.evaluation_chunks): 16 x 512 tokens = 4,080 scored tokens, 78x the old 52-token
+# probe, about 20 s per SmolLM2 artifact on 2 cores; the whole shipped text is 54 chunks.
+DEFAULT_EVALUATION_CHUNKS = 16
 # What a step is given to evaluate a GGUF with: the target's spec -> the reference for its text.
 EvaluationFor = Callable[[TargetSpec], "EvalReference | None"]
 
@@ -220,24 +224,27 @@ def evaluation_text(spec: TargetSpec, default: str | None = None) -> str | None:
     return spec.params.get("evaluation_text") or default
 
 
-def eval_reference_filename(text: str | None) -> str:
+def eval_reference_filename(text: str | None, chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> str:
     """Where the source's reference on `text` is stored (beside the intermediate): one file per
-    distinct evaluation text."""
+    distinct evaluation text and extent (None: every chunk of the text)."""
+    extent = "" if chunks == DEFAULT_EVALUATION_CHUNKS else f"-c{chunks or 'all'}"
     if text is None:
-        return EVAL_REFERENCE_FILE
+        return EVAL_REFERENCE_FILE.replace(".safetensors", f"{extent}.safetensors")
     from .evaluation.text import text_sha256
 
-    return f"evaluation-{text_sha256(text)[:16]}.safetensors"
+    return f"evaluation-{text_sha256(text)[:16]}{extent}.safetensors"
 
 
 def make_eval_reference(source: Path, out_path: Path | None = None, *, text: str | None = None,
-                        source_format: str = "hf", progress: Progress | None = None) -> EvalReference:
-    """The source's outputs on the evaluation text (transformers on a Hugging Face folder, llama.cpp
-    on a GGUF source, like llama-perplexity --kl-divergence-base), saved to `out_path`."""
+                        source_format: str = "hf", chunks: int | None = DEFAULT_EVALUATION_CHUNKS,
+                        progress: Progress | None = None) -> EvalReference:
+    """The source's outputs on the first `chunks` chunks of the evaluation text (None: all of it;
+    transformers on a Hugging Face folder, llama.cpp on a GGUF source, like llama-perplexity
+    --kl-divergence-base), saved to `out_path`."""
     from .evaluation import compute_eval_reference, gguf_eval_reference
 
     compute = gguf_eval_reference if source_format == "gguf" else compute_eval_reference
-    ref = compute(Path(source), text=text, progress=progress)
+    ref = compute(Path(source), text=text, max_chunks=chunks, progress=progress)
     if out_path is not None:
         ref.save(Path(out_path))
     return ref
@@ -287,7 +294,8 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
                  split_max_bytes: int | None = None,
                  stem: str | None = None,
                  source_sha256: str | None = None,
-                 evaluation_text: str | None = None) -> list[ConversionResult]:
+                 evaluation_text: str | None = None,
+                 evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> list[ConversionResult]:
     """Several targets from one source, in the order asked, by the conversion plan
     (engine/plan.py) the service runs too: one read of the source for every float target and
     the lossless intermediate, the rest quantized from it, one shared importance matrix per
@@ -316,7 +324,7 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
                         given_imatrix=imatrix, calibration_text=calibration_text,
                         split_max_bytes=split_max_bytes, stamp=source_sha256 is not None,
                         progress_for=lambda step: by_step.get(step.id), provenance=provenance,
-                        evaluation_text=evaluation_text)
+                        evaluation_text=evaluation_text, evaluation_chunks=evaluation_chunks)
 
 
 def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
@@ -472,7 +480,8 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
                     files: Mapping[str, Path], outputs: ReferenceOutputs | None,
                     provenance: Mapping[str, str], stem: str | None = None,
                     split_max_bytes: int | None = None, progress: Progress | None = None,
-                    evaluation: EvalReference | None = None) -> ConversionResult:
+                    evaluation: EvalReference | None = None,
+                    evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> ConversionResult:
     """One target step that is not part of the source pass, from the files of its input steps
     ({input step id: path}): quantized from the intermediate (or, for a GGUF source, from the
     source itself), from the shared ONNX export, or converted straight from the source (also a
@@ -484,7 +493,8 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
     spec = step.spec
     if spec.format == "gguf" and source_format == "gguf":
         if evaluation is None:  # the source GGUF is the base, as llama-perplexity's KL base file
-            evaluation = make_eval_reference(Path(source), text=evaluation_text(spec), source_format="gguf")
+            evaluation = make_eval_reference(Path(source), text=evaluation_text(spec), source_format="gguf",
+                                             chunks=evaluation_chunks)
         return quantize(Path(source), spec, out_dir, reference=Path(source), progress=progress,
                         provenance=provenance, split_max_bytes=split_max_bytes, stem=stem, evaluation=evaluation)
     if spec.format == "gguf" and step.input_of("intermediate"):
@@ -504,7 +514,8 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
                  calibration_text: str | None = None, split_max_bytes: int | None = None,
                  stamp: bool = False, provenance: Mapping[str, str] | None = None,
                  progress_for: Callable[[Step], Progress | None] = lambda step: None,
-                 evaluation_text: str | None = None) -> list[ConversionResult]:
+                 evaluation_text: str | None = None,
+                 evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> list[ConversionResult]:
     """Run a whole plan in this process (quantyard convert): shared files in a temporary
     folder, the targets' files in out_dir; returns one result per target, in order."""
     import tempfile
@@ -519,7 +530,8 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
         if any(s.kind == "reference" for s in plan.steps):
             outputs = make_reference(Path(source))
         evaluation_for = cached_evaluations(  # the source's reference once per evaluation text
-            lambda text: make_eval_reference(Path(source), text=text, source_format=plan.source_format),
+            lambda text: make_eval_reference(Path(source), text=text, source_format=plan.source_format,
+                                             chunks=evaluation_chunks),
             evaluation_text)
         pass_steps = plan.source_pass()
         if pass_steps:
