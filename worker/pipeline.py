@@ -150,6 +150,8 @@ class _PlanRun:
         self.artifacts: dict[str, dict] = {}
         self.outputs = None  # the reference outputs, once made or fetched
         self.reference_path: Path | None = None  # ... and their file
+        self.eval_paths: dict[str | None, Path] = {}  # evaluation text -> the source's reference on it
+        self.evaluation_for = None  # stages.EvaluationFor, once the reference step runs
         self.pending = {tid: step for (tid, _, status), step in zip(job["targets"], plan.targets, strict=True)
                         if status != "succeeded"}
 
@@ -222,6 +224,34 @@ class _PlanRun:
         elif any(s.id in needed and s.id not in self.artifacts for s in self.plan.source_pass()):
             self.watch.progress(0.12, "reference outputs of the source", force=True)
             self.outputs, self.reference_path = make_reference(self.source_dir, path), path
+        from quantyard.engine.stages import cached_evaluations
+
+        evaluation_for = cached_evaluations(self._eval_reference)
+        targets = set(self.pending.values())
+
+        def for_targets(spec):  # an intermediate no target asked for is not evaluated
+            steps = [s for s in self.plan.source_pass() if s.spec == spec]
+            return evaluation_for(spec) if not steps or any(s.id in targets for s in steps) else None
+
+        self.evaluation_for = for_targets
+
+    def _eval_reference(self, text: str | None):
+        """The source's reference on an evaluation text: the reused intermediate's stored one,
+        else computed here (and, with a new intermediate, stored beside it for the target tasks)."""
+        from quantyard.engine.evaluation import EvalReference
+        from quantyard.engine.stages import eval_reference_filename, make_eval_reference
+
+        chunks = self.rt.settings.evaluation_chunks or None
+        name = eval_reference_filename(text, chunks)
+        path = self.work_dir / name
+        stored = _companion(self.artifacts.get("intermediate"), name)
+        if stored is not None:
+            self.rt.store.download_file(stored["key"], path)
+            return EvalReference.load(path)
+        self.watch.progress(0.13, "evaluate: reference outputs of the source on the evaluation text", force=True)
+        ref = make_eval_reference(self.source_dir, path, text=text, chunks=chunks)
+        self.eval_paths[text] = path
+        return ref
 
     def _source_pass(self, needed: set[str]) -> None:
         """One read of the source writes the intermediate (unless reused) and every pending float
@@ -235,12 +265,19 @@ class _PlanRun:
         def on_progress(fraction: float, message: str) -> None:
             self.watch.progress(0.15 + 0.7 * fraction, f"source pass: {message}")
 
+        if self.evaluation_for is not None and any(s.kind == "intermediate" for s in steps):
+            for step_id in self.pending.values():  # stored with the new intermediate for the target tasks
+                self.evaluation_for(self.plan.step(step_id).spec)
         made = run_source_pass(self.source_dir, self.plan, steps, self.work_dir / "pass",
                                provenance=self._provenance(None), validate=[s.id for s in steps],
-                               stem=None, outputs=self.outputs, progress=on_progress)
+                               stem=None, outputs=self.outputs, progress=on_progress,
+                               evaluation_for=self.evaluation_for)
         if "intermediate" in made and self.reference_path is not None:  # what target tasks need of the source
             meta = pack_source_meta(self.source_dir, self.work_dir / SOURCE_META)
-            made["intermediate"] = _with_companion(_with_companion(made["intermediate"], self.reference_path), meta)
+            inter = _with_companion(_with_companion(made["intermediate"], self.reference_path), meta)
+            for path in self.eval_paths.values():
+                inter = _with_companion(inter, path)
+            made["intermediate"] = inter
         self.watch.progress(0.86, "source pass: uploading", force=True)
         keys = {step_id: tid for tid, step_id in reversed(self.pending.items())}
         for step in steps:  # a target's file under its target id, as target tasks store theirs

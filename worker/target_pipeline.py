@@ -64,8 +64,8 @@ def _run_claimed(rt, job_id: str, target_id: str, message: dict, watch: TargetWa
             return "succeeded"
         watch.progress(0.02, "fetching inputs", force=True)
         with metrics.target_stage("fetch", rt, job["spec"]):
-            source, files, outputs = _fetch(rt, job, work_dir)
-        _make_and_publish(rt, job, source, files, outputs, work_dir, watch)
+            source, files, outputs, evaluation = _fetch(rt, job, work_dir)
+        _make_and_publish(rt, job, source, files, outputs, work_dir, watch, evaluation)
         return "succeeded"
     except InvalidPlan as exc:  # not a message this engine sent: nothing of it can be trusted
         return _close(rt, target_id, "failed", "invalid_message", f"the target's message is invalid: {exc}")
@@ -126,8 +126,9 @@ def _fetch(rt, job: dict, work_dir: Path):
     them, beside the intermediate: never computed here), and the source: a GGUF source's file;
     for a GGUF target with stored reference outputs only the source's files but its weights
     (stored beside them too: the tokenizer checks need no more); else the unpacked archive."""
+    from quantyard.engine.evaluation import EvalReference
     from quantyard.engine.gguf.reference import ReferenceOutputs
-    from quantyard.engine.stages import REFERENCE_FILE
+    from quantyard.engine.stages import REFERENCE_FILE, eval_reference_filename, evaluation_text
 
     fetched: dict[str, Path] = {}  # artifact id -> its main file (companions beside it)
     files = {}
@@ -141,20 +142,25 @@ def _fetch(rt, job: dict, work_dir: Path):
         outputs = ReferenceOutputs.load(files["reference"])
     task = job["task"]
     meta = files["reference"].parent / SOURCE_META if outputs is not None else None
+    # the source's reference on this target's evaluation text, stored beside the intermediate
+    name = eval_reference_filename(evaluation_text(task.step.spec), rt.settings.evaluation_chunks or None)
+    stored = files["reference"].parent / name if outputs is not None else None
+    evaluation = EvalReference.load(stored) if stored is not None and stored.is_file() else None
     if task.source_format == "gguf":
         source = fetch_gguf_source(rt, job["source"], work_dir)
-    elif meta is not None and meta.is_file() and task.step.input_of("intermediate"):
+    elif meta is not None and meta.is_file() and task.step.input_of("intermediate") and evaluation is not None:
         source = unpack_source_meta(rt, meta, work_dir / "src")
-    else:
+    else:  # also to compute an evaluation reference the intermediate does not have
         source = fetch_source(rt, job["source"], work_dir / "src")
-    return source, files, outputs
+    return source, files, outputs, evaluation
 
 
 def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outputs,
-                      work_dir: Path, watch: TargetWatch) -> None:
+                      work_dir: Path, watch: TargetWatch, evaluation=None) -> None:
     """Run the step with the engine (the same call `quantyard convert` makes), then upload,
-    record and settle."""
-    from quantyard.engine.stages import run_target_step, step_provenance
+    record and settle. A GGUF target of a Hugging Face source without a stored evaluation
+    reference (an intermediate made before them, or another evaluation text) computes its own."""
+    from quantyard.engine.stages import evaluation_text, make_eval_reference, run_target_step, step_provenance
 
     task, spec = job["task"], job["spec"]
     recipe, digest = _recipe(job)
@@ -166,10 +172,16 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
 
     provenance = step_provenance(source_sha256=task.source_sha256, name=job["source"]["name"], stamp=True,
                                  digest=digest)
-    with metrics.target_stage("convert", rt, spec):  # quantize + validate (the engine's step)
+    if evaluation is None and spec.format == "gguf" and task.source_format == "hf":
+        watch.progress(0.04, "evaluate: reference outputs of the source on the evaluation text", force=True)
+        with metrics.target_stage("evaluate", rt, spec):
+            evaluation = make_eval_reference(source, text=evaluation_text(spec),
+                                             chunks=rt.settings.evaluation_chunks or None)
+    with metrics.target_stage("convert", rt, spec):  # quantize + validate + evaluate (the engine's step)
         result = run_target_step(task.step, source, work_dir / "out", source_format=task.source_format, files=files,
                                  outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
-                                 if spec.format == "gguf" else None, progress=on_progress)
+                                 if spec.format == "gguf" else None, progress=on_progress, evaluation=evaluation,
+                                 evaluation_chunks=rt.settings.evaluation_chunks or None)
     watch.progress(0.92, "uploading", force=True)
     with metrics.target_stage("upload", rt, spec):
         publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],

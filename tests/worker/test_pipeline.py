@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from quantyard import catalog
+from quantyard.engine.stages import eval_reference_filename
 from quantyard.settings import Settings
 from worker.pipeline import run_job
 from worker.runtime import build_runtime
@@ -81,15 +82,17 @@ def test_targets_are_made_from_one_intermediate(runtime, source_id):
     assert [t["status"] for t in job["targets"]] == ["succeeded", "succeeded"]
     assert all(t["estimate"]["size_bytes"] > 0 for t in job["targets"])
     assert len(job["artifact_ids"]) == 2 and len(job["intermediate_artifact_ids"]) == 1
-    # intermediate + its reference outputs and the source's files but its weights, F16, Q8_0
-    assert len(_objects(runtime)) == 5 and runtime.store.list_keys("tmp/") == []
+    # intermediate + its reference outputs, its evaluation reference and the source's files but
+    # its weights, F16, Q8_0
+    assert len(_objects(runtime)) == 6 and runtime.store.list_keys("tmp/") == []
 
     (intermediate,) = job["intermediate_artifact_ids"]
     with runtime.session() as s:
         inter = catalog.get_artifact(s, artifact_id=intermediate).to_dict()
         assert inter["quantization"] == "F32"
+        evaluation = eval_reference_filename(None, runtime.settings.evaluation_chunks or None)
         assert [c["name"] for c in inter["metadata"]["companion_files"]] == ["reference.safetensors",
-                                                                            "source-meta.tar"]
+                                                                            "source-meta.tar", evaluation]
         f16_id, q8_id = job["artifact_ids"]
         f16_up = catalog.lineage(s, artifact_id=f16_id)["upstream"]
         assert [(n["type"], n["id"]) for n in f16_up] == [("source", source_id)]
@@ -112,7 +115,7 @@ def test_target_equal_to_the_intermediate_reuses_it_and_jobs_share_it(runtime, s
     assert _run(runtime, second) == ("dispatched", ["succeeded"])
     again = _get(runtime, second)
     assert again["artifact_ids"][0] == job["artifact_ids"][0]  # reused by recipe hash
-    assert len(_objects(runtime)) == 4  # the F32 once (reference outputs, source files beside it), the Q8_0
+    assert len(_objects(runtime)) == 5  # the F32 once (reference outputs, evaluation reference, source files), the Q8_0
 
 
 def test_cancel_while_running_stops_and_leaves_nothing(runtime, source_id):
@@ -201,7 +204,7 @@ def test_a_failing_target_fails_the_job_and_cleans_up(runtime, source_id, monkey
     assert job["status"] == "failed"
     assert job["error"]["code"] == "validation_failed" and "KL" in job["error"]["message"]
     assert [t["status"] for t in job["targets"]] == ["succeeded", "failed"]
-    assert len(_objects(runtime)) == 4  # the intermediate (+ 2 companions) and the F16, nothing of the Q8_0
+    assert len(_objects(runtime)) == 5  # the intermediate (+ 3 companions) and the F16, nothing of the Q8_0
     assert runtime.store.list_keys("tmp/") == []
 
 

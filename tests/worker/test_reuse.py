@@ -83,7 +83,7 @@ def test_identical_jobs_prepared_together_convert_once(runtime, source_id):  # n
     a, b = (_get(runtime, j) for j in jobs)
     assert a["artifact_ids"] == b["artifact_ids"]
     assert (a["targets"][0]["reused"], b["targets"][0]["reused"]) == (False, True)
-    assert len(_objects(runtime)) == 4  # the shared intermediate (+ its 2 companions) and one Q8_0
+    assert len(_objects(runtime)) == 5  # the shared intermediate (+ its 3 companions) and one Q8_0
 
 
 def test_a_mixed_gguf_and_onnx_job_is_reused_whole(runtime, source_id):  # noqa: F811
