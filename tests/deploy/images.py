@@ -4,31 +4,14 @@
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.build_image import expand, stages
 from tests.deploy import render
 
 DEPLOY = render.ROOT / "deploy"
-
-
-def stages(text: str) -> list[list[str]]:
-    """Instructions (continuation lines joined) grouped by stage; the ARGs before the first FROM
-    form stage 0."""
-    joined = re.sub(r"\\\n", " ", text)
-    lines = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    out: list[list[str]] = [[]]
-    for line in lines:
-        if line.upper().startswith("FROM "):
-            out.append([])
-        out[-1].append(line)
-    return out
-
-
-def _expand(value: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), ""), value)
 
 
 @dataclass
@@ -50,7 +33,7 @@ def image_config(dockerfile: Path, base_env: dict[str, str]) -> ImageConfig:
         if word == "ENV":
             for item in shlex.split(rest):
                 name, _, value = item.partition("=")
-                config.env[name] = _expand(value, config.env)
+                config.env[name] = expand(value, config.env)
         elif word == "ENTRYPOINT":
             config.entrypoint = json.loads(rest)
         elif word == "CMD":
