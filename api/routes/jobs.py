@@ -40,9 +40,10 @@ MAX_LABELS = 64
 MAX_LABEL_KEY = 100
 MAX_LABEL_VALUE = 500
 # Calibration text (GGUF imatrix: params.calibration_text; ONNX int8-static: params.calibration_texts
-# or params.calibration): UTF-8 bytes of its JSON, per target.
+# or params.calibration) and a quality report's evaluation text (params.evaluation_text): UTF-8
+# bytes of its JSON, per target; listings show their digests.
 MAX_CALIBRATION_BYTES = 1 << 20
-CALIBRATION_KEYS = ("calibration_text", "calibration_texts", "calibration")
+CALIBRATION_KEYS = ("calibration_text", "calibration_texts", "calibration", "evaluation_text")
 # Every other parameter of a target together (its JSON), and how deep it may nest.
 MAX_PARAMS_BYTES = 16 << 10
 MAX_PARAMS_DEPTH = 8
