@@ -46,6 +46,7 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {
     ("POST", "/v1/sources"): Endpoint("submitter", 201, mutates=True, tenant=None),
     ("GET", "/v1/sources/{source_id}"): Endpoint("viewer", 200),
     ("GET", "/v1/sources/{source_id}/lineage"): Endpoint("viewer", 200),
+    ("GET", "/v1/sources/{source_id}/frontier"): Endpoint("viewer", 200),
     ("POST", "/v1/sources/{source_id}/withdraw"): Endpoint("maintainer", 200, {"reason": "r"}, mutates=True),
     ("POST", "/v1/sources/{source_id}/reinstate"): Endpoint("admin", 200, {"reason": "r"}, mutates=True,
                                                             prepare="withdraw-source"),

@@ -81,9 +81,12 @@ def test_int8_decoder_report_matches_a_full_vocabulary_oracle(decoder):
     r = evaluate_onnx_decoder(int8, ref)
     kl, bucket_kl, top1 = _oracle(model_dir, int8, ref.tokens, ref.top_ids)
     assert bucket_kl > 1e-4  # int8 changes the distribution: a report of zero would be wrong
-    # the reference keeps the top-k and the rest's mass: the report is the top-k + rest KL, a
-    # lower bound of the full one (on a tiny random model's flat distributions, about half)
-    assert r.mean_kl == pytest.approx(bucket_kl, rel=0.02)
+    # the reference keeps the top-k exactly and a systematic sample of the tail (fd4c68f): the
+    # report estimates the full-vocabulary KL, which the top-k + rest bucket KL only bounds below
+    # (measured: report 0.000958, full 0.000960, bucket 0.000523; with the plain tail mean
+    # instead of report.py's control variate the report was 0.00132: its noise on these flat
+    # distributions was a third of the KL)
+    assert r.mean_kl == pytest.approx(kl, rel=0.02)
     assert bucket_kl <= kl * 1.0001
     assert abs(r.top1_agreement - top1) <= 1.0 / r.n_tokens
 

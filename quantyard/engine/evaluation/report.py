@@ -9,7 +9,8 @@
 - mean Δp and RMS Δp.
 
 The KL is exact over the reference's top-k tokens and estimated without bias over the rest from
-the reference's tail sample (reference.py): p_rest x mean(log p_j - log q_j) over the drawn ids.
+the reference's tail sample (reference.py), with the candidate's exact tail mass as a control
+variate (`_tail_kl`).
 One position's value is therefore noisy (percentiles and max slightly so); the mean is not biased.
 llama.cpp sums over every token whose base log-prob is above -16, with uint16-quantized base
 log-probs; tests/engine/test_evaluation_oracle.py holds the two together.
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..errors import ValidationFailed
 from .chunks import first_scored, scored_per_chunk
-from .logprobs import ROWS_PER_BLOCK, log_softmax
+from .logprobs import ROWS_PER_BLOCK, log_softmax, rest_logp
 from .reference import EvalReference
 
 Progress = Callable[[float, str], None]
@@ -74,6 +75,19 @@ def _mean_and_uncertainty(x: np.ndarray) -> tuple[float, float]:
     return mean, (math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0)
 
 
+def _tail_kl(ref: EvalReference, r: slice, q: np.ndarray, top_ids: np.ndarray) -> np.ndarray:
+    """Each row's KL over the tokens outside the reference's top-k, estimated from the tail sample
+    with q/p as a control variate: sum_tail p log(p/q) = sum_tail p (q/p - 1 - log(q/p)) +
+    p_rest - q_rest, where q_rest is exact (the candidate's whole row is here). The sampled term
+    is second order in log(q/p), so its noise is far below that of the plain mean of
+    log p - log q (on flat distributions it was as large as the KL itself); still unbiased."""
+    p_rest = np.exp(ref.rest_logp[r].astype(np.float64))
+    q_rest = np.exp(rest_logp(q, top_ids))
+    log_r = np.take_along_axis(q, ref.tail_ids[r].astype(np.int64), axis=-1) - ref.tail_logp[r].astype(np.float64)
+    log_r = np.minimum(log_r, 700.0)  # q/p beyond e^700 would overflow; such a row's KL is huge anyway
+    return p_rest * (np.exp(log_r) - 1.0 - log_r).mean(-1) + p_rest - q_rest
+
+
 def _score_rows(ref: EvalReference, rows: slice, logits: np.ndarray, targets: np.ndarray):
     """nll, KL, same-top and Δp of the scored rows of one chunk (float64, in row blocks)."""
     out = []
@@ -85,9 +99,7 @@ def _score_rows(ref: EvalReference, rows: slice, logits: np.ndarray, targets: np
         p_top = ref.top_logp[r].astype(np.float64)
         p_rest = ref.rest_logp[r].astype(np.float64)
         q_top = np.take_along_axis(q, ids, axis=-1)
-        t_ids = ref.tail_ids[r].astype(np.int64)
-        tail = (ref.tail_logp[r].astype(np.float64) - np.take_along_axis(q, t_ids, axis=-1)).mean(-1)
-        kl = (np.exp(p_top) * (p_top - q_top)).sum(-1) + np.exp(p_rest) * tail
+        kl = (np.exp(p_top) * (p_top - q_top)).sum(-1) + _tail_kl(ref, r, q, ids)
         nll = -q[np.arange(b - a), targets[a:b]]
         same = q.argmax(-1) == ids[:, 0]
         dp = np.exp(-nll) - np.exp(ref.next_logp[r].astype(np.float64))
