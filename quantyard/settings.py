@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     # artifact is scored on (the second half of each); 0 scores the whole text (54 chunks of the
     # shipped one). The time grows linearly: about 1.3 s per chunk for SmolLM2 on 2 cores.
     evaluation_chunks: int = Field(default=16, ge=0, le=4096)
+    # Speed per GGUF artifact on the worker that made it (issue 13): llama-bench's pp<N> and
+    # tg<N> tests, `speed_repetitions` timed runs each after a warm-up (llama-bench: 5); 0 turns
+    # the test off. About 30 s per artifact for a 1B model on 2 cores at the defaults.
+    speed_repetitions: int = Field(default=3, ge=0, le=50)
+    speed_n_prompt: int = Field(default=512, ge=1, le=16384)
+    speed_n_gen: int = Field(default=128, ge=1, le=16384)
     # Per conversion (the worker's pool process): its memory (RLIMIT_DATA: heap and anonymous
     # mappings, not the memory-mapped model files), unset = 75% of RAM / worker_concurrency,
     # 0 = no limit; and its scratch folder, unset = 2 x (max_upload_bytes + max_unpacked_bytes),

@@ -128,6 +128,11 @@ def llama_perplexity_kld(tool: Path, base_gguf: Path, gguf: Path, text_file: Pat
                        capture_output=True, text=True, timeout=1800)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"llama-perplexity (KL) failed:\n{out[-3000:]}"
+    return parse_llama_kld(out)
+
+
+def parse_llama_kld(out: str) -> dict[str, float]:
+    """llama-perplexity --kl-divergence's final statistics from its output, fractions as fractions."""
     return {"ppl": _number(out, "Mean PPL(Q)"), "ppl_base": _number(out, "Mean PPL(base)"),
             "ln_ppl_ratio": _number(out, "Mean ln(PPL(Q)/PPL(base))"), "mean_kl": _number(out, "Mean    KLD"),
             "kl_max": _number(out, "Maximum KLD"), "kl_p99": _number(out, "99.0%   KLD"),

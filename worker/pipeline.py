@@ -23,6 +23,7 @@ from worker.publish import publish
 from worker.reuse import find_present, reuse, reuse_known_targets
 from worker.runtime import WorkerRuntime
 from worker.sources import SOURCE_META, fetch_artifact, fetch_gguf_source, fetch_source, pack_source_meta, source_info
+from worker.speed import add_speed
 from worker.watch import JobWatch, LeaseLost
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,11 @@ class _PlanRun:
             for path in self.eval_paths.values():
                 inter = _with_companion(inter, path)
             made["intermediate"] = inter
-        self.watch.progress(0.86, "source pass: uploading", force=True)
         keys = {step_id: tid for tid, step_id in reversed(self.pending.items())}
+        for step in steps:
+            if step.id in keys:  # a target (not the intermediate): timed on this worker
+                add_speed(self.rt, made[step.id], progress=lambda f, m: self.watch.progress(0.85, m, force=True))
+        self.watch.progress(0.86, "source pass: uploading", force=True)
         for step in steps:  # a target's file under its target id, as target tasks store theirs
             self.artifacts[step.id] = self._publish(made[step.id], keys.get(step.id, step.id), step)
 

@@ -32,6 +32,7 @@ from worker.sources import (
     source_info,
     unpack_source_meta,
 )
+from worker.speed import add_speed
 from worker.watch import LeaseLost, TargetWatch
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
                                  outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
                                  if spec.format == "gguf" else None, progress=on_progress, evaluation=evaluation,
                                  evaluation_chunks=rt.settings.evaluation_chunks or None)
+    with metrics.target_stage("speed", rt, spec):
+        add_speed(rt, result, progress=lambda f, m: watch.progress(0.9, m, force=True))
     watch.progress(0.92, "uploading", force=True)
     with metrics.target_stage("upload", rt, spec):
         publish(rt, job_id=job["id"], target_id=job["target_id"], source_id=job["source"]["id"],

@@ -65,6 +65,18 @@ def artifact_speed(art: Artifact) -> dict[str, Any] | None:
             "hardware_class": hardware}
 
 
+def artifact_result(art: Artifact) -> dict[str, Any]:
+    """A job target's result in brief (GET /v1/jobs): the artifact's size, its quality report's
+    headline numbers with the evaluation's time per 1k tokens, and its speed."""
+    metrics = art.metrics or {}
+    raw = metrics.get("quality")
+    quality: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    return {"artifact_id": art.id, "size_bytes": _size(art), **artifact_quality(art),
+            "eval_seconds": _number(quality.get("eval_seconds")),
+            "eval_seconds_per_1k_tokens": _number(quality.get("eval_seconds_per_1k_tokens")),
+            "speed": artifact_speed(art)}
+
+
 def _size(art: Artifact) -> int:
     total = (art.meta or {}).get("total_size_bytes")  # every shard of a split file
     return int(total) if isinstance(total, int) and not isinstance(total, bool) else int(art.size_bytes)
@@ -95,4 +107,4 @@ def source_frontier(s: Session, *, source_id: str, organization_id: str | None =
     return [{**p.to_dict(), "pareto": optimal} for p, optimal in mark_pareto(points, loss=loss)]
 
 
-__all__ = ["MAX_FRONTIER", "artifact_quality", "artifact_speed", "source_frontier"]
+__all__ = ["MAX_FRONTIER", "artifact_quality", "artifact_result", "artifact_speed", "source_frontier"]

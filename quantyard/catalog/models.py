@@ -195,6 +195,18 @@ class Job(Base):
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_JOB_STATUSES
 
+    def _targets_with_results(self) -> list[dict[str, Any]]:
+        """Each target with `result`: its artifact's size, quality and speed in brief, when this
+        job made it (a reused one is the other job's: see its artifact)."""
+        from .frontier import artifact_result  # frontier reads these models
+
+        made = {a.id: a for a in self.artifacts}
+        out = []
+        for t in self.targets:
+            art = made.get(t.artifact_id) if t.artifact_id else None
+            out.append({**t.to_dict(), "result": None if art is None else artifact_result(art)})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -204,7 +216,7 @@ class Job(Base):
             "progress_message": self.progress_message,
             "hardware_class": self.hardware_class,
             "labels": dict(self.labels or {}),
-            "targets": [t.to_dict() for t in self.targets],
+            "targets": self._targets_with_results(),
             # The artifacts the targets asked for (an intermediate a job made on the way is
             # listed under intermediate_artifact_ids).
             "artifact_ids": [t.artifact_id for t in self.targets if t.artifact_id],

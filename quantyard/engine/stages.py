@@ -505,8 +505,27 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
                         evaluation=evaluation)
     export = step.input_of("onnx_fp32")
     if export is not None:  # validated against the source, not the fp32 file
-        return quantize_onnx(Path(source), files[export], spec, out_dir, progress=progress, provenance=provenance)
-    return convert(Path(source), spec, out_dir, progress=progress, provenance=provenance)
+        result = quantize_onnx(Path(source), files[export], spec, out_dir, progress=progress, provenance=provenance)
+    else:
+        result = convert(Path(source), spec, out_dir, progress=progress, provenance=provenance)
+    if result.format == "onnx" and source_format == "hf":
+        result.metrics.update(evaluate_onnx(result, Path(source), spec, evaluation, chunks=evaluation_chunks))
+    return result
+
+
+def evaluate_onnx(result: ConversionResult, source: Path, spec: TargetSpec, evaluation: EvalReference | None, *,
+                  chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> dict:
+    """An ONNX artifact's quality beyond its validation: a decoder gets the GGUF's report
+    ({"quality": ...}, onnxruntime against the source's reference on the evaluation text, made
+    here when not given), an encoder the held-apart sentences ({"heldout": ...}: PyTorch vs
+    onnxruntime on sentences no conversion step saw)."""
+    from .onnx.evaluate import evaluate_onnx_decoder, evaluate_onnx_encoder
+
+    if result.metadata.get("task") == "text-generation":
+        if evaluation is None:
+            evaluation = make_eval_reference(source, text=evaluation_text(spec), chunks=chunks)
+        return {"quality": evaluate_onnx_decoder(result.path, evaluation).to_dict()}
+    return {"heldout": evaluate_onnx_encoder(result.path, source)}
 
 
 def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str | None = None,

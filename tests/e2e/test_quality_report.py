@@ -55,13 +55,15 @@ def test_quality_reports_and_gates(runtime, tiny_llama_dir, tmp_path):
     with runtime.session() as s:
         job = catalog.create_job(s, source_id=source_id, hardware_class="cpu", labels={}, actor="test", request=None,
                                  targets=[_target("F16"), _target("Q8_0", {"max_mean_kl": 1.0, "min_top1": 0.5}),
-                                          _target("Q2_K", {"max_mean_kl": 1e-5})])
+                                          _target("Q2_K", {"max_mean_kl": 1e-5}),
+                                          {"format": "onnx", "quantization": "int8-dynamic",
+                                           "params": {"evaluation_text": TEXT}}])
         s.commit()
         job_id = job.id
     dispatched: list[tuple] = []
     run_job(runtime, job_id, lambda *args: dispatched.append(args))
     outcomes = [run_target(runtime, *args) for args in dispatched]
-    assert sorted(outcomes) == ["failed", "succeeded"]
+    assert sorted(outcomes) == ["failed", "succeeded", "succeeded"]
     with runtime.session() as s:
         job = catalog.get_job(s, job_id=job_id).to_dict()
         targets = {t["quantization"]: t for t in job["targets"]}
@@ -71,7 +73,7 @@ def test_quality_reports_and_gates(runtime, tiny_llama_dir, tmp_path):
 
     # the gated Q2_K: failed with its measured numbers, nothing published for it
     q2 = targets["Q2_K"]
-    assert q2["status"] == "failed" and q2["artifact_id"] is None
+    assert q2["status"] == "failed" and q2["artifact_id"] is None and q2["result"] is None
     assert q2["error"]["code"] == "quality_gate_failed"
     assert "mean_kl" in q2["error"]["message"] and "> max_mean_kl 1e-05" in q2["error"]["message"]
     assert not any(f"/{q2['id']}/" in k for k in runtime.store.list_keys("artifacts/"))
@@ -90,5 +92,22 @@ def test_quality_reports_and_gates(runtime, tiny_llama_dir, tmp_path):
         assert again["ppl"] == pytest.approx(quality["ppl"], rel=1e-4)
         assert again["mean_kl"] == pytest.approx(quality["mean_kl"], rel=1e-3, abs=1e-7)
         assert again["top1_agreement"] == pytest.approx(quality["top1_agreement"], abs=1e-9)
+        # timed on this worker (llama-bench's tests at the suite's extent), its class recorded
+        speed = art["metrics"]["speed"]
+        assert (speed["n_prompt"], speed["n_gen"], speed["repetitions"]) == (
+            runtime.settings.speed_n_prompt, runtime.settings.speed_n_gen, runtime.settings.speed_repetitions)
+        assert speed["pp_tokens_per_s"] > 0 and speed["tg_tokens_per_s"] > 0 and speed["threads"] >= 1
+        assert art["metadata"]["made_on"]["hardware_class"] == "cpu"
+        # the job itself says what each target cost to evaluate and how fast it runs
+        result = targets[quant]["result"]
+        assert result["artifact_id"] == art["id"] and result["size_bytes"] == art["size_bytes"]
+        assert result["eval_seconds_per_1k_tokens"] == quality["eval_seconds_per_1k_tokens"]
+        assert result["mean_kl"] == quality["mean_kl"] and result["ppl_ratio"] == quality["ppl_ratio"]
+        assert result["speed"]["tg_tokens_per_s"] == speed["tg_tokens_per_s"]
     assert arts["F16"]["metrics"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # the ONNX decoder: the same report, onnxruntime against the same source reference
+    onnx = arts["int8-dynamic"]["metrics"]["quality"]
+    assert onnx["n_tokens"] == ref.n_scored and onnx["ppl_source"] == pytest.approx(ref.source_ppl, rel=1e-5)
+    assert onnx["mean_kl"] > 0 and onnx["eval_seconds_per_1k_tokens"] > 0
+    assert targets["int8-dynamic"]["result"]["mean_kl"] == onnx["mean_kl"]
     assert arts["Q8_0"]["metrics"]["quality"]["mean_kl"] > arts["F16"]["metrics"]["quality"]["mean_kl"]

@@ -10,6 +10,7 @@ import pytest
 
 from quantyard import catalog
 from quantyard.engine.manifest import ENGINE_VERSION
+from quantyard.engine.onnx.heldout import HELDOUT_SENTENCES
 from quantyard.engine.spec import TargetSpec
 from tests.worker.test_pipeline import _get, _objects, _run, runtime  # noqa: F401
 from worker.publish import target_recipe
@@ -87,6 +88,10 @@ def test_onnx_targets_share_one_fp32_export_and_a_second_job_reuses_all(runtime,
             assert (up[-1]["type"], up[-1]["id"]) == ("source", bert["id"])
             assert art["recipe_hash"] == _recipe_hash(bert, quant, intermediate=fp32["sha256"])
             assert art["metrics"]["fp32_size_bytes"] == fp32["size_bytes"]
+            # the encoder's report on the held-apart sentences (engine/onnx/heldout.py)
+            held = art["metrics"]["heldout"]
+            assert held["sentences"] == len(HELDOUT_SENTENCES) and held["worst_sentence"] in HELDOUT_SENTENCES
+            assert 0.9 < held["cosine_min"] <= held["cosine_mean"] <= 1.0 + 1e-6
     for art in arts.values():  # each validated against transformers on the source
         m = art["metrics"]
         assert m["samples"] >= 4 and m["max_abs_diff"] <= m["tolerance_max_abs_diff"]

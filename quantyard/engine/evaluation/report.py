@@ -97,7 +97,6 @@ def _score_rows(ref: EvalReference, rows: slice, logits: np.ndarray, targets: np
         q = log_softmax(logits[a:b])
         ids = ref.top_ids[r].astype(np.int64)
         p_top = ref.top_logp[r].astype(np.float64)
-        p_rest = ref.rest_logp[r].astype(np.float64)
         q_top = np.take_along_axis(q, ids, axis=-1)
         kl = (np.exp(p_top) * (p_top - q_top)).sum(-1) + _tail_kl(ref, r, q, ids)
         nll = -q[np.arange(b - a), targets[a:b]]
