@@ -28,12 +28,10 @@ def setup(smollm2_dir, tmp_path_factory):
     return tool, work, f16, text, base
 
 
-# Measured 21:02 UTC: Q8_0 KL +2.1%, PPL -0.47%; Q4_K_M KL +2.3% but PPL +0.83% above llama.cpp's
-# (source PPL equal to 1e-5): the candidate's runtime numerics differ, cause not found yet.
-KNOWN_GAP = pytest.mark.xfail(reason="Q4_K_M PPL 0.83% above llama-perplexity's (open)", strict=True)
-
-
-@pytest.mark.parametrize("quantization", ["Q8_0", pytest.param("Q4_K_M", marks=KNOWN_GAP)])
+# Measured 2026-12-04 (control-variate tail KL, F32 KV cache, no repack, one chunk per batch
+# both sides): Q8_0 PPL 27.026025 both, mean KL 0.004583 vs 0.004597 (-0.3%); Q4_K_M PPL
+# 29.093866 vs 29.093868, mean KL 0.058341 vs 0.058163 (+0.3%); top-1 equal.
+@pytest.mark.parametrize("quantization", ["Q8_0", "Q4_K_M"])
 def test_matches_llama_perplexity(setup, quantization):
     tool, work, f16, text, base = setup
     out = work / f"{quantization}.gguf"
