@@ -178,11 +178,12 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
         with metrics.target_stage("evaluate", rt, spec):
             evaluation = make_eval_reference(source, text=evaluation_text(spec),
                                              chunks=rt.settings.evaluation_chunks or None)
+    known = _known_presets(rt, job, evaluation) if spec.quantization == "auto" else None
     with metrics.target_stage("convert", rt, spec):  # quantize + validate + evaluate (the engine's step)
         result = run_target_step(task.step, source, work_dir / "out", source_format=task.source_format, files=files,
                                  outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
                                  if spec.format == "gguf" else None, progress=on_progress, evaluation=evaluation,
-                                 evaluation_chunks=rt.settings.evaluation_chunks or None)
+                                 evaluation_chunks=rt.settings.evaluation_chunks or None, known=known)
     with metrics.target_stage("speed", rt, spec):
         add_speed(rt, result, progress=lambda f, m: watch.progress(0.9, m, force=True))
     watch.progress(0.92, "uploading", force=True)
@@ -191,6 +192,24 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
                 result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
                 recipe=recipe, digest=digest, parents=parents or None,
                 before_record=watch.raise_if_cancelled)  # settles the job in the same transaction
+
+
+def _known_presets(rt, job: dict, evaluation) -> dict:
+    """gguf:auto reuses the presets this source already has, made from the same intermediate
+    (and imatrix) and measured on the same evaluation text (catalog.frontier.known_presets)."""
+    from quantyard.catalog.frontier import known_presets
+    from quantyard.engine.gguf.auto_budget import parse_auto_budget
+    from quantyard.engine.manifest import ENGINE_VERSION
+    from quantyard.engine.spec import parse_size
+
+    if evaluation is None:
+        return {}
+    parents = [a["id"] for i, a in job["inputs"].items() if kind_of(i) != "reference"]
+    with catalog_calls(), rt.session() as s:
+        return known_presets(s, source_id=job["source"]["id"],
+                             presets=parse_auto_budget(job["spec"].params, parse_size).presets, parents=parents,
+                             engine_version=ENGINE_VERSION, text_sha256=evaluation.text_sha256,
+                             n_ctx=evaluation.n_ctx, n_chunks=evaluation.n_chunks)
 
 
 def _recipe(job: dict) -> tuple[dict, str]:

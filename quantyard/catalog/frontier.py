@@ -10,6 +10,7 @@ The numbers are the artifact's own metrics as the worker recorded them: `metrics
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from quantyard.engine.frontier import LOSSES, FrontierPoint, mark_pareto
 
 from .errors import InvalidArgument
-from .models import Artifact
+from .models import Artifact, JobTarget, LineageEdge
 from .search import visibility
 
 # A source has tens of artifacts; the frontier lists at most this many (newest first).
@@ -107,4 +108,36 @@ def source_frontier(s: Session, *, source_id: str, organization_id: str | None =
     return [{**p.to_dict(), "pareto": optimal} for p, optimal in mark_pareto(points, loss=loss)]
 
 
-__all__ = ["MAX_FRONTIER", "artifact_quality", "artifact_result", "artifact_speed", "source_frontier"]
+def known_presets(s: Session, *, source_id: str, presets: Sequence[str], parents: Sequence[str],
+                  engine_version: str, text_sha256: str, n_ctx: int, n_chunks: int) -> dict[str, FrontierPoint]:
+    """gguf:auto's reuse: the source's listed GGUF artifacts of plain presets (no tensor_types)
+    made by this engine from exactly the artifacts in `parents` (the auto target's intermediate,
+    its imatrix) and measured on the same evaluation text and extent, as {preset: point}; the
+    newest one per preset. Such a point is what the search would measure again, byte for byte."""
+    q = (select(Artifact).where(Artifact.source_id == source_id, Artifact.format == "gguf",
+                                Artifact.quantization.in_(list(presets)), Artifact.engine_version == engine_version)
+         .order_by(Artifact.created_at.desc(), Artifact.id).limit(MAX_FRONTIER))
+    arts = s.execute(visibility(q, include_withdrawn=False, include_deleted=False)).scalars().all()
+    if not arts:
+        return {}
+    edges = s.execute(select(LineageEdge.child_id, LineageEdge.parent_id).where(
+        LineageEdge.child_type == "artifact", LineageEdge.parent_type == "artifact",
+        LineageEdge.child_id.in_([a.id for a in arts]))).all()
+    made_from: dict[str, set[str]] = {}
+    for child, parent in edges:
+        made_from.setdefault(child, set()).add(parent)
+    params: dict[str, Any] = dict(s.execute(select(JobTarget.id, JobTarget.params).where(
+        JobTarget.id.in_([a.target_id for a in arts if a.target_id]))).all())
+    out: dict[str, FrontierPoint] = {}
+    for art in arts:
+        raw = (art.metrics or {}).get("quality")
+        quality: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        same_text = (quality.get("text_sha256"), quality.get("n_ctx"), quality.get("n_chunks")) == (
+            text_sha256, n_ctx, n_chunks)
+        plain = art.target_id is not None and "tensor_types" not in (params.get(art.target_id) or {})
+        if same_text and plain and made_from.get(art.id, set()) == set(parents) and art.quantization not in out:
+            out[art.quantization] = _point(art)
+    return out
+
+
+__all__ = ["MAX_FRONTIER", "artifact_quality", "artifact_result", "artifact_speed", "known_presets", "source_frontier"]

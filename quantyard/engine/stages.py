@@ -31,6 +31,7 @@ from .spec import TargetSpec
 
 if TYPE_CHECKING:
     from .evaluation import EvalReference
+    from .frontier import FrontierPoint
     from .gguf.reference import ReferenceOutputs
 
 Progress = Callable[[float, str], None]
@@ -141,13 +142,15 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
              provenance: Mapping[str, str] | None = None,
              split_max_bytes: int | None = None, stem: str | None = None,
              outputs: ReferenceOutputs | None = None,
-             evaluation: EvalReference | None = None) -> ConversionResult:
+             evaluation: EvalReference | None = None,
+             known: Mapping[str, FrontierPoint] | None = None) -> ConversionResult:
     """One target from a GGUF, validated against `reference`: the Hugging Face source folder
     (logits vs transformers, or vs `outputs`, the source's reference outputs computed once) or,
     for a GGUF source, that GGUF (logits vs llama.cpp on it).
     general.name is the input's; the file is `stem`-QUANT.gguf (default: the provenance name,
     else that general.name). With `evaluation` the file gets its quality report
-    (metrics["quality"]); a target's params.gates are held to it (GateFailed: no file kept)."""
+    (metrics["quality"]); a target's params.gates are held to it (GateFailed: no file kept).
+    gguf:auto reuses `known` preset measurements of this source instead of making them again."""
     from .gguf.converter import provenance_kv
     from .gguf.quantize import quantize_gguf
 
@@ -160,7 +163,8 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
         from .gguf.auto_step import choose_auto
 
         auto = choose_auto(Path(input_gguf), target, out_dir / ".auto", evaluation=evaluation, imatrix=imatrix,
-                           extra_metadata=provenance_kv(provenance), progress=_scaled(progress, 0.0, _WRITE_SHARE))
+                           extra_metadata=provenance_kv(provenance), known=known,
+                           progress=_scaled(progress, 0.0, _WRITE_SHARE))
         quantization, tensor_types = auto.winner_quantization, auto.winner_overrides
     report = quantize_gguf(Path(input_gguf), out_dir / output_filename(name, target.quantization),
                            quantization, imatrix=imatrix,
@@ -481,13 +485,14 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
                     provenance: Mapping[str, str], stem: str | None = None,
                     split_max_bytes: int | None = None, progress: Progress | None = None,
                     evaluation: EvalReference | None = None,
-                    evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> ConversionResult:
+                    evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS,
+                    known: Mapping[str, FrontierPoint] | None = None) -> ConversionResult:
     """One target step that is not part of the source pass, from the files of its input steps
     ({input step id: path}): quantized from the intermediate (or, for a GGUF source, from the
     source itself), from the shared ONNX export, or converted straight from the source (also a
     target whose shared step's artifact was withdrawn before it could be given to it).
     A GGUF target is evaluated against `evaluation` (a GGUF source's is computed from it when
-    not given) and held to its gates."""
+    not given) and held to its gates; a gguf:auto one reuses the `known` preset points."""
     from . import convert, quantize_onnx
 
     spec = step.spec
@@ -502,7 +507,7 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
         return quantize(files["intermediate"], spec, out_dir, reference=Path(source),
                         imatrix=files[imatrix] if imatrix else None, progress=progress,
                         provenance=provenance, split_max_bytes=split_max_bytes, stem=stem, outputs=outputs,
-                        evaluation=evaluation)
+                        evaluation=evaluation, known=known)
     export = step.input_of("onnx_fp32")
     if export is not None:  # validated against the source, not the fp32 file
         result = quantize_onnx(Path(source), files[export], spec, out_dir, progress=progress, provenance=provenance)

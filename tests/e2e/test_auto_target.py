@@ -64,3 +64,42 @@ def test_auto_target_publishes_the_winner_and_its_frontier(runtime, tiny_llama_d
     ours = evaluate_gguf(path, ref).mean_kl  # loads and runs in llama.cpp
     assert ours == pytest.approx(art["metrics"]["quality"]["mean_kl"], rel=1e-3, abs=1e-7)
     assert ours <= evaluate_gguf(ref_q4, ref).mean_kl * (1 + 1e-3)
+
+
+def _run_job(runtime, source_id: str, targets: list[dict]) -> dict:  # noqa: F811
+    with runtime.session() as s:
+        job = catalog.create_job(s, source_id=source_id, hardware_class="cpu", labels={}, actor="test",
+                                 request=None, targets=targets)
+        s.commit()
+        job_id = job.id
+    dispatched: list[tuple] = []
+    run_job(runtime, job_id, lambda *args: dispatched.append(args))
+    assert all(run_target(runtime, *args) == "succeeded" for args in dispatched)
+    with runtime.session() as s:
+        return catalog.get_job(s, job_id=job_id).to_dict()
+
+
+# ~30 s: two presets made by a first job, then an auto target that only ranks presets
+def test_auto_target_reuses_the_sources_measured_presets(runtime, tiny_llama_dir, tmp_path):  # noqa: F811
+    source_id = _source(runtime, Path(tiny_llama_dir), tmp_path)
+    presets = ["Q4_K_M", "Q3_K_M"]
+    first = _run_job(runtime, source_id, [{"format": "gguf", "quantization": q, "params": {"evaluation_text": TEXT}}
+                                          for q in presets])
+    made = {t["quantization"]: t["artifact_id"] for t in first["targets"]}
+    # a preset measured on another text is not the same measurement: not reused
+    _run_job(runtime, source_id, [{"format": "gguf", "quantization": "Q2_K", "params": {"evaluation_text": TEXT[:3000]}}])
+    auto = {"format": "gguf", "quantization": "auto",
+            "params": {"evaluation_text": TEXT, "max_size": "1G", "search": False, "presets": presets + ["Q2_K"]}}
+    second = _run_job(runtime, source_id, [auto])
+    with runtime.session() as s:
+        art = catalog.get_artifact(s, artifact_id=second["targets"][0]["artifact_id"]).to_dict()
+        firsts = {q: catalog.get_artifact(s, artifact_id=i).to_dict() for q, i in made.items()}
+    result = art["metrics"]["auto"]
+    points = {p["name"]: p for p in result["frontier"]}
+    assert result["measured"] == 1 and set(points) == {"Q4_K_M", "Q3_K_M", "Q2_K"}  # only Q2_K made again
+    for q in presets:
+        assert points[q]["artifact_id"] == made[q]
+        assert points[q]["mean_kl"] == firsts[q]["metrics"]["quality"]["mean_kl"]
+    assert points["Q2_K"]["artifact_id"] is None
+    winner = points[result["winner"]]  # "accurate" under 1G: the lowest KL of the three
+    assert winner["mean_kl"] == min(p["mean_kl"] for p in points.values())
