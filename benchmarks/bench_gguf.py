@@ -161,9 +161,14 @@ def _failed(row: Row, m: Measured) -> Row:
 # ---------------------------------------------------------------------------------- pipelines
 
 
+# `quantyard convert`'s quality report (issue 13) is not something llama.cpp's two commands do:
+# off unless --evaluation on (benchmarks/bench_evaluation.py measures it: seconds per 1k tokens).
+CONVERT_EXTRA: list[str] = ["--no-evaluation"]
+
+
 def run_quantyard(model: Path, targets: list[str], out: Path, label: str) -> tuple[Row, list[Path]]:
     argv = [*quantyard_cli(), "convert", str(model), *sum((["--target", f"gguf:{t}"] for t in targets), []),
-            "-o", str(out), "--json"]
+            "-o", str(out), "--json", *CONVERT_EXTRA]
     row = Row("+".join(targets), label, "ok")
     m = run_measured(argv)
     row.steps.append(_step(m, "quantyard convert"))
@@ -425,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     ap.add_argument("--validation", choices=("both", "with", "without"), default="both",
                     help="time Quantyard with its validation (quantyard convert), without it, or both")
+    ap.add_argument("--evaluation", choices=("off", "on"), default="off",
+                    help="quantyard convert's quality report on the evaluation text (validation runs either way)")
     ap.add_argument("--llama-prefix", type=Path, help="scripts/build-llama-tools.sh prefix")
     ap.add_argument("--build-tools", action="store_true", help="build llama.cpp's tools when missing")
     ap.add_argument("--intermediate", choices=("auto", "f32", "f16", "bf16"), default="auto",
@@ -436,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the output files")
     ap.add_argument("--json-out", type=Path, help="also write the results as JSON")
     args = ap.parse_args(argv)
+    CONVERT_EXTRA[:] = [] if args.evaluation == "on" else ["--no-evaluation"]
 
     if args.models:
         models = [(n, model_path(n).resolve(), LLAMA_PRE.get(n)) for n in args.models.split(",") if n]

@@ -212,6 +212,8 @@ def db_upgrade() -> None:
 @click.option("--evaluation-chunks", type=click.IntRange(0, 4096), default=None,
               help="Chunks of 512 tokens of the evaluation text to score (0: all; default: "
                    "QUANTYARD_EVALUATION_CHUNKS, else 16).")
+@click.option("--no-evaluation", "no_evaluation", is_flag=True,
+              help="Skip the quality reports (validation still runs; gates and gguf:auto then fail).")
 @click.option("--split-max-size", default=None,
               help="Split quantized outputs into shards of at most this size (e.g. 2G, 500M), "
                    "named like llama.cpp's gguf-split (-00001-of-0000N.gguf).")
@@ -222,8 +224,8 @@ def db_upgrade() -> None:
               help="The sha256 of SOURCE's upload to the service: the files then carry it and their recipe "
                    "hashes, byte for byte as the service makes them (same plan, same engine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def convert(source, targets, out_dir, imatrix, calibration, evaluation, evaluation_chunks, split_max_size, name,
-            source_sha256, as_json) -> None:
+def convert(source, targets, out_dir, imatrix, calibration, evaluation, evaluation_chunks, no_evaluation,
+            split_max_size, name, source_sha256, as_json) -> None:
     """Convert SOURCE (a model folder, or one .pt2 / TorchScript / .onnx file) on this machine,
     without the service; same conversion plan, same validation."""
     if source_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
@@ -232,7 +234,7 @@ def convert(source, targets, out_dir, imatrix, calibration, evaluation, evaluati
         folder = program_folder(source, Path(tmp)) if source.is_file() else source
         _convert(folder, name, name or (source.name.split(".")[0] if source.is_file() else source.name),
                  targets, out_dir, imatrix, calibration, split_max_size, as_json, source_sha256, evaluation,
-                 evaluation_chunks)
+                 evaluation_chunks, evaluate=not no_evaluation)
 
 
 def _evaluation_chunks(given: int | None) -> int | None:
@@ -260,7 +262,7 @@ def program_folder(path: Path, tmp: Path) -> Path:
 
 
 def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_max_size, as_json,
-             source_sha256=None, evaluation=None, evaluation_chunks=None) -> None:
+             source_sha256=None, evaluation=None, evaluation_chunks=None, evaluate=True) -> None:
     from quantyard import engine
     from quantyard.engine.stages import convert_many
 
@@ -282,7 +284,7 @@ def _convert(source, name, stem, targets, out_dir, imatrix, calibration, split_m
             results = convert_many(
                 source, specs, out_dir, progress_for=bars.for_target, report=report,
                 source_sha256=source_sha256, evaluation_text=evaluation_text,
-                evaluation_chunks=_evaluation_chunks(evaluation_chunks),
+                evaluation_chunks=_evaluation_chunks(evaluation_chunks), evaluate=evaluate,
                 provenance={"name": name} if name else {}, stem=stem, imatrix=imatrix,
                 calibration_text=calibration.read_text() if calibration else None,
                 split_max_bytes=_parse_size(split_max_size) if split_max_size else None)

@@ -299,7 +299,8 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
                  stem: str | None = None,
                  source_sha256: str | None = None,
                  evaluation_text: str | None = None,
-                 evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> list[ConversionResult]:
+                 evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS,
+                 evaluate: bool = True) -> list[ConversionResult]:
     """Several targets from one source, in the order asked, by the conversion plan
     (engine/plan.py) the service runs too: one read of the source for every float target and
     the lossless intermediate, the rest quantized from it, one shared importance matrix per
@@ -328,7 +329,7 @@ def convert_many(source_dir: Path, targets: Sequence[TargetSpec], out_dir: Path,
                         given_imatrix=imatrix, calibration_text=calibration_text,
                         split_max_bytes=split_max_bytes, stamp=source_sha256 is not None,
                         progress_for=lambda step: by_step.get(step.id), provenance=provenance,
-                        evaluation_text=evaluation_text, evaluation_chunks=evaluation_chunks)
+                        evaluation_text=evaluation_text, evaluation_chunks=evaluation_chunks, evaluate=evaluate)
 
 
 def convert_via_intermediate(source, target: TargetSpec, out_dir: Path, *,
@@ -486,18 +487,19 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
                     split_max_bytes: int | None = None, progress: Progress | None = None,
                     evaluation: EvalReference | None = None,
                     evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS,
-                    known: Mapping[str, FrontierPoint] | None = None) -> ConversionResult:
+                    known: Mapping[str, FrontierPoint] | None = None, evaluate: bool = True) -> ConversionResult:
     """One target step that is not part of the source pass, from the files of its input steps
     ({input step id: path}): quantized from the intermediate (or, for a GGUF source, from the
     source itself), from the shared ONNX export, or converted straight from the source (also a
     target whose shared step's artifact was withdrawn before it could be given to it).
     A GGUF target is evaluated against `evaluation` (a GGUF source's is computed from it when
-    not given) and held to its gates; a gguf:auto one reuses the `known` preset points."""
+    not given) and held to its gates; a gguf:auto one reuses the `known` preset points. An ONNX
+    target gets its report too (evaluate_onnx). `evaluate=False`: no report is made here."""
     from . import convert, quantize_onnx
 
     spec = step.spec
     if spec.format == "gguf" and source_format == "gguf":
-        if evaluation is None:  # the source GGUF is the base, as llama-perplexity's KL base file
+        if evaluation is None and evaluate:  # the source GGUF is the base, as llama-perplexity's KL base file
             evaluation = make_eval_reference(Path(source), text=evaluation_text(spec), source_format="gguf",
                                              chunks=evaluation_chunks)
         return quantize(Path(source), spec, out_dir, reference=Path(source), progress=progress,
@@ -513,7 +515,7 @@ def run_target_step(step: Step, source: Path, out_dir: Path, *, source_format: s
         result = quantize_onnx(Path(source), files[export], spec, out_dir, progress=progress, provenance=provenance)
     else:
         result = convert(Path(source), spec, out_dir, progress=progress, provenance=provenance)
-    if result.format == "onnx" and source_format == "hf":
+    if result.format == "onnx" and source_format == "hf" and step.kind == "target" and evaluate:
         result.metrics.update(evaluate_onnx(result, Path(source), spec, evaluation, chunks=evaluation_chunks))
     return result
 
@@ -539,9 +541,11 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
                  stamp: bool = False, provenance: Mapping[str, str] | None = None,
                  progress_for: Callable[[Step], Progress | None] = lambda step: None,
                  evaluation_text: str | None = None,
-                 evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS) -> list[ConversionResult]:
+                 evaluation_chunks: int | None = DEFAULT_EVALUATION_CHUNKS,
+                 evaluate: bool = True) -> list[ConversionResult]:
     """Run a whole plan in this process (quantyard convert): shared files in a temporary
-    folder, the targets' files in out_dir; returns one result per target, in order."""
+    folder, the targets' files in out_dir; returns one result per target, in order. Without
+    `evaluate` no quality report is measured (validation still runs; gates then fail)."""
     import tempfile
 
     out_dir = Path(out_dir)
@@ -556,7 +560,7 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
         evaluation_for = cached_evaluations(  # the source's reference once per evaluation text
             lambda text: make_eval_reference(Path(source), text=text, source_format=plan.source_format,
                                              chunks=evaluation_chunks),
-            evaluation_text)
+            evaluation_text) if evaluate else None
         pass_steps = plan.source_pass()
         if pass_steps:
             first = next((progress_for(s) for s in pass_steps if s.id in plan.targets), None)
@@ -585,8 +589,8 @@ def execute_plan(plan: ConversionPlan, source: Path, out_dir: Path, *, name: str
                     step, Path(source), Path(tmp) if step.kind != "target" else out_dir,
                     source_format=plan.source_format, files=files, outputs=outputs, provenance=prov, stem=stem,
                     split_max_bytes=split_max_bytes if step.kind == "target" else None,
-                    progress=progress_for(step),
-                    evaluation=evaluation_for(step.spec) if step.kind == "target" else None)
+                    progress=progress_for(step), evaluation_chunks=evaluation_chunks, evaluate=evaluate,
+                    evaluation=evaluation_for(step.spec) if step.kind == "target" and evaluation_for else None)
                 files[step.id] = done[step.id].path
         return [_kept(done[t], out_dir) for t in plan.targets]
 
