@@ -154,3 +154,19 @@ def test_synthetic_model_loads_in_transformers(tmp_path):
     assert abs(float(model.model.layers[0].mlp.up_proj.weight.detach().std()) - want) < 0.1 * want
     ids = AutoTokenizer.from_pretrained(tmp_path / "m")("hello world").input_ids
     assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+def test_bench_evaluation_tiny(tmp_path, tiny_llama_dir, llama_tools):
+    """bench_evaluation.py on the tiny Llama: its phases run and measure, and its report agrees
+    with llama-perplexity's own KL run printed beside it (the oracle of issue 13)."""
+    proc = _run([BENCH / "bench_evaluation.py", "--model", tiny_llama_dir, "--quantization", "Q4_K_M",
+                 "--n-ctx", "128", "--chunks", "3", "--work-dir", tmp_path])  # at n_ctx 64 llama-perplexity
+    # --kl-divergence stops one chunk short and prints no final statistics
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    for phase in ("reference", "evaluate", "llama_base", "llama_kld"):
+        assert result[phase]["peak_rss"] > 0 and result[phase]["s_per_1k_tokens"] > 0, phase
+    ours, theirs = result["evaluate"]["report"], result["llama_kld"]["report"]
+    assert ours["mean_kl"] == pytest.approx(theirs["mean_kl"], rel=0.03)
+    assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=0.005)
+    assert "s / 1k tokens" in proc.stdout
