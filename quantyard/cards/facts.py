@@ -211,6 +211,14 @@ QUALITY_LABELS: dict[str, tuple[str, str]] = {
     "reference_top_k": ("reference top-k log-probabilities", "{}"),
     "eval_seconds_per_1k_tokens": ("evaluation seconds per 1k tokens", "{:.3f}"),
 }
+# An ONNX encoder's report on the held-apart sentences (metrics["heldout"]), keyed "heldout_*".
+HELDOUT_LABELS: dict[str, tuple[str, str]] = {
+    "cosine_min": ("worst cosine vs PyTorch on held-apart sentences", "{:.6f}"),
+    "cosine_mean": ("mean cosine vs PyTorch on held-apart sentences", "{:.6f}"),
+    "token_cosine_min": ("worst per-token cosine on held-apart sentences", "{:.6f}"),
+    "max_abs_diff": ("largest difference on held-apart sentences", "{:.3g}"),
+    "sentences": ("held-apart sentences", "{}"),
+}
 SPEED_LABELS: dict[str, tuple[str, str]] = {
     "pp_tokens_per_s": ("prompt processing (tokens/s)", "{:.1f}"),
     "tg_tokens_per_s": ("generation (tokens/s)", "{:.1f}"),
@@ -236,8 +244,11 @@ def _labelled(values: Any, labels: dict[str, tuple[str, str]]) -> list[tuple[str
 
 
 def quality(artifact: dict) -> list[tuple[str, str, str]]:
-    """The artifact's quality report as (key, label, value) rows ([] when it has none)."""
-    return _labelled((artifact.get("metrics") or {}).get("quality"), QUALITY_LABELS)
+    """The artifact's quality report as (key, label, value) rows ([] when it has none): the
+    evaluation text's (GGUF, ONNX decoders), else the held-apart sentences' (ONNX encoders)."""
+    metrics = artifact.get("metrics") or {}
+    rows = _labelled(metrics.get("quality"), QUALITY_LABELS)
+    return rows + [(f"heldout_{k}", label, v) for k, label, v in _labelled(metrics.get("heldout"), HELDOUT_LABELS)]
 
 
 def speed(artifact: dict) -> list[tuple[str, str, str]]:

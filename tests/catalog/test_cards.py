@@ -95,7 +95,9 @@ def onnx_artifact(factory):
             s, source, fmt="onnx", quant="int8-dynamic", sha="f" * 64, parents=None,
             metrics={"max_abs_diff": 0.42, "cosine_min": 0.9931, "cosine_of": "mean-pooled sentence embeddings",
                      "latency_ms_p50": 3.25, "latency_ms_p90": 4.5, "throughput_seq_per_s": 812.0,
-                     "compression_vs_fp32": 3.7, "size_bytes": 1000},
+                     "compression_vs_fp32": 3.7, "size_bytes": 1000,
+                     "heldout": {"sentences": 46, "batch": 1, "cosine_min": 0.99817, "cosine_mean": 0.99952,
+                                 "token_cosine_min": 0.9871, "max_abs_diff": 0.051, "worst_sentence": "x"}},
             metadata={"task": "feature-extraction", "architecture": "BertModel",
                       "inputs": ["input_ids", "attention_mask", "token_type_ids"], "opset": 17,
                       "quantization": {"per_channel": True, "smooth_alpha": 0.5}, "made_on": MADE_ON})
@@ -133,7 +135,8 @@ def test_onnx_card(onnx_artifact):
                                                                                "feature-extraction")
     for text in ("| latency p50 (ms) | 3.250 |", "| compression vs fp32 | 3.70x |", "| quantizer per_channel | True |",
                  "Made and timed on hardware class `cpu`", "ort.InferenceSession(\"m-int8-dynamic.onnx\"",
-                 "cosine of: mean-pooled sentence embeddings", "Importance matrix: none"):
+                 "cosine of: mean-pooled sentence embeddings", "Importance matrix: none",
+                 "| worst cosine vs PyTorch on held-apart sentences | 0.998170 |", "| held-apart sentences | 46 |"):
         assert text in card, text
 
 
@@ -209,6 +212,9 @@ def test_onnx_bom_validates(onnx_artifact):
     tasks = bom["formulation"][0]["workflows"][0]["tasks"]
     assert [t["name"].split()[0] for t in tasks] == ["convert", "validate"]
     assert json.loads(tasks[1]["outputs"][0]["data"]["content"])["latency_ms_p50"] == 3.25
+    perf = {m["type"]: m for m in model["modelCard"]["quantitativeAnalysis"]["performanceMetrics"]}
+    assert json.loads(perf["quality.heldout_cosine_min"]["value"]) == 0.99817
+    assert perf["quality.heldout_cosine_min"]["slice"].startswith("46 held-apart sentences")
     assert bom["metadata"]["timestamp"] == "2026-01-02T03:04:05Z"
     assert ml_bom(art, src, graph) == ml_bom(art, src, graph)  # same inputs, same document
 
