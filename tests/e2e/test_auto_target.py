@@ -60,7 +60,8 @@ def test_auto_target_publishes_the_winner_and_its_frontier(runtime, tiny_llama_d
     assert any(p["pareto"] for p in auto["frontier"]) and auto["winner"] in names
     path = tmp_path / "winner.gguf"
     runtime.store.download_file(art["storage_key"], path)
-    ref = compute_eval_reference(Path(tiny_llama_dir), text=TEXT)  # independent of the stored one
+    # independent of the stored one, on the extent the worker scores (Settings.evaluation_chunks)
+    ref = compute_eval_reference(Path(tiny_llama_dir), text=TEXT, max_chunks=runtime.settings.evaluation_chunks or None)
     ours = evaluate_gguf(path, ref).mean_kl  # loads and runs in llama.cpp
     assert ours == pytest.approx(art["metrics"]["quality"]["mean_kl"], rel=1e-3, abs=1e-7)
     assert ours <= evaluate_gguf(ref_q4, ref).mean_kl * (1 + 1e-3)
