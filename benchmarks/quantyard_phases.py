@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         "validation": "skipped" if args.skip_validation else "engine"}
     meter.start("import")
     ensure_repo_on_path()
+    from quantyard.native_env import tune_native_runtimes
+
+    tune_native_runtimes()  # as the CLI does, before the engine loads torch or llama.cpp
     from quantyard import engine
 
     meter.start("preflight")

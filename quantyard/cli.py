@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from quantyard.native_env import tune_native_runtimes
 from quantyard.settings import get_settings
 from quantyard.worker_check import worker_check
 
@@ -32,6 +33,7 @@ def _configure(**overrides) -> None:
 @click.version_option(package_name="quantyard")
 def main() -> None:
     """Quantyard: convert and quantize models (GGUF, ONNX), with a catalog."""
+    tune_native_runtimes()  # before any command imports torch or llama.cpp (native_env.py)
 
 
 # ---------------------------------------------------------------- server side

@@ -1,6 +1,12 @@
 """Root fixtures. Service fixtures live in tests/fixtures/services.py, model fixtures in
 tests/fixtures/models.py; both are loaded as plugins so every test directory can use them."""
 
+from quantyard.native_env import tune_native_runtimes
+
+# As the CLI does for every product process, and before the plugins below import torch or
+# llama.cpp: the suite runs both in this process (quantyard/native_env.py says why).
+tune_native_runtimes()
+
 pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.models",
