@@ -100,6 +100,29 @@ def test_corrupt_token_fails(f32_file, tiny_llama_dir, tmp_path):
     assert err.value.details["token_id"] == i
 
 
+def test_a_vocabulary_is_compared_once_per_source_and_a_changed_one_again(f32_file, tiny_llama_dir, tmp_path,
+                                                                           monkeypatch):
+    """Targets of one conversion carry the same token array: it is decoded and compared once.
+    A copy with one token changed has other bytes, so it is compared, and fails."""
+    from quantyard.engine.gguf import validate
+
+    compared = []
+    real = validate._compare_vocab
+    monkeypatch.setattr(validate, "_compare_vocab", lambda *a: compared.append(a[1]) or real(*a))
+    monkeypatch.setattr(validate, "_VOCAB_CHECKED", {})
+    twin = tmp_path / "twin.gguf"
+    shutil.copy(f32_file, twin)
+    counts = {validate.check_vocab(read_layout(p), p, tiny_llama_dir) for p in (f32_file, twin, f32_file)}
+    assert counts == {512} and compared == [f32_file]
+    tokens = array_values(read_layout(twin).kv["tokenizer.ggml.tokens"], twin)
+    i = next(i for i in range(len(tokens) - 1, 0, -1) if len(tokens[i]) >= 2 and tokens[i].isascii()
+             and tokens[i][::-1] != tokens[i])
+    _edit_string(twin, "tokenizer.ggml.tokens", i, tokens[i][::-1].encode())
+    with pytest.raises(ValidationFailed, match="vocabulary differs"):
+        validate.check_vocab(read_layout(twin), twin, tiny_llama_dir)
+    assert compared == [f32_file, twin]
+
+
 def test_corrupt_chat_template_fails(f32_file, tiny_llama_dir, tmp_path):
     bad = tmp_path / "bad.gguf"
     shutil.copy(f32_file, bad)
