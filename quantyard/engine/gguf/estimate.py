@@ -169,7 +169,9 @@ def _special_vocab(w: gguf.GGUFWriter, root: Path, *, n_vocab: int | None = None
     """The special-token keys (ids, add_bos/eos, chat template, merges) from gguf-py's
     SpecialVocab, which reads JSON files only. vocab.py adjusts a few add_*/normalizer flags
     on top (llama.cpp parity): bool keys of ~40 bytes each, not mirrored here."""
-    gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
+    from .vocab import special_vocab
+
+    special_vocab(root, load_merges=load_merges, n_vocab=n_vocab).add_to_gguf(w, quiet=True)
 
 
 def imatrix_kv_bytes() -> int:

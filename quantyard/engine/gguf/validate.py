@@ -212,8 +212,25 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def _decisive(reference: np.ndarray, margin: float) -> np.ndarray:
     """Positions whose reference top-1 leads the runner-up by more than `margin`: elsewhere a
     flip of the argmax is within rounding noise and says nothing about the conversion."""
-    top2 = np.sort(reference, axis=-1)[:, -2:]
+    top2 = np.partition(reference, -2, axis=-1)[:, -2:]  # [:, -1] the largest, [:, -2] the next
     return (top2[:, 1] - top2[:, 0]) > margin
+
+
+# The last shared reference's log-probabilities and decisive positions: every target of a
+# source is compared with the same read-only logits (ReferenceOutputs), and on a 151k vocabulary
+# their float64 log-softmax is most of a comparison. Kept only for arrays nobody can change.
+_reference_side_last: tuple | None = None  # (reference, margin, log-probs, decisive), swapped whole
+
+
+def _reference_side(reference: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    global _reference_side_last
+    hit = _reference_side_last  # one read: another thread may swap in its own
+    if hit is not None and hit[0] is reference and hit[1] == margin:
+        return hit[2], hit[3]
+    side = _log_softmax(reference), _decisive(reference, margin)
+    if not reference.flags.writeable and reference.base is None:
+        _reference_side_last = (reference, margin, *side)
+    return side
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_margin: float = 0.02) -> dict[str, float]:
@@ -221,10 +238,10 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, tie_margin: flo
     KL(reference || candidate)."""
     if reference.shape != candidate.shape:
         raise ValidationFailed(f"logit shapes differ: transformers {reference.shape}, llama.cpp {candidate.shape}")
-    lp, lq = _log_softmax(reference), _log_softmax(candidate)
+    lp, decisive = _reference_side(reference, tie_margin)
+    lq = _log_softmax(candidate)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
     same = reference.argmax(-1) == candidate.argmax(-1)
-    decisive = _decisive(reference, tie_margin)
     return {
         "top1_agreement": float(same.mean()),
         "top1_agreement_decisive": float(same[decisive].mean()) if decisive.any() else 1.0,

@@ -30,6 +30,7 @@ added tokens' types.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 from hashlib import sha256
@@ -38,7 +39,7 @@ from pathlib import Path
 import gguf
 
 from ..errors import InvalidModel
-from ..hf.tokenizer_cache import shared_tokenizer
+from ..hf.tokenizer_cache import shared_tokenizer, tokenizer_files_stamp
 from ..jsonsafe import load_json_object
 from .pre_hashes import PRE_TOKENIZER_HASHES
 
@@ -365,11 +366,36 @@ def _normalizer_flags(normalizer: dict | None) -> dict[str, bool]:
     return flags
 
 
+# gguf-py's SpecialVocab per (folder, its tokenizer files' stamp, arguments): the estimate and
+# the writer both read it (a 151k-token BPE's merges take ~1 s to load). Callers get a copy.
+_SPECIAL: dict[tuple, gguf.SpecialVocab] = {}
+_SPECIAL_MAX = 4
+
+
+def special_vocab(root: Path, *, load_merges: bool = False, n_vocab: int | None = None) -> gguf.SpecialVocab:
+    """`gguf.SpecialVocab(root, load_merges=, n_vocab=)`, read once while the folder's tokenizer
+    files are unchanged; the copy returned may be changed (its dicts and merges are its own)."""
+    key = (str(Path(root).resolve()), tokenizer_files_stamp(Path(root)), load_merges, n_vocab)
+    with _parsed_lock:
+        cached = _SPECIAL.get(key)
+    if cached is None:
+        cached = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+        with _parsed_lock:
+            while len(_SPECIAL) >= _SPECIAL_MAX:
+                _SPECIAL.pop(next(iter(_SPECIAL)))
+            _SPECIAL[key] = cached
+    special = copy.copy(cached)
+    special.merges = list(cached.merges)
+    special.add_special_token = dict(cached.add_special_token)
+    special.special_token_ids = dict(cached.special_token_ids)
+    return special
+
+
 def _add_special_vocab(w: gguf.GGUFWriter, root: Path, *, n_vocab: int | None = None, load_merges: bool = False,
                        no_bos: bool = False) -> None:
     """gguf-py's SpecialVocab written as llama.cpp's converter writes it (see the module docstring);
     `no_bos` forces add_bos_token = false."""
-    special = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    special = special_vocab(root, load_merges=load_merges, n_vocab=n_vocab)
     tok_json, cfg = _read_json(root / "tokenizer.json"), tokenizer_config(root)
     if tok_json:
         flags, named = _post_processor_rules(tok_json, cfg)

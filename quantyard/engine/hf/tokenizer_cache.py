@@ -27,7 +27,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h
                     ".ckpt", ".data")
 
 
-def _stamp(folder: Path) -> tuple:
+def tokenizer_files_stamp(folder: Path) -> tuple:
     """(name, size, mtime) of every non-weight file the tokenizer could read, subfolders such
     as additional_chat_templates/ included."""
     entries = []
@@ -61,7 +61,7 @@ class TokenizerCache:
 
     def _entry(self, folder: Path) -> _Entry:
         root = Path(folder).resolve()
-        key = (str(root), _stamp(root))
+        key = (str(root), tokenizer_files_stamp(root))
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:

@@ -9,6 +9,7 @@ header need it before any tensor is loaded), `transform` is applied to each tens
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -28,6 +29,13 @@ SKIPPED = {
 }
 SKIPPED_SUFFIXES = tuple(SKIPPED)
 
+
+
+@functools.lru_cache(maxsize=16)
+def _tensor_name_map(arch: gguf.MODEL_ARCH, block_count: int) -> gguf.TensorNameMap:
+    """gguf-py's name map for (arch, blocks), built once (~0.4 s each: a conversion asks for the
+    architecture several times); only looked up in, never changed."""
+    return gguf.get_tensor_name_map(arch, block_count)
 
 class HParams(dict):
     """GGUFWriter method name -> positional args, in write order; a later set() of the same
@@ -111,7 +119,7 @@ class Architecture:
     def __init__(self, config: dict, tokenizer_vocab_size: int | None = None) -> None:
         self.config = merged_config(config)
         self.block_count = find(self.config, ("n_layers", "num_hidden_layers", "n_layer", "num_layers"))
-        self._map = gguf.get_tensor_name_map(self.gguf_arch, self.block_count)
+        self._map = _tensor_name_map(self.gguf_arch, self.block_count)
         self.tokenizer_vocab_size = tokenizer_vocab_size
 
     # ---- metadata ---------------------------------------------------------------------------
