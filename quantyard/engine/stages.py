@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 from .digest import file_sha256
 from .dominant import dominant_type
+from .heap import trim_heap
 from .manifest import ENGINE_VERSION
 from .plan import LOSSLESS_TYPES, ConversionPlan, Step, plan_conversion
 from .plan import wants_imatrix as _plan_wants_imatrix
@@ -166,12 +167,14 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
                            extra_metadata=provenance_kv(provenance), known=known,
                            progress=_scaled(progress, 0.0, _WRITE_SHARE))
         quantization, tensor_types = auto.winner_quantization, auto.winner_overrides
+    trim_heap()  # what earlier stages freed, before this write's peak (heap.py)
     report = quantize_gguf(Path(input_gguf), out_dir / output_filename(name, target.quantization),
                            quantization, imatrix=imatrix,
                            progress=None if auto else _scaled(progress, 0.0, _WRITE_SHARE),
                            extra_metadata=provenance_kv(provenance),
                            split_max_bytes=split_max_bytes,
                            tensor_types=tensor_types)  # llama-quantize --tensor-type
+    trim_heap()
     try:
         if progress is not None:
             progress(_WRITE_SHARE, "validating with llama.cpp against the source")
@@ -425,6 +428,7 @@ def make_reference(source_dir: Path, out_path: Path | None = None, *,
     from .gguf.reference import compute_reference
 
     outputs = compute_reference(Path(source_dir), progress=progress)
+    trim_heap()  # the source model's float32 weights are gone: hand their pages back
     if out_path is not None:
         outputs.save(Path(out_path))
     return outputs
@@ -451,6 +455,7 @@ def run_source_pass(source_dir: Path, plan: ConversionPlan, steps: Sequence[Step
                               else output_filename(f"{name}-intermediate", s.spec.quantization)) for s in steps}
     plans = write_float_ggufs(source, [(paths[s.id], s.spec.quantization) for s in steps],
                               provenance=provenance, progress=_scaled(progress, 0.0, 0.6))
+    trim_heap()
     results = {}
     try:
         for i, (step, tensors) in enumerate(zip(steps, plans, strict=True)):
@@ -475,6 +480,7 @@ def _float_result(source, step: Step, path: Path, tensors, outputs, validate: bo
 
     metrics = (validate_gguf(path, source.root, step.spec.quantization, expected_tensors=len(tensors),
                              reference=outputs) if validate else {})
+    trim_heap()  # the pass's buffers and llama.cpp's, before the next stage's peak (heap.py)
     arch = converter.architecture(source)
     # the vocabulary the pass wrote (remembered by the converter: not built again)
     return converter.float_result(path, step.spec, source, arch, tensors, metrics,
