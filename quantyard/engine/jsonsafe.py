@@ -23,7 +23,8 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_DEPTH = 64
 
 # A string literal (skipped whole: brackets inside it are not nesting) or one bracket.
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# (The string's loop unrolled, "[^"\\]*(?:\\.[^"\\]*)*": same matches, fewer steps than (a|b)*.)
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 
 

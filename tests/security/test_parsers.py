@@ -307,6 +307,37 @@ def test_deep_json_is_refused_before_parsing():
     assert load_json_capped(json.dumps({"a": "[[[[" * 1000}).encode(), name="x.json") == {"a": "[[[[" * 1000}
 
 
+def _random_json(rng, depth: int):
+    """A random JSON value nesting at most `depth` deep, with strings full of brackets, quotes
+    and backslashes (what a depth scan must not count)."""
+    if depth == 0 or rng.random() < 0.3:
+        return rng.choice([1, None, True, "".join(rng.choice('[]{}"\\ab:,') for _ in range(rng.randint(0, 8)))])
+    items = [_random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return items if rng.random() < 0.5 else {f"k{i}[{{\\": v for i, v in enumerate(items)}
+
+
+def _nesting(value) -> int:
+    if isinstance(value, list):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_nesting(v) for v in value.values()), default=0)
+    return 0
+
+
+def test_json_depth_equals_the_parsed_nesting():
+    """Oracle: the nesting of what json.loads builds, on 3,000 random documents."""
+    import random
+
+    from quantyard.engine.jsonsafe import json_depth, nests_deeper_than
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        value = _random_json(rng, rng.randint(0, 9))
+        text = json.dumps(value, ensure_ascii=rng.random() < 0.5).encode()
+        assert json_depth(text) == _nesting(value), text
+        assert nests_deeper_than(text, 3) == (_nesting(value) > 3)
+
+
 def test_config_json_size_cap(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
