@@ -174,7 +174,6 @@ def quantize(input_gguf: Path, target: TargetSpec, out_dir: Path, *, reference: 
                            extra_metadata=provenance_kv(provenance),
                            split_max_bytes=split_max_bytes,
                            tensor_types=tensor_types)  # llama-quantize --tensor-type
-    trim_heap()
     try:
         if progress is not None:
             progress(_WRITE_SHARE, "validating with llama.cpp against the source")
@@ -455,7 +454,7 @@ def run_source_pass(source_dir: Path, plan: ConversionPlan, steps: Sequence[Step
                               else output_filename(f"{name}-intermediate", s.spec.quantization)) for s in steps}
     plans = write_float_ggufs(source, [(paths[s.id], s.spec.quantization) for s in steps],
                               provenance=provenance, progress=_scaled(progress, 0.0, 0.6))
-    trim_heap()
+    trim_heap()  # the pass's tensors, before validation loads each file in llama.cpp (heap.py)
     results = {}
     try:
         for i, (step, tensors) in enumerate(zip(steps, plans, strict=True)):
@@ -480,7 +479,6 @@ def _float_result(source, step: Step, path: Path, tensors, outputs, validate: bo
 
     metrics = (validate_gguf(path, source.root, step.spec.quantization, expected_tensors=len(tensors),
                              reference=outputs) if validate else {})
-    trim_heap()  # the pass's buffers and llama.cpp's, before the next stage's peak (heap.py)
     arch = converter.architecture(source)
     # the vocabulary the pass wrote (remembered by the converter: not built again)
     return converter.float_result(path, step.spec, source, arch, tensors, metrics,

@@ -234,3 +234,41 @@ def test_imatrix_load_uses_the_fast_reader_and_agrees_with_gguf_py(tmp_path, mon
     for name in sums:
         assert np.array_equal(got.sums[name].reshape(-1), want[f"{name}.in_sum2"])
         assert np.array_equal(got.counts[name], np.rint(want[f"{name}.counts"]).astype(np.int64))
+
+
+def _plain_compare(reference: np.ndarray, candidate: np.ndarray, margin: float = 0.02) -> dict[str, float]:
+    """compare_logits written out without any shared work (the oracle: a full sort for the
+    runner-up, both log-softmaxes computed here)."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(reference), log_softmax(candidate)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    same = reference.argmax(-1) == candidate.argmax(-1)
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > margin
+    return {"top1_agreement": float(same.mean()),
+            "top1_agreement_decisive": float(same[decisive].mean()) if decisive.any() else 1.0,
+            "max_abs_logit_diff": float(np.abs(reference - candidate).max()),
+            "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
+
+
+def test_compare_logits_shares_the_reference_side_and_stays_exact():
+    """Several targets against one read-only reference, then a writable reference changed in
+    place between comparisons: every result equals the plain computation."""
+    from quantyard.engine.gguf.reference import ReferenceOutputs
+    from quantyard.engine.gguf.validate import compare_logits
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((40, 3000)).astype(np.float32)
+    logits[::4, 7] += 0.01  # near-ties: the decisive mask matters
+    shared = ReferenceOutputs(text="x", token_ids=tuple(range(40)), logits=logits).logits
+    for noise in (0.01, 0.2, 1.0):
+        candidate = (shared + noise * rng.standard_normal(shared.shape)).astype(np.float32)
+        assert compare_logits(shared, candidate) == _plain_compare(shared, candidate)
+    writable = logits.copy()
+    candidate = (writable + 0.1).astype(np.float32)
+    assert compare_logits(writable, candidate) == _plain_compare(writable, candidate)
+    writable *= 3  # the same array object, other values: nothing stale may be reused
+    assert compare_logits(writable, candidate) == _plain_compare(writable, candidate)

@@ -18,13 +18,14 @@ every target.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidModel, ValidationFailed
-from ..hf.tokenizer_cache import shared_tokenizer
+from ..hf.tokenizer_cache import shared_tokenizer, tokenizer_files_stamp
 from .gguf_layout import Layout, array_values, read_layout
 from .reference import PROBE_TEXT, ReferenceOutputs, compute_reference
 
@@ -79,21 +80,19 @@ def check_vocab(layout: Layout, path: Path, source_dir: Path) -> int:
     """Every token of the source tokenizer's own vocabulary (added tokens aside: the GGUF keeps
     their normalised text, and check_tokenization proves each one by its id) has the same text
     at the same id in tokenizer.ggml.tokens, which covers every id the tokenizer can produce."""
-    import hashlib
-
     pair = layout.kv.get("tokenizer.ggml.tokens")
     if pair is None:
         raise ValidationFailed(f"{Path(path).name} has no tokenizer.ggml.tokens")
-    key = (str(Path(source_dir).resolve()), _folder_stamp(Path(source_dir)),
-           hashlib.sha256(pair.raw).digest() if pair.raw else None)
-    if key[2] is not None and key in _VOCAB_CHECKED:
-        return _VOCAB_CHECKED[key]
-    count = _compare_vocab(pair, path, source_dir)
-    if key[2] is not None:
+    if not pair.raw:  # a layout read without raw bytes: nothing to key on, compare (array_values says why)
+        return _compare_vocab(pair, path, source_dir)
+    key = (str(Path(source_dir).resolve()), tokenizer_files_stamp(Path(source_dir)),
+           hashlib.sha256(pair.raw).digest())
+    if key not in _VOCAB_CHECKED:
+        count = _compare_vocab(pair, path, source_dir)
         if len(_VOCAB_CHECKED) >= _VOCAB_CHECKED_MAX:
             _VOCAB_CHECKED.clear()
         _VOCAB_CHECKED[key] = count
-    return count
+    return _VOCAB_CHECKED[key]
 
 
 def _compare_vocab(pair, path: Path, source_dir: Path) -> int:

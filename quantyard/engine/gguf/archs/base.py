@@ -30,12 +30,12 @@ SKIPPED = {
 SKIPPED_SUFFIXES = tuple(SKIPPED)
 
 
-
 @functools.lru_cache(maxsize=16)
 def _tensor_name_map(arch: gguf.MODEL_ARCH, block_count: int) -> gguf.TensorNameMap:
     """gguf-py's name map for (arch, blocks), built once (~0.4 s each: a conversion asks for the
     architecture several times); only looked up in, never changed."""
     return gguf.get_tensor_name_map(arch, block_count)
+
 
 class HParams(dict):
     """GGUFWriter method name -> positional args, in write order; a later set() of the same
