@@ -27,6 +27,7 @@ from quantyard import catalog
 from quantyard.catalog.anchor import AnchorWatcher
 from quantyard.catalog.audit_seal import defer_chaining
 from quantyard.catalog.db import engine_options
+from quantyard.gc_tuning import freeze_startup_heap
 from quantyard.queue import JobDispatcher, make_celery
 from quantyard.settings import Settings, get_settings
 from quantyard.storage import open_store
@@ -37,12 +38,14 @@ API_VERSION = "0.1.0"
 
 
 def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrate: bool = False,
-               store=None) -> FastAPI:
+               store=None, freeze_heap: bool = False) -> FastAPI:
     """Build the API.
 
     ``celery_app``: a Celery app used only to send tasks (default: one made from ``settings``
     with :func:`quantyard.queue.make_celery`). ``store``: an object store (default: opened
-    from ``settings.resolved_storage_url``).
+    from ``settings.resolved_storage_url``). ``freeze_heap``: a served process (the CLI's) freezes its
+    start-up heap for the garbage collector once the app has started (quantyard/gc_tuning.py);
+    not in tests, which build many apps in one process.
     """
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +69,8 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
         # Anchors the audit chain every N events (checked beside the requests) and at shutdown.
         watcher = AnchorWatcher(session_factory, store, interval_s=0.0,
                                 every_events=settings.audit_anchor_every_events).start()
+        if freeze_heap:
+            freeze_startup_heap()
         try:
             yield
         finally:
@@ -122,4 +127,9 @@ def create_app(settings: Settings | None = None, *, celery_app=None, auto_migrat
     return app
 
 
-__all__ = ["create_app"]
+def create_served_app() -> FastAPI:
+    """The app of a ``quantyard api``/``serve`` process (uvicorn's factory for ``--workers N``)."""
+    return create_app(freeze_heap=True)
+
+
+__all__ = ["create_app", "create_served_app"]

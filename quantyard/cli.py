@@ -118,12 +118,13 @@ def _run_api(settings, workers: int = 1) -> None:
     click.echo(f"Quantyard listening on http://{settings.host}:{settings.port}", err=False)
     sys.stdout.flush()
     if workers > 1:
-        uvicorn.run("api.app:create_app", factory=True, workers=workers, host=settings.host, port=settings.port,
+        uvicorn.run("api.app:create_served_app", factory=True, workers=workers, host=settings.host, port=settings.port,
                     **uvicorn_logging(settings))
         return
     from api.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **uvicorn_logging(settings))
+    uvicorn.run(create_app(settings, freeze_heap=True), host=settings.host, port=settings.port,
+                **uvicorn_logging(settings))
 
 
 def _stop(process: subprocess.Popen) -> None:

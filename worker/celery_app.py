@@ -49,7 +49,7 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
     # task gets this long, then it is terminated unacknowledged (acks_late) and Redis redelivers it.
     app.conf.worker_soft_shutdown_timeout = SOFT_SHUTDOWN_S
     _register_task(app, worker_id)
-    _limit_pool_processes(settings)
+    _prepare_pool_processes(settings)
     _HeartbeatStep.config = (settings, hardware_classes, worker_id)
     app.steps["consumer"].add(_HeartbeatStep)
     metrics.install(app, settings, hardware_classes=hardware_classes)  # worker/metrics.py
@@ -57,15 +57,18 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
     return app
 
 
-def _limit_pool_processes(settings: Settings) -> None:
+def _prepare_pool_processes(settings: Settings) -> None:
     """Every pool process converts under the memory limit (worker/limits.py): past it an
-    allocation fails inside the task (resource_limit) instead of the OOM killer ending it."""
+    allocation fails inside the task (resource_limit) instead of the OOM killer ending it. Its
+    start-up heap is frozen for the garbage collector (quantyard/gc_tuning.py)."""
     from celery.signals import worker_process_init
 
+    from quantyard.gc_tuning import freeze_startup_heap
     from worker.limits import apply_memory_limit, memory_limit
 
     def apply(**_) -> None:
         apply_memory_limit(memory_limit(settings))
+        freeze_startup_heap()  # quantyard/gc_tuning.py: collections skip what the pool process imported
 
     worker_process_init.connect(apply, weak=False)
 
