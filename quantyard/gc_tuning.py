@@ -1,4 +1,4 @@
-"""The garbage collector in the long-running service processes (API, worker pool processes).
+"""The garbage collector in the long-running service processes (API, workers and their pool).
 
 A process that has imported FastAPI, SQLAlchemy, Celery (and, in a worker, torch) holds some
 10^5-10^6 container objects that live as long as it does, and a submission allocates a few
@@ -14,6 +14,9 @@ gc.callbacks). Hence, once start-up is done:
   counting before a collection sees them, so fewer, larger young collections do less work in
   all. Garbage in cycles still goes, a little later; at a few hundred bytes an object that is
   a few MB at most.
+
+A Celery worker freezes in its main process before the pool forks (worker/celery_app.py): a
+collection in a pool process would otherwise write to every shared page (copy-on-write).
 """
 
 from __future__ import annotations

@@ -59,17 +59,20 @@ def create_worker_app(settings: Settings | None = None, *, hardware_classes: lis
 
 def _prepare_pool_processes(settings: Settings) -> None:
     """Every pool process converts under the memory limit (worker/limits.py): past it an
-    allocation fails inside the task (resource_limit) instead of the OOM killer ending it. Its
-    start-up heap is frozen for the garbage collector (quantyard/gc_tuning.py)."""
-    from celery.signals import worker_process_init
+    allocation fails inside the task (resource_limit) instead of the OOM killer ending it.
+
+    The main process freezes its heap for the garbage collector before the pool forks
+    (quantyard/gc_tuning.py): the pool processes inherit it frozen, so their collections neither
+    walk nor touch (copy-on-write) the pages they share with it."""
+    from celery.signals import worker_init, worker_process_init
 
     from quantyard.gc_tuning import freeze_startup_heap
     from worker.limits import apply_memory_limit, memory_limit
 
     def apply(**_) -> None:
         apply_memory_limit(memory_limit(settings))
-        freeze_startup_heap()  # quantyard/gc_tuning.py: collections skip what the pool process imported
 
+    worker_init.connect(lambda **_: freeze_startup_heap(), weak=False, dispatch_uid="quantyard-gc-freeze")
     worker_process_init.connect(apply, weak=False)
 
 
