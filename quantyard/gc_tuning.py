@@ -4,7 +4,7 @@ A process that has imported FastAPI, SQLAlchemy, Celery (and, in a worker, torch
 10^5-10^6 container objects that live as long as it does, and a submission allocates a few
 thousand short-lived ones (ORM state, pydantic models, JSON). With CPython's default thresholds
 (700, 10, 10) an API process under a burst of submissions ran about one young collection per
-request and a full one every ~150 requests, each walking the whole start-up heap again (55-125 ms
+request and a full one every few hundred requests, each walking the whole start-up heap again (55-125 ms
 on a 2-core machine): 0.6-1.0 s of every ~4.5 s of API CPU (bench_load, measured with
 gc.callbacks). Hence, once start-up is done:
 
@@ -12,8 +12,8 @@ gc.callbacks). Hence, once start-up is done:
   (modules, classes, compiled queries: never garbage);
 - a first-generation threshold of 20,000 allocations: most request objects are freed by reference
   counting before a collection sees them, so fewer, larger young collections do less work in
-  all. Garbage in cycles still goes, a little later; at a few hundred bytes an object that is
-  a few MB at most.
+  all. Garbage in cycles still goes, a little later: 20,000 objects of a few hundred bytes wait
+  at most, a few MB.
 
 A Celery worker freezes in its main process before the pool forks (worker/celery_app.py): a
 collection in a pool process would otherwise write to every shared page (copy-on-write).
