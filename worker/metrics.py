@@ -64,9 +64,48 @@ def stage(name: str, *, fmt: str, hardware_class: str) -> Iterator[None]:
         STAGE_SECONDS.labels(name, fmt, hardware_class).observe(time.monotonic() - start)
 
 
+def hardware_class_of(rt) -> str:
+    return rt.worker_id.rsplit(":", 1)[-1]
+
+
 def target_stage(name: str, rt, spec) -> contextlib.AbstractContextManager[None]:
     """``stage`` for a target's pipeline: its format, the worker's hardware class."""
-    return stage(name, fmt=spec.format, hardware_class=rt.worker_id.rsplit(":", 1)[-1])
+    return stage(name, fmt=spec.format, hardware_class=hardware_class_of(rt))
+
+
+def prepare_stage(name: str, rt) -> contextlib.AbstractContextManager[None]:
+    """``stage`` for the prepare task's shared work (format label "prepare", as its task's)."""
+    return stage(name, fmt="prepare", hardware_class=hardware_class_of(rt))
+
+
+class StageClock:
+    """Consecutive stages of one engine step, each observed on its own: ``mark`` ends the running
+    stage and starts the named one (the engine's progress messages say which: stages.phase_of);
+    ``close`` ends the last."""
+
+    def __init__(self, first: str, *, fmt: str, hardware_class: str):
+        self.current, self.fmt, self.hardware_class = first, fmt, hardware_class
+        self.start = time.monotonic()
+
+    def mark(self, name: str) -> None:
+        if name != self.current:
+            self._observe()
+            self.current, self.start = name, time.monotonic()
+
+    def close(self) -> None:
+        self._observe()
+
+    def _observe(self) -> None:
+        STAGE_SECONDS.labels(self.current, self.fmt, self.hardware_class).observe(time.monotonic() - self.start)
+
+
+@contextmanager
+def stage_clock(first: str, *, fmt: str, hardware_class: str) -> Iterator[StageClock]:
+    clock = StageClock(first, fmt=fmt, hardware_class=hardware_class)
+    try:
+        yield clock
+    finally:
+        clock.close()
 
 
 def conversion_started(*, fmt: str, quantization: str, hardware_class: str) -> None:

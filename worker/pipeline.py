@@ -17,6 +17,7 @@ from pathlib import Path
 from quantyard import catalog
 from quantyard.engine.errors import Cancelled, ConversionError
 from quantyard.engine.spec import parse_target
+from worker import metrics
 from worker.limits import ScratchQuota, memory_limit, resource_limit_of, scratch_limit
 from worker.outage import CatalogUnavailable, catalog_calls, is_catalog_outage
 from worker.publish import publish
@@ -65,7 +66,8 @@ def _prepare(rt: WorkerRuntime, job_id: str, watch: JobWatch, dispatch: Dispatch
         if job["source"]["format"] == "gguf":
             pending, inputs = _prepare_gguf_source(rt, job, work_dir, watch)
         else:
-            source_dir = fetch_source(rt, job["source"], work_dir)
+            with metrics.prepare_stage("fetch", rt):
+                source_dir = fetch_source(rt, job["source"], work_dir)
             report = _preflight(rt, job, source_dir, watch)
             pending, inputs = _shared_work(rt, job, source_dir, report, work_dir, watch)
         finished = _dispatch_nothing(rt, job_id, f"{len(pending)} target(s) dispatched", inputs)
@@ -224,7 +226,8 @@ class _PlanRun:
             self.outputs, self.reference_path = ReferenceOutputs.load(path), path
         elif any(s.id in needed and s.id not in self.artifacts for s in self.plan.source_pass()):
             self.watch.progress(0.12, "reference outputs of the source", force=True)
-            self.outputs, self.reference_path = make_reference(self.source_dir, path), path
+            with metrics.prepare_stage("reference", self.rt):
+                self.outputs, self.reference_path = make_reference(self.source_dir, path), path
         from quantyard.engine.stages import cached_evaluations
 
         evaluation_for = cached_evaluations(self._eval_reference)
@@ -250,29 +253,35 @@ class _PlanRun:
             self.rt.store.download_file(stored["key"], path)
             return EvalReference.load(path)
         self.watch.progress(0.13, "evaluate: reference outputs of the source on the evaluation text", force=True)
-        ref = make_eval_reference(self.source_dir, path, text=text, chunks=chunks)
+        with metrics.prepare_stage("evaluate", self.rt):
+            ref = make_eval_reference(self.source_dir, path, text=text, chunks=chunks)
         self.eval_paths[text] = path
         return ref
 
     def _source_pass(self, needed: set[str]) -> None:
         """One read of the source writes the intermediate (unless reused) and every pending float
         target; each is validated against the reference outputs, then published."""
-        from quantyard.engine.stages import run_source_pass
+        from quantyard.engine.stages import phase_of, run_source_pass
 
         steps = [s for s in self.plan.source_pass() if s.id in needed and s.id not in self.artifacts]
         if not steps:
             return
+        clock = metrics.StageClock("intermediate", fmt="prepare", hardware_class=metrics.hardware_class_of(self.rt))
 
         def on_progress(fraction: float, message: str) -> None:
+            clock.mark(phase_of(message, clock.current))  # writing the files, validating, evaluating
             self.watch.progress(0.15 + 0.7 * fraction, f"source pass: {message}")
 
         if self.evaluation_for is not None and any(s.kind == "intermediate" for s in steps):
             for step_id in self.pending.values():  # stored with the new intermediate for the target tasks
                 self.evaluation_for(self.plan.step(step_id).spec)
-        made = run_source_pass(self.source_dir, self.plan, steps, self.work_dir / "pass",
-                               provenance=self._provenance(None), validate=[s.id for s in steps],
-                               stem=None, outputs=self.outputs, progress=on_progress,
-                               evaluation_for=self.evaluation_for)
+        try:
+            made = run_source_pass(self.source_dir, self.plan, steps, self.work_dir / "pass",
+                                   provenance=self._provenance(None), validate=[s.id for s in steps],
+                                   stem=None, outputs=self.outputs, progress=on_progress,
+                                   evaluation_for=self.evaluation_for)
+        finally:
+            clock.close()
         if "intermediate" in made and self.reference_path is not None:  # what target tasks need of the source
             meta = pack_source_meta(self.source_dir, self.work_dir / SOURCE_META)
             inter = _with_companion(_with_companion(made["intermediate"], self.reference_path), meta)
@@ -284,8 +293,9 @@ class _PlanRun:
             if step.id in keys:  # a target (not the intermediate): timed on this worker
                 add_speed(self.rt, made[step.id], progress=lambda f, m: self.watch.progress(0.85, m, force=True))
         self.watch.progress(0.86, "source pass: uploading", force=True)
-        for step in steps:  # a target's file under its target id, as target tasks store theirs
-            self.artifacts[step.id] = self._publish(made[step.id], keys.get(step.id, step.id), step)
+        with metrics.prepare_stage("upload", self.rt):
+            for step in steps:  # a target's file under its target id, as target tasks store theirs
+                self.artifacts[step.id] = self._publish(made[step.id], keys.get(step.id, step.id), step)
 
     def _intermediate_file(self) -> Path:
         local = self.work_dir / "pass" / self.artifacts["intermediate"]["filename"]
@@ -302,8 +312,9 @@ class _PlanRun:
         def on_progress(fraction: float, message: str) -> None:
             self.watch.progress(0.9 + 0.08 * fraction, message)
 
-        info = compute_imatrix(self.source_dir, self._intermediate_file(), path,
-                               text=calibration_for(self.plan, step), progress=on_progress)
+        with metrics.prepare_stage("imatrix", self.rt):
+            info = compute_imatrix(self.source_dir, self._intermediate_file(), path,
+                                   text=calibration_for(self.plan, step), progress=on_progress)
         result = ConversionResult(path=path, format="imatrix", quantization="imatrix",
                                   size_bytes=path.stat().st_size, metadata={"imatrix": info},
                                   metrics={}, engine_version=engine.ENGINE_VERSION)
@@ -318,8 +329,9 @@ class _PlanRun:
         def on_progress(fraction: float, message: str) -> None:
             self.watch.progress(start + (0.98 - start) * fraction, f"onnx fp32 export: {message}")
 
-        result = engine.convert(self.source_dir, step.spec, self.work_dir / "onnx-fp32", progress=on_progress,
-                                provenance=self._provenance(step.recipe_hash))
+        with metrics.prepare_stage("export", self.rt):
+            result = engine.convert(self.source_dir, step.spec, self.work_dir / "onnx-fp32", progress=on_progress,
+                                    provenance=self._provenance(step.recipe_hash))
         self.watch.progress(0.98, "onnx fp32 export: uploading", force=True)
         return self._publish(result, "onnx-fp32", step)
 

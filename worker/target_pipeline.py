@@ -161,15 +161,17 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
     """Run the step with the engine (the same call `quantyard convert` makes), then upload,
     record and settle. A GGUF target of a Hugging Face source without a stored evaluation
     reference (an intermediate made before them, or another evaluation text) computes its own."""
-    from quantyard.engine.stages import evaluation_text, make_eval_reference, run_target_step, step_provenance
+    from quantyard.engine.stages import (
+        evaluation_text,
+        make_eval_reference,
+        run_target_step,
+        step_provenance,
+    )
 
     task, spec = job["task"], job["spec"]
     recipe, digest = _recipe(job)
     # lineage: the files it is made from (the reference only checked it)
     parents = [("artifact", a["id"]) for i, a in job["inputs"].items() if kind_of(i) != "reference"]
-
-    def on_progress(fraction: float, message: str) -> None:
-        watch.progress(0.05 + 0.85 * fraction, message)  # the upload takes the rest
 
     provenance = step_provenance(source_sha256=task.source_sha256, name=job["source"]["name"], stamp=True,
                                  digest=digest)
@@ -179,10 +181,11 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
             evaluation = make_eval_reference(source, text=evaluation_text(spec),
                                              chunks=rt.settings.evaluation_chunks or None)
     known = _known_presets(rt, job, evaluation) if spec.quantization == "auto" else None
-    with metrics.target_stage("convert", rt, spec):  # quantize + validate + evaluate (the engine's step)
+    first = "quantize" if spec.format == "gguf" else "export"
+    with metrics.stage_clock(first, fmt=spec.format, hardware_class=metrics.hardware_class_of(rt)) as clock:
         result = run_target_step(task.step, source, work_dir / "out", source_format=task.source_format, files=files,
                                  outputs=outputs, provenance=provenance, split_max_bytes=split_max_bytes(spec)
-                                 if spec.format == "gguf" else None, progress=on_progress, evaluation=evaluation,
+                                 if spec.format == "gguf" else None, progress=_step_progress(watch, clock), evaluation=evaluation,
                                  evaluation_chunks=rt.settings.evaluation_chunks or None, known=known)
     with metrics.target_stage("speed", rt, spec):
         add_speed(rt, result, progress=lambda f, m: watch.progress(0.9, m, force=True))
@@ -192,6 +195,17 @@ def _make_and_publish(rt, job: dict, source: Path, files: dict[str, Path], outpu
                 result=result, key=f"artifacts/{job['id']}/{job['target_id']}/{result.path.name}",
                 recipe=recipe, digest=digest, parents=parents or None,
                 before_record=watch.raise_if_cancelled)  # settles the job in the same transaction
+
+
+def _step_progress(watch: TargetWatch, clock: metrics.StageClock):
+    """The engine step's progress: the job's (the upload takes the rest), and the step's phases
+    (quantize or export, validate, evaluate) timed one by one."""
+    from quantyard.engine.stages import phase_of
+
+    def on_progress(fraction: float, message: str) -> None:
+        clock.mark(phase_of(message, clock.current))
+        watch.progress(0.05 + 0.85 * fraction, message)
+    return on_progress
 
 
 def _known_presets(rt, job: dict, evaluation) -> dict:

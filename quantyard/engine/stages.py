@@ -52,6 +52,16 @@ EVAL_REFERENCE_FILE = "evaluation.safetensors"
 DEFAULT_EVALUATION_CHUNKS = 16
 # What a step is given to evaluate a GGUF with: the target's spec -> the reference for its text.
 EvaluationFor = Callable[[TargetSpec], "EvalReference | None"]
+# The phases a step's progress messages announce, by the message's first word (the messages
+# below are written so): the worker times each phase (quantyard_stage_duration_seconds).
+_PHASE_WORDS = {"validating": "validate", "evaluate:": "evaluate", "auto:": "search"}
+
+
+def phase_of(message: str, default: str) -> str:
+    """The phase of a step that a progress message of this module's steps belongs to:
+    "validate", "evaluate", "search" (gguf:auto's candidates), else `default` (the step's
+    own work: writing the intermediate, quantizing, exporting)."""
+    return _PHASE_WORDS.get(message.split(" ", 1)[0], default)
 
 
 def intermediate_target(report: PreflightReport) -> TargetSpec:

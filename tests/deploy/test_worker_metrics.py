@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
@@ -174,3 +174,26 @@ def test_prometheus_scrapes_a_worker_and_answers_the_core_queries(multiproc, sta
             prom.stop()
     finally:
         server.shutdown()
+
+
+def _seconds(stage: str) -> tuple[float, float]:
+    labels = {"stage": stage, "format": "test-fmt", "hardware_class": "test-class"}
+    count = REGISTRY.get_sample_value("quantyard_stage_duration_seconds_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("quantyard_stage_duration_seconds_sum", labels) or 0.0
+    return count, total
+
+
+def test_the_clock_observes_each_phase_once_for_its_own_time():
+    before = {s: _seconds(s) for s in ("quantize", "validate", "evaluate")}
+    with metrics.stage_clock("quantize", fmt="test-fmt", hardware_class="test-class") as clock:
+        time.sleep(0.05)
+        clock.mark("quantize")  # the same phase again: still one observation
+        time.sleep(0.05)
+        clock.mark("validate")
+        time.sleep(0.02)
+        clock.mark("evaluate")
+    after = {s: _seconds(s) for s in before}
+    counts = {s: after[s][0] - before[s][0] for s in before}
+    spent = {s: after[s][1] - before[s][1] for s in before}
+    assert counts == {"quantize": 1, "validate": 1, "evaluate": 1}
+    assert 0.1 <= spent["quantize"] < 0.5 and 0.02 <= spent["validate"] < 0.3 and spent["evaluate"] < 0.1
