@@ -157,6 +157,7 @@ def api(host, port, workers) -> None:
 def worker(hardware_classes, concurrency, loglevel) -> None:
     """Run a conversion worker for one or more hardware classes."""
     from quantyard.engine.manifest import MANIFEST
+    from quantyard.logs import set_process_ids
     from quantyard.queue import queue_name
     from worker import hardware
     from worker.celery_app import create_worker_app
@@ -175,6 +176,7 @@ def worker(hardware_classes, concurrency, loglevel) -> None:
         _configure(worker_concurrency=concurrency)
         settings = get_settings()
     worker_id = worker_identity("+".join(hardware_classes))
+    set_process_ids(worker_id=worker_id)  # on Celery's own lines too (consumer, heartbeat, shutdown)
     app = create_worker_app(settings, hardware_classes=list(hardware_classes), worker_id=worker_id)
     app.worker_main([
         "worker", "-Q", ",".join(queue_name(c) for c in hardware_classes),

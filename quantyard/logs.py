@@ -20,16 +20,28 @@ from typing import Any
 ID_FIELDS = ("job_id", "target_id", "worker_id", "request_id")
 
 _ids: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("quantyard_log_ids")
+# Ids of the whole process (a worker's id): on every line, Celery's own outside a task too; a
+# forked pool process inherits them.
+_process_ids: dict[str, str] = {}
+
+
+def _checked(ids: dict[str, str | None]) -> dict[str, str]:
+    unknown = set(ids) - set(ID_FIELDS)
+    if unknown:
+        raise TypeError(f"log ids are only {', '.join(ID_FIELDS)}, not {', '.join(sorted(unknown))}")
+    return {k: str(v) for k, v in ids.items() if v is not None}
+
+
+def set_process_ids(**ids: str | None) -> None:
+    """Every record this process logs from now on carries ``ids`` (a context's own win)."""
+    _process_ids.update(_checked(ids))
 
 
 @contextmanager
 def log_context(**ids: str | None) -> Iterator[None]:
     """Every record logged inside the block (in this thread or task) carries ``ids`` (None:
     not known, left out); the ids of an enclosing block stay unless overridden."""
-    unknown = set(ids) - set(ID_FIELDS)
-    if unknown:
-        raise TypeError(f"log_context takes only {', '.join(ID_FIELDS)}, not {', '.join(sorted(unknown))}")
-    token = _ids.set({**_ids.get({}), **{k: str(v) for k, v in ids.items() if v is not None}})
+    token = _ids.set({**_ids.get({}), **_checked(ids)})
     try:
         yield
     finally:
@@ -58,6 +70,7 @@ class JsonFormatter(logging.Formatter):
     def _fields(self, record: logging.LogRecord) -> dict[str, Any]:
         out: dict[str, Any] = {"time": _utc(record.created), "level": record.levelname,
                                "logger": record.name, "message": _message(record)}
+        out.update(_process_ids)
         out.update(_ids.get({}))
         for name in ID_FIELDS:
             value = getattr(record, name, None)

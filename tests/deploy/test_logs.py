@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -111,6 +113,39 @@ def test_odd_records_still_give_a_line():
     assert unprintable["level"] == "ERROR" and "unformattable" in unprintable["message"]
 
 
+PROCESS_IDS = """
+import io, json, logging
+from quantyard.logs import JsonFormatter, log_context, set_process_ids
+stream = io.StringIO()
+handler = logging.StreamHandler(stream)
+handler.setFormatter(JsonFormatter())
+log = logging.getLogger("celery.worker.consumer")
+log.addHandler(handler)
+log.setLevel(logging.INFO)
+log.info("before")
+set_process_ids(worker_id="host:1:cpu")
+log.info("outside a task")
+with log_context(job_id="j1", worker_id="host:2:cpu"):
+    log.info("in a task")
+try:
+    set_process_ids(workerid="typo")
+except TypeError:
+    log.info("refused")
+print(stream.getvalue())
+"""
+
+
+def test_process_ids_are_on_every_line_after_and_a_context_wins():
+    """A worker's id set once for the process (quantyard worker) is on its every line, Celery's
+    own outside a task too; in a process of its own, so nothing leaks into this one."""
+    out = subprocess.run([sys.executable, "-c", PROCESS_IDS], capture_output=True, text=True, check=True).stdout
+    before, outside, task, refused = (json.loads(line) for line in out.split("\n") if line.startswith("{"))
+    assert "worker_id" not in before
+    assert outside["worker_id"] == "host:1:cpu" and "job_id" not in outside
+    assert (task["worker_id"], task["job_id"]) == ("host:2:cpu", "j1")
+    assert refused["message"] == "refused" and refused["worker_id"] == "host:1:cpu"
+
+
 # ----------------------------------------------------------------- real processes
 
 def _json_lines(text: str) -> list[dict]:
@@ -181,3 +216,6 @@ def test_one_job_is_followed_from_its_request_to_the_worker(json_stack, tiny_lla
     job_lines = _wait_for_lines(json_stack, "worker", lambda line: line.get("job_id") == job_id)
     assert any("target_id" not in line for line in job_lines), job_lines  # the job's own (prepare) task
     assert all(line["worker_id"] == worker_id for line in job_lines), job_lines
+    # Celery's own lines, outside any task (consumer start, "ready"), carry the worker's id too
+    own = _wait_for_lines(json_stack, "worker", lambda line: "job_id" not in line and line["logger"].startswith("celery"))
+    assert own and all(line.get("worker_id") == worker_id for line in own), own[:5]
