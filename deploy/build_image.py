@@ -85,6 +85,7 @@ class Stage:
     def __init__(self, name: str, rootfs: Path):
         self.name, self.rootfs = name, rootfs
         self.env = {"PATH": DEFAULT_PATH}
+        self.args: dict[str, str] = {}  # the stage's ARGs: in RUN's environment, not the image's
         self.workdir, self.user = "/", "0:0"
         self.config: dict[str, list[str] | str] = {}
 
@@ -106,7 +107,7 @@ class Stage:
                   f"exec chroot --userspec={self.user} {shlex.quote(str(self.rootfs))} "
                   f"/bin/sh -c {shlex.quote(f'cd {shlex.quote(self.workdir)} && {command}')}")
         try:
-            sh("unshare", "--mount", "sh", "-c", script, env=self.env)
+            sh("unshare", "--mount", "sh", "-c", script, env={**self.args, **self.env})
         finally:
             resolv.unlink()
             if saved is not None:
@@ -131,9 +132,16 @@ class Stage:
                 shutil.copy2(origin, into)
 
 
-def build(dockerfile: Path, workdir: Path, cache: Path) -> Stage:
+def declared_arg(line: str, build_args: dict[str, str]) -> tuple[str, str]:
+    """``ARG NAME[=default]`` as (name, value): the --build-arg given, else the default."""
+    name, _, default = line[4:].strip().partition("=")
+    return name, build_args.get(name, default)
+
+
+def build(dockerfile: Path, workdir: Path, cache: Path, build_args: dict[str, str] | None = None) -> Stage:
+    given = build_args or {}
     preamble, *parts = stages(dockerfile.read_text())
-    args = dict(line[4:].split("=", 1) for line in preamble if line.startswith("ARG "))
+    args = dict(declared_arg(line, given) for line in preamble if line.startswith("ARG "))
     dockerignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
     ignored = [ln.strip()[3:] for ln in dockerignore.read_text().splitlines() if ln.strip().startswith("**/")] \
         if dockerignore.exists() else []
@@ -164,7 +172,10 @@ def build(dockerfile: Path, workdir: Path, cache: Path) -> Stage:
                 stage.config[keyword] = json.loads(rest)
             elif keyword in ("EXPOSE", "STOPSIGNAL"):
                 stage.config[keyword] = rest
-            elif keyword not in ("HEALTHCHECK", "ARG"):
+            elif keyword == "ARG":
+                arg, value = declared_arg(line, given)
+                stage.args[arg] = value or args.get(arg, "")  # a global ARG brought into the stage
+            elif keyword != "HEALTHCHECK":
                 raise SystemExit(f"{dockerfile.name}: {keyword} is not handled by this builder")
         by_name[name] = stage
     assert stage is not None, "no FROM"
@@ -200,13 +211,16 @@ def main() -> None:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--cache", type=Path, default=ROOT / ".test-cache" / "debian-rootfs",
                         help="where the mmdebstrap tarballs are kept")
+    parser.add_argument("--build-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="an ARG's value, as docker build's --build-arg (repeatable)")
     ns = parser.parse_args()
+    build_args = dict(a.partition("=")[::2] for a in ns.build_arg)
     if os.geteuid() != 0:
         raise SystemExit("needs root (chroot, mount namespaces, umoci unpack as root)")
     layout = ns.layout.resolve()
     layout.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="quantyard-image-", dir=layout.parent) as tmp:
-        final = build(ns.dockerfile.resolve(), Path(tmp), ns.cache.resolve())
+        final = build(ns.dockerfile.resolve(), Path(tmp), ns.cache.resolve(), build_args)
         to_oci(final, layout, ns.tag, Path(tmp))
     print(f"{ns.layout}:{ns.tag}")
 
