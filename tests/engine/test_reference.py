@@ -41,6 +41,43 @@ def test_bounded_reference_equals_full_forward(family, arch_models):
     np.testing.assert_allclose(ref.logits, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ARCH_FIXTURES)
+def test_weights_used_by_blocks_of_rows_give_the_same_logits(family, arch_models, monkeypatch):
+    """Every weight above 64 KiB in float32 (the embedding and the output head of these 64-wide
+    fixtures) goes through the by-rows paths: the head in blocks of 256 output rows, the
+    embedding keeping only the rows its input uses. The logits equal the full forward's, every
+    parameter is back on meta."""
+    from transformers import AutoModelForCausalLM
+
+    from quantyard.engine.hf import streamed
+
+    monkeypatch.setattr(streamed, "ROW_BLOCK_BYTES", 64 << 10)
+    ids = list(compute_reference(arch_models[family]).token_ids)
+    with streamed.streamed_model(AutoModelForCausalLM, arch_models[family], attn_implementation="eager") as model:
+        assert len(model._by_rows) >= 2, family  # at least the embedding and the output head
+        padding = {id(m): m.padding_idx for m in model.model.modules() if hasattr(m, "padding_idx")}
+        got = model.forward(ids)
+        assert all(p.is_meta for p in model.model.parameters())
+        assert padding == {id(m): m.padding_idx for m in model.model.modules() if hasattr(m, "padding_idx")}
+    np.testing.assert_allclose(got, _full_forward(arch_models[family], ids), rtol=0, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in model.model.modules())  # the class's forward again
+
+
+def test_a_nan_in_an_unused_embedding_row_is_still_refused(tiny_llama_dir, tmp_path, monkeypatch):
+    """The embedding keeps only the rows the probe uses, but every row is read and checked."""
+    from quantyard.engine.hf import streamed
+
+    monkeypatch.setattr(streamed, "ROW_BLOCK_BYTES", 4096)
+
+    def poison(t):
+        t["model.embed_tokens.weight"][-1, 5] = np.nan  # the last id: no probe token
+        return t
+
+    with pytest.raises(InvalidModel, match="NaN or infinity") as err:
+        compute_reference(_edited_copy(tiny_llama_dir, tmp_path / "nan", poison))
+    assert err.value.details["tensors"] == ["model.embed_tokens.weight"]
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama_sharded_dir", "tiny_llama_bf16_dir"])
 def test_bounded_reference_sharded_and_bf16(fixture, request):
     source = request.getfixturevalue(fixture)
