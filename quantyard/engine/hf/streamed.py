@@ -18,6 +18,7 @@ is tied to would be dropped silently), every tensor finite when it is read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -168,7 +169,7 @@ class StreamedModel:
             if ref is not None and _by_rows(m, ref):
                 self._by_rows[id(m)] = ref
                 if isinstance(m, torch.nn.Linear):
-                    m.forward = lambda x, m=m: self._linear_by_rows(m, x)  # this instance only
+                    m.__dict__["forward"] = functools.partial(self._linear_by_rows, m)  # this instance only
             self._hooks.append(m.register_forward_pre_hook(self._materialise))
             self._hooks.append(m.register_forward_hook(self._release))
 
