@@ -324,10 +324,20 @@ def compute_imatrix(
                            f"(>= {_MIN_TOKENS_PER_CALL}) tokens is needed")
     if threads:
         torch.set_num_threads(threads)
-    from ..hf.strict_load import load_pretrained
+    from ..hf.streamed import streamed_model
 
-    # proven to be the upload's weights: statistics of random parameters would mislead the quantizer
-    model = load_pretrained(AutoModelForCausalLM, Path(model_dir))
+    # proven to be the upload's weights (statistics of random parameters would mislead the
+    # quantizer), each module's read just before it runs: one module resident, not the model
+    with streamed_model(AutoModelForCausalLM, Path(model_dir)) as streamed:
+        collector = _collect(streamed.model, ids, bos, gguf_arch=gguf_arch, n_blocks=n_blocks, n_ctx=n_ctx,
+                             n_chunks=n_chunks, progress=progress)
+    return _to_imatrix(collector, gguf_tensors, [dataset], n_chunks, n_ctx)
+
+
+def _collect(model, ids: list[int], bos: int | None, *, gguf_arch: str, n_blocks: int, n_ctx: int, n_chunks: int,
+             progress: Callable[[float, str], None] | None) -> _Collector:
+    """The activation statistics of every block weight over the first `n_chunks` chunks."""
+    torch = _torch()
     names = gguf_names_for([n for n, _ in _linear_modules(model)], gguf_arch, n_blocks)
     collector = _Collector()
     handles = [m.register_forward_pre_hook(collector.hook(names[n]))
@@ -345,7 +355,7 @@ def compute_imatrix(
     finally:
         for h in handles:
             h.remove()
-    return _to_imatrix(collector, gguf_tensors, [dataset], n_chunks, n_ctx)
+    return collector
 
 
 def _to_imatrix(collector: _Collector, gguf_tensors, datasets, n_chunks, n_ctx) -> ImatrixData:
