@@ -344,11 +344,14 @@ def _collect(model, ids: list[int], bos: int | None, *, gguf_arch: str, n_blocks
                for n, m in _linear_modules(model) if names.get(n, "").startswith("blk.")]
     # several chunks per forward pass: each is its own sequence, so the sums are the same
     per_batch = max(1, _TOKENS_PER_BATCH // n_ctx)
+    # the decoder without its output head: the head's weight is not collected, and its logits
+    # (batch x n_ctx x vocabulary floats, 400 MB for SmolLM2's 49k) are not needed
+    decoder = getattr(model, "base_model", model)
     try:
         with torch.no_grad():
             for c0 in range(0, n_chunks, per_batch):
                 batch = [_chunk(ids, c, n_ctx, bos) for c in range(c0, min(c0 + per_batch, n_chunks))]
-                model(input_ids=torch.tensor(batch), use_cache=False)
+                decoder(input_ids=torch.tensor(batch), use_cache=False)
                 if progress is not None:
                     done = c0 + len(batch)
                     progress(done / n_chunks, f"imatrix chunk {done}/{n_chunks}")
