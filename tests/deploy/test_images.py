@@ -26,6 +26,9 @@ COMPOSE = render.ROOT / "docker-compose.yml"
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|cmake|make|nvcc|cuda-toolkit|-dev)\b")
 
 
+# pip options whose value follows them
+PIP_VALUE_OPTIONS = {"--index-url", "-i", "--extra-index-url", "--find-links", "-f"}
+
 def test_every_image_has_a_dockerfile():
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.api", "Dockerfile.worker-cpu", "Dockerfile.worker-cuda"]
 
@@ -67,8 +70,11 @@ def test_dockerfile_rules(dockerfile):
     for stage in parts[1:]:
         for line in stage:
             for spec in re.findall(r'pip install [^&]*', line):
-                for token in spec.split()[2:]:
-                    if not token.startswith("-") and not token.startswith("https://"):
+                tokens = iter(spec.split()[2:])
+                for token in tokens:
+                    if token in PIP_VALUE_OPTIONS:
+                        next(tokens)  # an index URL, not a requirement
+                    elif not token.startswith("-"):
                         assert "==" in token or token.strip('"').startswith(".["), f"{dockerfile.name}: {token}"
     assert final[-2] == 'ENTRYPOINT ["quantyard-entrypoint"]' and final[-1].startswith("CMD [")
 
