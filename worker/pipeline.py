@@ -266,22 +266,19 @@ class _PlanRun:
         steps = [s for s in self.plan.source_pass() if s.id in needed and s.id not in self.artifacts]
         if not steps:
             return
-        clock = metrics.StageClock("intermediate", fmt="prepare", hardware_class=metrics.hardware_class_of(self.rt))
-
-        def on_progress(fraction: float, message: str) -> None:
-            clock.mark(phase_of(message, clock.current))  # writing the files, validating, evaluating
-            self.watch.progress(0.15 + 0.7 * fraction, f"source pass: {message}")
-
         if self.evaluation_for is not None and any(s.kind == "intermediate" for s in steps):
             for step_id in self.pending.values():  # stored with the new intermediate for the target tasks
                 self.evaluation_for(self.plan.step(step_id).spec)
-        try:
+        with metrics.stage_clock("intermediate", fmt="prepare", hardware_class=metrics.hardware_class_of(self.rt)) \
+                as clock:
+            def on_progress(fraction: float, message: str) -> None:
+                clock.mark(phase_of(message, clock.current))  # writing the files, validating, evaluating
+                self.watch.progress(0.15 + 0.7 * fraction, f"source pass: {message}")
+
             made = run_source_pass(self.source_dir, self.plan, steps, self.work_dir / "pass",
                                    provenance=self._provenance(None), validate=[s.id for s in steps],
                                    stem=None, outputs=self.outputs, progress=on_progress,
                                    evaluation_for=self.evaluation_for)
-        finally:
-            clock.close()
         if "intermediate" in made and self.reference_path is not None:  # what target tasks need of the source
             meta = pack_source_meta(self.source_dir, self.work_dir / SOURCE_META)
             inter = _with_companion(_with_companion(made["intermediate"], self.reference_path), meta)

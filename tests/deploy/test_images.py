@@ -25,9 +25,9 @@ DOCKERFILES = sorted(p for p in DEPLOY.glob("Dockerfile.*") if p.suffix != ".doc
 COMPOSE = render.ROOT / "docker-compose.yml"
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|cmake|make|nvcc|cuda-toolkit|-dev)\b")
 
-
 # pip options whose value follows them
 PIP_VALUE_OPTIONS = {"--index-url", "-i", "--extra-index-url", "--find-links", "-f"}
+
 
 def test_every_image_has_a_dockerfile():
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.api", "Dockerfile.worker-cpu", "Dockerfile.worker-cuda"]
